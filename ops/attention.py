@@ -1,0 +1,128 @@
+"""Ragged paged attention and the KV-cache write: the pure-jnp reference path.
+
+This is the CPU path and the reference every kernel is tested against. Kernels in ``ops/`` keep
+exactly these signatures; ``ops.backend`` picks one per backend.
+
+Axis letters: T tokens (padded to a bucket), S sequences (padded), W page-table width,
+P pages, B page size, K kv heads, N q heads (N = K * G), H head dim.
+
+Layout of one layer's cache: ``k_cache, v_cache: [K, P, B, H]`` (kv-head major, so a shard over
+kv heads is a contiguous slab and the per-(kv-head, token) attention dot has its batch axes first).
+Page 0 is the null page: padded page-table entries point at it, nothing reads it past a length.
+
+Contract of the metadata (built by ``serving.engine.model_runner``):
+- tokens are grouped by sequence: sequence s owns tokens ``cu_q_lens[s]:cu_q_lens[s+1]``;
+- ``cu_q_lens`` is non-decreasing, padded sequences have q_len 0 and kv_len 0, so
+  ``cu_q_lens[S]`` is the number of real tokens and tokens past it are padding;
+- ``kv_lens[s]`` is the context length of s *after* this step (cached + new tokens); the new
+  tokens are the last ``q_len`` positions, causal among themselves;
+- ``slot_mapping[t] = page * B + offset`` for real tokens, -1 for padding (the write drops it).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+# Keys scanned per loop iteration of the reference attention (rounded to whole pages).
+KV_BLOCK_TOKENS = 128
+
+
+def write_kv(
+    k_cache: jax.Array,  # [K, P, B, H]
+    v_cache: jax.Array,  # [K, P, B, H]
+    k: jax.Array,  # [T, K, H] this step's keys
+    v: jax.Array,  # [T, K, H]
+    slot_mapping: jax.Array,  # i32[T], -1 for padding
+) -> tuple[jax.Array, jax.Array]:
+    """Scatter this step's K/V into their slots; padding (-1) is dropped. Returns the caches."""
+    num_k, num_pages, page, head = k_cache.shape
+    # Out-of-range index (not -1, which would wrap) so that mode="drop" discards padding rows.
+    slots = jnp.where(slot_mapping < 0, num_pages * page, slot_mapping)
+    k_flat = k_cache.reshape(num_k, num_pages * page, head)
+    v_flat = v_cache.reshape(num_k, num_pages * page, head)
+    k_flat = k_flat.at[:, slots].set(k.swapaxes(0, 1).astype(k_cache.dtype), mode="drop")
+    v_flat = v_flat.at[:, slots].set(v.swapaxes(0, 1).astype(v_cache.dtype), mode="drop")
+    return k_flat.reshape(k_cache.shape), v_flat.reshape(v_cache.shape)
+
+
+def token_layout(
+    cu_q_lens: jax.Array, kv_lens: jax.Array, num_tokens: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-token (sequence index, absolute position, is-real) from the ragged metadata."""
+    t = jnp.arange(num_tokens, dtype=jnp.int32)
+    num_seqs = kv_lens.shape[0]
+    seq = jnp.clip(jnp.searchsorted(cu_q_lens[1:], t, side="right"), 0, num_seqs - 1)
+    q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
+    pos = kv_lens[seq] - q_len + (t - cu_q_lens[seq])
+    real = t < cu_q_lens[num_seqs]
+    return seq.astype(jnp.int32), pos.astype(jnp.int32), real
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap"))
+def ragged_paged_attention_reference(
+    q: jax.Array,  # [T, N, H]
+    k_cache: jax.Array,  # [K, P, B, H], already holding this step's keys
+    v_cache: jax.Array,  # [K, P, B, H]
+    page_table: jax.Array,  # i32[S, W]
+    kv_lens: jax.Array,  # i32[S]
+    cu_q_lens: jax.Array,  # i32[S + 1]
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+) -> jax.Array:  # [T, N, H], zeros for padding tokens
+    """Causal attention of each token over its own sequence's pages, online softmax over blocks.
+
+    Reads only the pages listed in the token's page-table row, and masks every key position at
+    or past the token's own position + 1 (so nothing past ``kv_lens`` contributes); masked values
+    are zeroed before the value product, so garbage or NaN in unused slots cannot leak.
+    The loop runs ``ceil(max(kv_lens) / block)`` times: one compiled shape serves any context.
+    """
+    num_tokens, num_q, head = q.shape
+    num_kv, _, page, _ = k_cache.shape
+    group = num_q // num_kv
+    width = page_table.shape[1]
+    pages_per_block = max(1, min(width, KV_BLOCK_TOKENS // page))
+    if width % pages_per_block:
+        pad = pages_per_block - width % pages_per_block
+        page_table = jnp.pad(page_table, ((0, 0), (0, pad)))
+    block = pages_per_block * page
+
+    seq, pos, real = token_layout(cu_q_lens, kv_lens, num_tokens)
+    tok_pages = page_table[seq]  # [T, W']
+    qg = (q.astype(jnp.float32) * sm_scale).reshape(num_tokens, num_kv, group, head)
+    qg = qg.transpose(1, 0, 2, 3)  # [K, T, G, H]
+    lo = jnp.zeros_like(pos) if sliding_window is None else pos - sliding_window + 1
+
+    def body(i: jax.Array, carry: tuple[jax.Array, jax.Array, jax.Array]) -> tuple:
+        m, l, acc = carry  # [K,T,G], [K,T,G], [K,T,G,H]
+        pages = jax.lax.dynamic_slice_in_dim(tok_pages, i * pages_per_block, pages_per_block, 1)
+        kb = k_cache[:, pages].reshape(num_kv, num_tokens, block, head).astype(jnp.float32)
+        vb = v_cache[:, pages].reshape(num_kv, num_tokens, block, head).astype(jnp.float32)
+        kpos = i * block + jnp.arange(block, dtype=jnp.int32)
+        mask = (kpos[None, :] <= pos[:, None]) & (kpos[None, :] >= lo[:, None]) & real[:, None]
+        s = jnp.einsum("ktgh,ktlh->ktgl", qg, kb)  # NaN in masked keys is dropped below
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
+        s = jnp.where(mask[None, :, None, :], s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.exp(s - m_safe[..., None])
+        corr = jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf))
+        l = l * corr + p.sum(axis=-1)
+        vb = jnp.where(mask[None, :, :, None], vb, 0.0)
+        acc = acc * corr[..., None] + jnp.einsum("ktgl,ktlh->ktgh", p, vb)
+        return m_new, l, acc
+
+    num_blocks = (jnp.max(kv_lens) + block - 1) // block
+    init = (
+        jnp.full((num_kv, num_tokens, group), -jnp.inf, jnp.float32),
+        jnp.zeros((num_kv, num_tokens, group), jnp.float32),
+        jnp.zeros((num_kv, num_tokens, group, head), jnp.float32),
+    )
+    _, l, acc = jax.lax.fori_loop(0, num_blocks, body, init)
+    out = acc / jnp.where(l > 0, l, 1.0)[..., None]
+    return out.transpose(1, 0, 2, 3).reshape(num_tokens, num_q, head).astype(q.dtype)

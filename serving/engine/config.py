@@ -1,0 +1,32 @@
+"""Engine configuration: the user-facing ``EngineArgs`` and the frozen per-stage configs.
+
+``EngineArgs`` mirrors the ``serve`` CLI's engine options (vLLM's long names with ``-`` as ``_``);
+``serving.cli`` fills it from the command line and YAML, the offline ``LLM`` API from keyword
+arguments. ``EngineArgs.resolve`` turns it, together with the loaded model's config, into the
+validated frozen configs each stage reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineArgs:
+    model: str | None = None  # path, GGUF file, hub id or asset alias; None: the default model
+    tokenizer: str | None = None  # a separate tokenizer path (HF dir); None: the model's own
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 ("auto": f32 on CPU, bf16 else)
+    max_model_len: int | None = None  # None: the model's context length
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int | None = None  # None: chosen from max_num_seqs and the backend
+    block_size: int = 16  # tokens per KV page
+    num_kv_pages: int | None = None  # None: sized from kv_cache_memory_fraction / kv_cache_gb
+    kv_cache_gb: float | None = None  # explicit KV pool size in GiB
+    kv_cache_memory_fraction: float = 0.9  # of device memory left after weights (accelerators)
+    enable_prefix_caching: bool = True
+    generation_config: str = "auto"  # "auto": model's defaults; "vllm": none; or a folder path
+    seed: int = 0
+    cache_dir: str | None = None  # asset + compilation cache root (default ~/.cache/xlaserve)
+    compilation_cache: bool = True  # JAX persistent compilation cache under cache_dir
+    attention_backend: str = "auto"  # auto | reference | pallas | pallas-interpret
+    max_logprobs: int = 20
