@@ -103,6 +103,7 @@ def write_tiny(
     rope_freqs: np.ndarray | None = None,
     orig_ctx: int | None = None,
     ffn: int = F,
+    bias: bool = False,
     extra: dict[str, np.ndarray] | None = None,
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
@@ -128,7 +129,7 @@ def write_tiny(
     w.add_layer_norm_rms_eps(1e-5)
     if orig_ctx is not None:
         w.add_rope_scaling_orig_ctx_len(orig_ctx)
-    if arch == "gemma3":
+    if arch in ("gemma3", "qwen3"):
         w.add_key_length(H)
         w.add_sliding_window(8)
     vocab = _tiny_tokenizer(w)
@@ -169,7 +170,17 @@ def write_tiny(
                 expected[hf_name] = got[inv]
             else:
                 expected[hf_name] = _put(w, f"blk.{i}.{part}.weight", x, types[part], rng)
+        if bias:  # stored after the same row permutation as the weight
+            for part, rows in (("attn_q", N * H), ("attn_k", K * H), ("attn_v", K * H)):
+                b = rng.normal(size=rows).astype(np.float32)
+                heads = {"attn_q": N, "attn_k": K}.get(part)
+                stored = permute_rows(b, heads) if permute and heads else b
+                w.add_tensor(f"blk.{i}.{part}.bias", stored)
+                expected[f"model.layers.{i}.{hf[part]}.bias"] = b
         norm(f"blk.{i}.attn_norm.weight", f"model.layers.{i}.input_layernorm.weight", D)
+        if arch == "qwen3":
+            norm(f"blk.{i}.attn_q_norm.weight", f"model.layers.{i}.self_attn.q_norm.weight", H)
+            norm(f"blk.{i}.attn_k_norm.weight", f"model.layers.{i}.self_attn.k_norm.weight", H)
         if arch == "gemma3":
             norm(f"blk.{i}.post_attention_norm.weight",
                  f"model.layers.{i}.post_attention_layernorm.weight", D)  # fmt: skip
@@ -309,6 +320,24 @@ def test_llama3_rope_scaling_recovered_from_rope_freqs(tmp_path: Path) -> None:
     }  # fmt: skip
     assert model.hf_config["rope_parameters"]["rope_type"] == "llama3"
     assert not any("rope_freqs" in n for n in got)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])
+def test_tiny_qwen_and_biases(tmp_path: Path, arch: str) -> None:
+    """qwen2: q/k/v biases, no permutation. qwen3: q/k norms, no permutation, no norm shift.
+    llama with biases: the biases are un-permuted like their weights."""
+    permute = arch == "llama"
+    expected = write_tiny(tmp_path / "q.gguf", arch, permute=permute, bias=arch != "qwen3")
+    model, got = _load_all(tmp_path / "q.gguf")
+    cfg = model.hf_config
+    assert cfg["model_type"] == arch
+    assert cfg["architectures"] == [{"qwen2": "Qwen2", "qwen3": "Qwen3", "llama": "Llama"}[arch]
+                                    + "ForCausalLM"]  # fmt: skip
+    assert cfg["attention_bias"] is (arch != "qwen3")
+    assert cfg["use_qk_norm"] is (arch == "qwen3")
+    assert sorted(got) == sorted(expected)
+    for name, want in expected.items():
+        np.testing.assert_array_equal(got[name], want, err_msg=name)
 
 
 def test_directory_with_one_gguf(tmp_path: Path) -> None:
