@@ -312,7 +312,8 @@ class ModelRunner:
             tokens = self._argmax(logits)
             zeros = np.zeros(tokens.shape, np.float32)
             top = np.zeros((tokens.shape[0], MAX_LOGPROBS), np.float32)
-            out = SamplerOutput(tokens, zeros, zeros.astype(np.int32), top.astype(np.int32), top)
+            out = SamplerOutput(tokens, zeros, zeros.astype(np.int32),  # type: ignore[arg-type]
+                                top.astype(np.int32), top)
         else:
             out = self._sample(logits, si)
         plp = self._prompt_lp(self.state, h, plp_next) if want_plp else None
