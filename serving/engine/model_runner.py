@@ -312,7 +312,7 @@ class ModelRunner:
             tokens = self._argmax(logits)
             zeros = np.zeros(tokens.shape, np.float32)
             top = np.zeros((tokens.shape[0], MAX_LOGPROBS), np.float32)
-            out = SamplerOutput(tokens, zeros, zeros.astype(np.int32),  # type: ignore[arg-type]
+            out = SamplerOutput(tokens, zeros, zeros.astype(np.int32),
                                 top.astype(np.int32), top)
         else:
             out = self._sample(logits, si)
