@@ -30,3 +30,10 @@ class EngineArgs:
     compilation_cache: bool = True  # JAX persistent compilation cache under cache_dir
     attention_backend: str = "auto"  # auto | reference | pallas | pallas-interpret
     max_logprobs: int = 20
+    # ---- parallelism (sharding/, serving/engine/sharded.py; docs/SHARDING.md) ----
+    tensor_parallel_size: int = 1  # shards of each weight / KV cache over the mesh's "model" axis
+    data_parallel_size: int = 1  # engine replicas (DataParallelClient), each on its own devices
+    mesh: str | None = None  # "data=D,model=M" or "DxM"; overrides the two sizes above
+    distributed_coordinator: str | None = None  # HOST:PORT of process 0 (jax.distributed)
+    num_processes: int | None = None  # processes in a multi-host run (None: JAX_NUM_PROCESSES)
+    process_id: int | None = None  # this process's index (None: JAX_PROCESS_ID)
