@@ -63,7 +63,7 @@ class LLMEngine:
         if args.compilation_cache:
             enable_compilation_cache(args.cache_dir)
         if sharder is None:
-            sharder = make_sharder(args)  # None: one device (tensor/data parallel size 1)
+            sharder = make_sharder(args, loaded)  # None: one device (tp = dp = 1)
         if loaded is None:
             attn_fn, write_fn, _ = get_attention_fn(args.attention_backend)
             loaded = load_model(args.model, dtype=args.dtype, attn_fn=attn_fn, write_fn=write_fn,

@@ -28,8 +28,13 @@ from sharding.sharder import Sharder
 log = logging.getLogger("xlaserve.sharding")
 
 
-def make_sharder(args: EngineArgs, devices: list[Any] | None = None) -> Sharder | None:
-    """The sharder for one engine, or None for a plain single-device engine."""
+def make_sharder(args: EngineArgs, loaded: LoadedModel | None = None,
+                 devices: list[Any] | None = None) -> Sharder | None:
+    """The sharder for one engine, or None for a plain single-device engine.
+
+    When the model is still to be loaded (``loaded`` None), its config is read first (file
+    headers only) so that a mesh its heads cannot split is refused before any weight is read.
+    """
     shape = resolve_shape(args.tensor_parallel_size, args.data_parallel_size, args.mesh)
     if shape.data > 1:
         raise MeshError(
@@ -42,7 +47,25 @@ def make_sharder(args: EngineArgs, devices: list[Any] | None = None) -> Sharder 
             f"{shape.model}")
     if shape.model == 1 and jax.process_count() == 1:
         return None
-    return Sharder(make_mesh(shape, devices))
+    sharder = Sharder(make_mesh(shape, devices))
+    if loaded is None:
+        _preflight(args, sharder)
+    return sharder
+
+
+def _preflight(args: EngineArgs, sharder: Sharder) -> None:
+    from models.config import ModelConfig
+    from models.loader import ModelLoadError, resolve_source
+    from serving.engine.convert import source_hf_config
+    path = resolve_source(args.model, args.cache_dir)
+    hf = source_hf_config(str(path))
+    if hf is None:
+        return  # unknown layout: load_model reports it
+    try:
+        cfg = ModelConfig.from_hf(hf)
+        sharder.kv_replicas(cfg.num_heads, cfg.num_kv_heads)
+    except ValueError as e:
+        raise ModelLoadError(f"{path}: {e}") from None
 
 
 def _attention_ops(model: nnx.Module) -> tuple[Any, Any]:

@@ -294,3 +294,66 @@ def check_orbax_round_trip() -> dict[str, Any]:
 def greedy_tp8() -> list[list[int]]:
     """The single-process tp=8 answer the 2 x 4-device run must reproduce."""
     return greedy(engine(8), PROMPTS)
+
+
+# ---- SmolLM2-135M: 9 query heads over 3 kv heads -----------------------------------------------
+SMOL = "smollm2-135m-instruct"
+SMOL_KW: dict[str, Any] = dict(max_model_len=256, max_num_seqs=2, max_num_batched_tokens=32,
+                               block_size=16, compilation_cache=False)
+
+
+def check_smollm2_refuses_tp2() -> str:
+    """tp=2 does not split 3 kv heads: refused from the GGUF header, before any weight is read."""
+    from models.loader import ModelLoadError
+    from serving.engine.sharded import make_sharder
+    try:
+        make_sharder(EngineArgs(model=SMOL, tensor_parallel_size=2))
+    except ModelLoadError as e:
+        msg = str(e)
+    else:
+        raise AssertionError("tp=2 was accepted for 3 kv heads")
+    assert "tensor_parallel_size=2 cannot split 9 query heads / 3 kv heads" in msg, msg
+    assert "valid sizes for this model: 1, 3, 9" in msg, msg
+    sh = make_sharder(EngineArgs(model=SMOL, tensor_parallel_size=3))
+    assert sh is not None and sh.tp == 3
+    return msg
+
+
+def check_smollm2_tp3() -> dict[str, Any]:
+    """tp=3 (one kv head and three query heads per shard) answers exactly as tp=1."""
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    out = {}
+    for tp in (1, 3):
+        eng = LLMEngine(EngineArgs(model=SMOL, **SMOL_KW, tensor_parallel_size=tp),
+                        warmup=False)
+        text = eng.tokenizer.apply_chat_template(msgs, add_generation_prompt=True,
+                                                 tokenize=False)
+        prompt = eng.tokenizer.encode(text, add_special_tokens=False)
+        out[tp] = greedy(eng, [prompt], max_tokens=8)[0]
+        text = eng.tokenizer.decode(out[tp])
+    assert out[3] == out[1], out
+    assert "Paris" in text, text
+    return {"text": text}
+
+
+def check_convert_cli() -> dict[str, Any]:
+    """``xlaserve-convert CKPT --output OUT --dtype bfloat16``: a checkpoint converted again,
+    restored as bf16 with the same tokenizer; a non-empty target is refused without --force."""
+    import jax.numpy as jnp
+
+    from models.loader import load_model
+    from serving.engine.convert import convert_loaded, main
+    src = tiny()
+    root = tempfile.mkdtemp()
+    first = convert_loaded(src, root + "/f32")
+    assert main([str(first), "--output", root + "/bf16", "--dtype", "bfloat16"]) == 0
+    assert main([str(first), "--output", root + "/bf16", "--dtype", "bfloat16"]) == 1
+    restored = load_model(root + "/bf16", progress=False)
+    assert restored.dtype == jnp.bfloat16
+    from serving.engine.sharded import _params
+    a, b = _params(restored.model), _params(src.model)
+    for name in b:
+        np.testing.assert_array_equal(np.asarray(a[name][...]),
+                                      np.asarray(b[name][...].astype(jnp.bfloat16)))
+    assert restored.tokenizer.encode("héllo") == src.tokenizer.encode("héllo")
+    return {"arrays": len(a)}
