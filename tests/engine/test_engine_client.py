@@ -47,7 +47,7 @@ def test_concurrent_streams_match_offline_results(engine: LLMEngine) -> None:
         return list(res)
 
     streamed = run(main())
-    for i, toks in enumerate(streamed):
+    for i in range(len(streamed)):
         engine.add_request(f"off{i}", prompts[i], p)
     offline: dict[str, list[int]] = {}
     while engine.has_work:
