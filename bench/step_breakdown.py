@@ -35,6 +35,41 @@ def med(fn: Callable[[], Any], n: int) -> float:
     return float(np.median(ts)) * 1e3
 
 
+def measure_model(name: str, attn: Any, write: Any, s: int, ctx: int, width: int, ps: int,
+                  repeats: int, res: dict[str, float]) -> None:
+    ld = load_model(None, dtype="float32", attn_fn=attn, write_fn=write, progress=False)
+    cfg = ld.config
+    pages = s * width + 1
+    shape = (cfg.num_kv_heads, pages, ps, cfg.head_dim)
+    box: list[Any] = [[(jnp.zeros(shape), jnp.zeros(shape)) for _ in range(cfg.num_layers)]]
+    pt = (1 + np.arange(s * width, dtype=np.int32)).reshape(s, width)
+    pos = np.full(s, ctx, np.int32)
+    inp = StepInputs(np.arange(s, dtype=np.int32), pos,
+                     (pt[np.arange(s), pos // ps] * ps + pos % ps).astype(np.int32), pt,
+                     pos + 1, np.arange(s + 1, dtype=np.int32), np.arange(s, dtype=np.int32))
+    g, st = nnx.split(ld.model)
+
+    def f(state: Any, kv: Any, inp: StepInputs) -> Any:
+        m: Any = nnx.merge(g, state)
+        h, kv = m(kv, inp)
+        return kv, h[inp.logits_indices]
+
+    jf = jax.jit(f, donate_argnums=1)
+
+    def run() -> Any:
+        box[0], h = jf(st, box[0], inp)
+        return h
+
+    res[name] = med(run, repeats)
+    if name == "model step":
+        h = run()
+        head = jax.jit(lambda st, h: nnx.merge(g, st).logits(h))
+        res["LM head"] = med(lambda: head(st, h), repeats)
+        logits = head(st, h)
+        am = jax.jit(lambda lg: jnp.argmax(lg, -1))
+        res["argmax (greedy fast path)"] = med(lambda: am(logits), repeats)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seqs", type=int, default=32)
@@ -54,39 +89,7 @@ def main() -> None:
     for name, attn, write in [("model step", ragged_paged_attention_reference, write_kv),
                               ("model step, attention = identity", ident_attn, write_kv),
                               ("model step, no attention, no KV write", ident_attn, no_write)]:
-        ld = load_model(None, dtype="float32", attn_fn=attn, write_fn=write, progress=False)
-        cfg = ld.config
-        pages = s * width + 1
-        shape = (cfg.num_kv_heads, pages, ps, cfg.head_dim)
-        kv = [(jnp.zeros(shape), jnp.zeros(shape)) for _ in range(cfg.num_layers)]
-        pt = (1 + np.arange(s * width, dtype=np.int32)).reshape(s, width)
-        pos = np.full(s, ctx, np.int32)
-        inp = StepInputs(np.arange(s, dtype=np.int32), pos,
-                         (pt[np.arange(s), pos // ps] * ps + pos % ps).astype(np.int32), pt,
-                         pos + 1, np.arange(s + 1, dtype=np.int32), np.arange(s, dtype=np.int32))
-        g, st = nnx.split(ld.model)
-
-        def f(state: Any, kv: Any, inp: StepInputs) -> Any:
-            m: Any = nnx.merge(g, state)
-            h, kv = m(kv, inp)
-            return kv, h[inp.logits_indices]
-
-        jf = jax.jit(f, donate_argnums=1)
-        box = [kv]
-
-        def run() -> Any:
-            box[0], h = jf(st, box[0], inp)
-            return h
-
-        res[name] = med(run, args.repeats)
-        if name == "model step":
-            h = run()
-            head = jax.jit(lambda st, h: nnx.merge(g, st).logits(h))
-            res["LM head"] = med(lambda: head(st, h), args.repeats)
-            logits = head(st, h)
-            am = jax.jit(lambda lg: jnp.argmax(lg, -1))
-            res["argmax (greedy fast path)"] = med(lambda: am(logits), args.repeats)
-        del ld, kv, box
+        measure_model(name, attn, write, s, ctx, width, ps, args.repeats, res)
     from serving.engine.llm import LLM
     from serving.engine.sampling_params import SamplingParams
     llm = LLM(None, max_model_len=max(1024, ctx + 256), max_num_seqs=s,
