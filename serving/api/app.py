@@ -111,13 +111,13 @@ def create_app(args: ServerArgs, engine_factory: Callable[[], EngineClient], *,
         state.draining = True
         deadline = time.monotonic() + args.shutdown_timeout
         if state.in_flight:
-            logger.info("Shutting down: waiting up to %.0f s for %d in-flight requests",
+            logger.info("Shutting down: waiting up to %g s for %d in-flight requests",
                         args.shutdown_timeout, state.in_flight)
         while state.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if state.engine is not None:
             if state.in_flight:
-                logger.warning("Aborting %d requests still running after %.0f s",
+                logger.warning("Aborting %d requests still running after %g s",
                                state.in_flight, args.shutdown_timeout)
             await state.engine.shutdown(drain_timeout=max(0.0, deadline - time.monotonic()))
             # Aborted requests finish their responses (finish_reason "abort") before the

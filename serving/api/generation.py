@@ -190,13 +190,14 @@ def check_prompt(ids: list[int], *, vocab_size: int, max_model_len: int,
 
 
 def resolve_max_tokens(requested: int | None, num_prompt_tokens: int, *, max_model_len: int,
-                       cap: int | None, param: str = "max_tokens") -> int:
+                       cap: int | None, param: str = "max_tokens",
+                       input_param: str = "prompt") -> int:
     """The number of tokens to generate, or a 400 that names the context length and the ask."""
     p, m = num_prompt_tokens, max_model_len
     if p >= m:
         raise BadRequest(f"This model's maximum context length is {m} tokens. However, your "
                          f"request has {p} input tokens. Please reduce the length of the input.",
-                         param="messages" if param != "max_tokens" else "prompt")
+                         param=input_param)
     if requested is None:
         value = m - p
     else:

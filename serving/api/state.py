@@ -56,6 +56,8 @@ class ServerState:
 
     def resolve_model(self, requested: str | None) -> str:
         """The served name to answer with; ``None`` or "" means the first served name."""
+        if not self.served_names:
+            raise ServiceUnavailable(self.load_error or "The model is still loading; retry soon.")
         if not requested:
             return self.served_names[0]
         if requested in self.served_names:

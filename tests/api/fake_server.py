@@ -4,7 +4,8 @@ around ``FakeEngineClient``: ``python -m tests.api.fake_server [serve options]``
 For the shaping/validation tests only; the end-to-end tests start the real ``serve`` command.
 Extra environment knobs: ``XLASERVE_FAKE_STEP_S`` (seconds per fake step),
 ``XLASERVE_FAKE_NO_TEMPLATE=1`` (a tokenizer without a chat template),
-``XLASERVE_FAKE_DEFAULTS`` (JSON generation defaults), ``XLASERVE_FAKE_LOAD_FAIL=1``.
+``XLASERVE_FAKE_DEFAULTS`` (JSON generation defaults), ``XLASERVE_FAKE_LOAD_FAIL=1``,
+``XLASERVE_FAKE_LOAD_DELAY_S`` (extra seconds of "model loading").
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 from serving.cli import parse_args, serve_app, setup_logging
 from tests.api.fake_engine import FakeEngineClient
@@ -22,6 +24,7 @@ def main() -> int:
     setup_logging(server_args.log_level)
 
     def factory() -> FakeEngineClient:
+        time.sleep(float(os.environ.get("XLASERVE_FAKE_LOAD_DELAY_S", "0")))
         if os.environ.get("XLASERVE_FAKE_LOAD_FAIL"):
             raise RuntimeError("simulated load failure")
         template = None if os.environ.get("XLASERVE_FAKE_NO_TEMPLATE") else "model"

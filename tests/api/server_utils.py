@@ -41,10 +41,17 @@ class ServerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.base_url = f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 600.0) -> ServerProcess:
+    def launch(self) -> ServerProcess:
+        """Start the process without waiting for it to become healthy."""
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT,
                                      env=self.env, cwd=REPO)
+        return self
+
+    def start(self, timeout: float = 600.0) -> ServerProcess:
+        """Start the process and wait until ``/health`` is 200."""
+        self.launch()
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -67,11 +74,19 @@ class ServerProcess:
         except OSError:
             return ""
 
+    def send_signal(self, sig: int = signal.SIGTERM) -> None:
+        assert self.proc is not None
+        self.signalled = True
+        self.proc.send_signal(sig)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int | None:
+        """Signal the server (unless a test already did: a second SIGTERM forces an exit) and
+        wait for it to exit; returns its exit code."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            self.proc.send_signal(sig)
+            if not getattr(self, "signalled", False):
+                self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:

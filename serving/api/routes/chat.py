@@ -166,7 +166,7 @@ async def _plan(request: Request, state: ServerState) -> _Plan:
         requested, pname = req.max_tokens, "max_tokens"
     max_tokens = resolve_max_tokens(requested, len(ids), max_model_len=engine.max_model_len,
                                     cap=default_max_tokens_cap(engine.generation_defaults),
-                                    param=pname)
+                                    param=pname, input_param="messages")
     params = with_max_tokens(base, max_tokens)
     role = state.args.response_role if req.add_generation_prompt else req.messages[-1].role
     echo_text = ""
@@ -217,6 +217,8 @@ async def _full(state: ServerState, plan: _Plan) -> HTTPResponse:
                     c.logprobs.extend(d.logprobs)
                 if d.finish_reason is not None:
                     c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
+    for c in choices:
+        c.finish_reason = c.finish_reason or "abort"  # ended without a finish: shutdown
     out_choices = []
     for j, c in enumerate(choices):
         logprobs = None
@@ -249,6 +251,7 @@ async def _stream(request: Request, state: ServerState, plan: _Plan) -> None:
     p = len(plan.prompt.token_ids)
     generated = [0] * n
     cached = 0
+    finished: set[int] = set()
 
     def dump(choices: list[ChatStreamChoice], usage: UsageInfo | None = None,
              first: bool = False) -> str:
@@ -299,6 +302,13 @@ async def _stream(request: Request, state: ServerState, plan: _Plan) -> None:
                     if req.return_token_ids:
                         choice.token_ids = list(d.token_ids)
                     await writer.send(dump([choice], usage_for(d.index)))
+                    if d.finish_reason is not None:
+                        finished.add(d.index)
+        for j in range(n):
+            if j not in finished:  # ended without a finish (shutdown): one finish chunk
+                await writer.send(dump([ChatStreamChoice(
+                    index=j, delta=DeltaMessage(content=""), logprobs=None,
+                    finish_reason="abort")], usage_for(j)))
         if include_usage:
             completion = sum(generated)
             await writer.send(dump([], UsageInfo(

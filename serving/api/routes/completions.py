@@ -203,6 +203,10 @@ async def _full(state: ServerState, plan: _Plan) -> HTTPResponse:
                         c.logprobs.extend(d.logprobs)
                     if d.finish_reason is not None:
                         c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
+        for row in choices:
+            for c in row:
+                # The engine ended the request without finishing this choice (shutdown).
+                c.finish_reason = c.finish_reason or "abort"
     out_choices = []
     completion_tokens = 0
     for i, prompt in enumerate(plan.prompts):
@@ -257,6 +261,7 @@ async def _stream(request: Request, state: ServerState, plan: _Plan) -> None:
     generated: dict[int, int] = {}
     prompt_lps: dict[int, list[TokenLogprob | None]] = {}
     cached = [0] * len(plan.prompts)
+    finished: set[int] = set()
 
     def chunk(i: int, idx: int, text: str, ids: list[int], lp_ids: list[int],
               entries: list[TokenLogprob | None], finish: str | None,
@@ -317,6 +322,13 @@ async def _stream(request: Request, state: ServerState, plan: _Plan) -> None:
                             continue  # nothing new for this choice (vLLM skips these too)
                         await writer.send(chunk(i, idx, text, ids, lp_ids, entries, finish,
                                                 stop))
+                        if finish is not None:
+                            finished.add(idx)
+            # Choices the engine ended without a finish (shutdown) still get their one
+            # finish chunk.
+            for idx in range(len(plan.prompts) * n):
+                if idx not in finished:
+                    await writer.send(chunk(idx // n, idx, "", [], [], [], "abort", None))
         else:
             for i, prompt in enumerate(plan.prompts):
                 for j in range(n):
