@@ -23,7 +23,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from serving.api.errors import BadRequest, InternalError
+from serving.api.errors import BadRequest, InternalError, ServiceUnavailable
 from serving.api.metrics import RequestMetrics, ServerMetrics
 from serving.api.protocol import (
     MAX_STOP_SEQUENCES,
@@ -233,21 +233,31 @@ def finish_label(reasons: list[str | None]) -> str:
     return reasons[0] or "abort"
 
 
-async def _tracked(gen: AsyncIterator[RequestOutput], rm: RequestMetrics,
+async def _tracked(engine: Any, gen: AsyncIterator[RequestOutput], rm: RequestMetrics,
                    n: int) -> AsyncGenerator[RequestOutput, None]:
+    """Observe metrics on the way through, and turn the engine's refusals into API errors:
+    ``ValueError`` (the engine's own request checks) is a 400, a dead engine a 503."""
     reasons: list[str | None] = [None] * n
     generated = [0] * n
     try:
-        async for out in gen:
-            new = 0
-            for d in out.outputs:
-                new += len(d.token_ids)
-                if 0 <= d.index < n:
-                    generated[d.index] = max(generated[d.index], d.num_generated)
-                    if d.finish_reason is not None:
-                        reasons[d.index] = d.finish_reason
-            rm.output(new)
-            yield out
+        try:
+            async for out in gen:
+                new = 0
+                for d in out.outputs:
+                    new += len(d.token_ids)
+                    if 0 <= d.index < n:
+                        generated[d.index] = max(generated[d.index], d.num_generated)
+                        if d.finish_reason is not None:
+                            reasons[d.index] = d.finish_reason
+                rm.output(new)
+                yield out
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+        except (RuntimeError, ConnectionError) as e:
+            if not engine.is_healthy():
+                raise ServiceUnavailable("The engine has stopped; the server cannot generate."
+                                         ) from e
+            raise
     finally:
         rm.finish(finish_label(reasons), sum(generated))
         close = getattr(gen, "aclose", None)
@@ -268,7 +278,7 @@ async def engine_stream(engine: Any, metrics: ServerMetrics, prompts: list[Promp
     arrival = time.monotonic() if arrival is None else arrival
     suffix = secrets.token_hex(4)  # engine ids stay unique even when clients reuse request ids
     gens = [
-        _tracked(engine.generate(p.token_ids, sp, f"{base_id}-{i}-{suffix}"),
+        _tracked(engine, engine.generate(p.token_ids, sp, f"{base_id}-{i}-{suffix}"),
                  RequestMetrics(metrics, arrival, len(p.token_ids)), sp.n)
         for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
     ]

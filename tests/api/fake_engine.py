@@ -22,7 +22,6 @@ import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from serving.engine.outputs import CompletionDelta, RequestOutput, TokenLogprob
@@ -33,61 +32,13 @@ CANNED = ("The capital of France is Paris. It is known for the Eiffel Tower, mus
 
 
 def load_smollm2_tokenizer() -> Any:
-    """SmolLM2's tokenizer built from its GGUF (no torch needed); cached as tokenizer.json."""
-    from transformers import PreTrainedTokenizerFast
-
+    """SmolLM2's tokenizer, built from its GGUF by the project's loader (cached)."""
     from models import assets
+    from models.gguf import read_header
+    from models.tokenizer import tokenizer_from_gguf
 
-    cache = assets.cache_dir() / "test-tokenizers" / "smollm2-135m-instruct"
-    tok_file = cache / "tokenizer.json"
-    meta_file = cache / "meta.json"
-    import json
-
-    if not tok_file.exists() or not meta_file.exists():
-        import gguf
-        from transformers.integrations.gguf.gguf_tokenizer_mapping import (
-            GGUF_TOKENIZER_MAPPING,
-            convert_gguf_tokenizer,
-        )
-
-        path = assets.fetch("smollm2-135m-instruct")
-        reader = gguf.GGUFReader(path)
-        raw = {name: _field_value(field) for name, field in reader.fields.items()
-               if name.startswith("tokenizer.") or name == "general.architecture"}
-        tokenizer_dict = {new: raw[f"tokenizer.{old}"]
-                          for old, new in GGUF_TOKENIZER_MAPPING["tokenizer"].items()
-                          if f"tokenizer.{old}" in raw}
-        backend, _ = convert_gguf_tokenizer(raw["general.architecture"], tokenizer_dict)
-        cache.mkdir(parents=True, exist_ok=True)
-        backend.save(str(tok_file))
-        tokens = tokenizer_dict["tokens"]
-
-        def token(key: str) -> str | None:
-            i = raw.get(f"tokenizer.ggml.{key}")
-            return None if i is None else tokens[i]
-
-        meta = {"chat_template": raw.get("tokenizer.chat_template"), "bos": token("bos_token_id"),
-                "eos": token("eos_token_id"), "unk": token("unknown_token_id"),
-                "pad": token("padding_token_id")}
-        meta_file.write_text(json.dumps(meta))
-    meta = json.loads(meta_file.read_text())
-    return PreTrainedTokenizerFast(tokenizer_file=str(tok_file), bos_token=meta["bos"],
-                                   eos_token=meta["eos"], unk_token=meta["unk"],
-                                   pad_token=meta["pad"], chat_template=meta["chat_template"],
-                                   add_bos_token=False)
-
-
-def _field_value(field: Any) -> Any:
-    import gguf
-
-    types = field.types
-    if types and types[0] == gguf.GGUFValueType.ARRAY:
-        if types[1] == gguf.GGUFValueType.STRING:
-            return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
-        return [field.parts[i].tolist()[0] for i in field.data]
-    if types and types[0] == gguf.GGUFValueType.STRING:
-        return bytes(field.parts[field.data[0]]).decode("utf-8")
-    return field.parts[field.data[0]].tolist()[0]
+    header = read_header(assets.fetch("smollm2-135m-instruct"))
+    return tokenizer_from_gguf(header.metadata, cache_key=header.header_sha256, progress=False)
 
 
 @dataclass
@@ -230,9 +181,3 @@ class FakeEngineClient:
                 first = False
         finally:
             self._running.pop(request_id, None)
-
-
-def tokenizer_dir() -> Path:
-    from models import assets
-
-    return assets.cache_dir() / "test-tokenizers" / "smollm2-135m-instruct"

@@ -107,3 +107,8 @@ def serve_command() -> list[str]:
     this repository first on the path (``python -c`` keeps it independent of which copy of the
     package the venv's ``serve`` script points to)."""
     return [sys.executable, "-c", "import sys; from serving.cli import main; sys.exit(main())"]
+
+
+def real_server(tmp: Path, *args: str, name: str = "serve") -> ServerProcess:
+    """The ``serve`` command with the real engine and model (small options keep compiles short)."""
+    return ServerProcess([*serve_command(), *args], tmp / f"{name}.log", env=repo_env())
