@@ -185,7 +185,7 @@ def test_sixteen_concurrent_equal_alone(http: httpx.Client) -> None:
 
 def test_seeded_sampling_and_n(http: httpx.Client) -> None:
     body = {"prompt": "My favourite animal is", "max_tokens": 12, "temperature": 1.0,
-            "seed": 1234, "n": 2}
+            "seed": 1234, "n": 2, "ignore_eos": True}
     a = http.post("/v1/completions", json=body).json()
     b = http.post("/v1/completions", json=body).json()
     assert [c["text"] for c in a["choices"]] == [c["text"] for c in b["choices"]]
@@ -303,7 +303,7 @@ def test_disconnect_mid_stream_frees_the_engine(server: ServerProcess, http: htt
     with httpx.Client(base_url=server.base_url, headers=AUTH, timeout=300) as c, c.stream(
             "POST", "/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 1500,
                                              "ignore_eos": True, "stream": True}) as r:
-        lines = r.iter_lines()
+        lines = (line for line in r.iter_lines() if line)
         for _ in range(3):
             assert next(lines).startswith("data: ")
     deadline = time.monotonic() + 30
