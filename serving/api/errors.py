@@ -111,6 +111,8 @@ class OpenAIErrorHandler(ErrorHandler):
         if isinstance(exception, SanicException):
             status = int(getattr(exception, "status_code", 500) or 500)
             headers = dict(getattr(exception, "headers", None) or {})
+            if status == 413 and "header" in str(exception).lower():
+                status = 431  # Sanic reports oversized headers as 413
             if status >= 500:
                 # Sanic's 503 "Response Timeout" and its own ServerErrors: keep the text, which
                 # Sanic writes for users, but log where it came from.
@@ -126,5 +128,5 @@ def _sanic_message(exc: SanicException, status: int) -> str:
     if status == 404 and text.startswith("Requested URL"):
         return text
     if status == 413:
-        return f"Request body too large: {text}"
+        return f"{text} (see --max-request-body)"
     return text or ERROR_TYPES.get(status, "Error")

@@ -237,3 +237,8 @@ def test_chunked_body_over_limit_413(http: httpx.Client) -> None:
 def test_unknown_fields_are_accepted(http: httpx.Client) -> None:
     r = http.post(C, json={**OK_C, "not_a_field": {"nested": True}})
     assert r.status_code == 200
+
+
+def test_oversized_headers_431(http: httpx.Client) -> None:
+    check_error(http.get("/health", headers={"X-Big": "a" * 70_000}), 431, "header")
+    good_request_still_works(http)
