@@ -353,7 +353,11 @@ def _log_non_defaults(engine_args: EngineArgs, server_args: ServerArgs) -> None:
         for f in fields(obj):
             value = getattr(obj, f.name)
             if value != getattr(default, f.name):
-                changed[f.name] = "<hidden>" if f.name == "api_keys" else value
+                if f.name == "api_keys":
+                    value = "<hidden>"
+                elif isinstance(value, str) and len(value) > 120:  # e.g. an inline template
+                    value = value[:117] + "..."
+                changed[f.name] = value
     logger.info("Non-default options: %s", changed)
 
 

@@ -10,6 +10,8 @@ Lifecycle:
   then builds the chat renderer and metrics. Until then ``/health`` and every generation route
   answer 503, so orchestrators can tell "loading" from "dead". A load failure stops the server
   with exit code 1;
+- if the engine dies later, in-flight requests end with an error (500, or an error event in a
+  stream), ``/health`` turns 503, and the server exits with code 1 so a supervisor restarts it;
 - on SIGTERM/SIGINT (``before_server_stop``) the server stops admitting requests (503), waits up
   to ``shutdown_timeout`` for in-flight requests, then shuts the engine down (aborting whatever is
   left) and exits.
@@ -49,6 +51,7 @@ logger = logging.getLogger("xlaserve.api")
 access_logger = logging.getLogger("xlaserve.access")
 
 PUBLIC_PATHS = frozenset({"health", "metrics", "version"})
+ENGINE_WATCH_INTERVAL_S = 0.5
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
@@ -95,6 +98,19 @@ def create_app(args: ServerArgs, engine_factory: Callable[[], EngineClient], *,
             return
         logger.info("Engine ready in %.1f s; serving model %s", time.monotonic() - t0,
                     ", ".join(state.served_names))
+        await watch_engine(engine)
+
+    async def watch_engine(engine: EngineClient) -> None:
+        """An engine that died takes the server down with exit code 1 (as vLLM does), so a
+        supervisor restarts it; in-flight requests have already ended with an error."""
+        while engine.is_healthy():
+            await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
+        logger.error("The engine stopped; shutting the server down (exit code 1)")
+        state.exit_code = 1
+        end = time.monotonic() + 5.0
+        while state.in_flight and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        app.stop()
 
     @app.after_server_start
     async def _start(app: Sanic) -> None:

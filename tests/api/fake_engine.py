@@ -12,7 +12,8 @@ Behaviour (per choice j of a request):
   ``include_stop_str_in_output``); ``stop_token_ids`` → "stop" with the id;
 - logprobs: the chosen token has logprob -0.25 and rank 1; alternatives are the next 20 ids;
 - one token per step, with ``step_delay`` seconds between steps (``XLASERVE_FAKE_STEP_S``);
-- the prompt "FAIL" makes the request end with finish_reason "error".
+- a prompt ending in "FAIL" makes the request end with finish_reason "error"; one ending in
+  "CRASH" also marks the engine dead (``is_healthy()`` False), as a crashed engine loop would.
 """
 
 from __future__ import annotations
@@ -133,7 +134,9 @@ class FakeEngineClient:
                 for j in range(n):
                     if done[j]:
                         continue
-                    if prompt_text.endswith("FAIL"):
+                    if prompt_text.endswith("CRASH"):
+                        self._healthy = False
+                    if prompt_text.endswith(("FAIL", "CRASH")):
                         done[j] = True
                         deltas.append(CompletionDelta(index=j, token_ids=[], text="",
                                                       finish_reason="error"))

@@ -116,3 +116,13 @@ def test_sigterm_aborts_after_the_drain_timeout(tmp_path: Path) -> None:
         assert result["body"]["usage"]["completion_tokens"] < 1000  # type: ignore[index]
     else:  # or its connection was closed
         assert "error" in result
+
+
+def test_engine_death_exits_nonzero(tmp_path: Path) -> None:
+    server = fake_server(tmp_path).start(120)
+    r = httpx.post(server.url("/v1/completions"), json={"prompt": "now CRASH", "max_tokens": 3})
+    assert r.status_code == 500 and "Traceback" not in r.text
+    assert server.proc is not None
+    assert server.proc.wait(60) == 1
+    assert "The engine stopped" in server.log()
+    server.stop()
