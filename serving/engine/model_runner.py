@@ -25,7 +25,7 @@ from tqdm import tqdm
 from models.config import ModelConfig
 from models.inputs import KVCache, StepInputs
 from serving.engine.sampler import SamplerOutput, SamplingInputs, prompt_logprobs, sample
-from serving.engine.sampling_params import MAX_LOGIT_BIAS
+from serving.engine.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS
 from serving.engine.scheduler import SchedulerOutput
 
 log = logging.getLogger("xlaserve.runner")
@@ -91,6 +91,9 @@ class ModelRunner:
         self.kv_bytes = kv_bytes_per_page(model_cfg, cfg.page_size, kv_dtype) * cfg.num_pages
         self._step = jax.jit(self._step_fn, donate_argnums=(1,))
         self._sample = jax.jit(sample)
+        # All-greedy steps with nothing to adjust skip the sampler (and its lax.conds, which
+        # copy the [S, V] logits on XLA:CPU): an argmax is all they need.
+        self._argmax = jax.jit(lambda lg: jnp.argmax(lg, axis=-1).astype(jnp.int32))
         self._prompt_lp = jax.jit(self._prompt_lp_fn)
         self.compiled: set[tuple[str, int]] = set()
         self.warm = False
@@ -140,6 +143,7 @@ class ModelRunner:
         for t in tqdm(self.cfg.token_buckets, desc="compiling step buckets", unit="bucket"):
             t0 = time.perf_counter()
             self._run_padded(self._empty_batch(t), want_plp=True)
+            self._run_padded(self._empty_batch(t), want_plp=False, greedy_only=True)
             dt = time.perf_counter() - t0
             self.compile_seconds[("step", t)] = dt
             log.info("compiled bucket T=%d S=%d (step, sampler, prompt logprobs) in %.2fs", t,
@@ -266,7 +270,8 @@ class ModelRunner:
         cu[len(chunks) + 1:] = cu[len(chunks)]
         inp = StepInputs(token_ids, positions, slots, page_table, kv_lens, cu, logits_idx)
         si = self._sampling_arrays(s, rows, flags)
-        out, plp = self._run_padded((inp, si, plp_next), want_plp)
+        greedy_only = not bool(np.asarray(si.flags).any())
+        out, plp = self._run_padded((inp, si, plp_next), want_plp, greedy_only)
         tokens, lp, rank, top_ids, top_lp = jax.device_get(
             (out.tokens, out.logprob, out.rank, out.top_ids, out.top_logprobs))
         res = RunnerOutput()
@@ -289,10 +294,12 @@ class ModelRunner:
         return res
 
     def _run_padded(self, batch: tuple[StepInputs, SamplingInputs, np.ndarray],
-                    want_plp: bool) -> tuple[SamplerOutput, Any]:
+                    want_plp: bool, greedy_only: bool = False) -> tuple[SamplerOutput, Any]:
         inp, si, plp_next = batch
         t, s = int(inp.token_ids.shape[0]), int(inp.kv_lens.shape[0])
-        for key in (("step", t), ("sample", s)) + ((("prompt_lp", t),) if want_plp else ()):
+        keys = (("step", t), ("argmax" if greedy_only else "sample", s)) + (
+            (("prompt_lp", t),) if want_plp else ())
+        for key in keys:
             if key not in self.compiled:
                 if self.warm:
                     self.num_recompiles += 1
@@ -301,7 +308,14 @@ class ModelRunner:
         if self.sharder is not None:
             inp, si, plp_next = self.sharder.put_inputs((inp, si, plp_next))
         self.kv, logits, h = self._step(self.state, self.kv, inp)
-        out = self._sample(logits, si)
+        if greedy_only:
+            tokens = self._argmax(logits)
+            zeros = np.zeros(tokens.shape, np.float32)
+            top = np.zeros((tokens.shape[0], MAX_LOGPROBS), np.float32)
+            out = SamplerOutput(tokens, zeros, zeros.astype(np.int32),
+                                top.astype(np.int32), top)
+        else:
+            out = self._sample(logits, si)
         plp = self._prompt_lp(self.state, h, plp_next) if want_plp else None
         return out, plp
 
