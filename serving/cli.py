@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Model: a GGUF file, a Hugging Face-style directory, or an asset alias "
                         "such as smollm2-135m-instruct. Default: the bundled "
                         "SmolLM2-135M-Instruct.")
+    p.add_argument("--model", dest="model_option", default=None, metavar="MODEL",
+                   help="The model, as an option instead of the positional argument.")
     p.add_argument("--config", metavar="FILE.yaml", default=None,
                    help="YAML file whose keys are long option names (e.g. max-model-len: 4096). "
                         "Precedence: command line > config file > defaults. Unknown keys are "
@@ -311,8 +313,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[EngineArgs, ServerArg
         cfg_ns = parser.parse_args(cfg_argv)
         parser.set_defaults(**{d: getattr(cfg_ns, d) for d in dests})
         ns = parser.parse_args(tokens)
-        if ns.model is None:
+        if ns.model is None and ns.model_option is None:
             ns.model = cfg_model
+    if ns.model_option is not None:
+        if ns.model is not None and ns.model != ns.model_option:
+            parser.error(f"two different models: {ns.model!r} and --model {ns.model_option!r}")
+        ns.model = ns.model_option
     values = vars(ns)
     dtype = {"float": "float32", "half": "float16"}.get(values["dtype"], values["dtype"])
     values["dtype"] = dtype

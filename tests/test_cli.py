@@ -40,6 +40,14 @@ def test_vllm_spellings_and_forms() -> None:
     assert parse_args(["--max-model-len", "32K"])[0].max_model_len == 32768
 
 
+def test_model_option(capsys: pytest.CaptureFixture[str]) -> None:
+    assert parse_args(["--model", "m1"])[0].model == "m1"
+    assert parse_args(["m1", "--model", "m1"])[0].model == "m1"
+    with pytest.raises(SystemExit):
+        parse_args(["m1", "--model", "m2"])
+    assert "two different models" in capsys.readouterr().err
+
+
 def test_api_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XLASERVE_API_KEY", "from-env")
     assert parse_args([])[1].api_keys == ["from-env"]

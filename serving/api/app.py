@@ -79,7 +79,7 @@ def create_app(args: ServerArgs, engine_factory: Callable[[], EngineClient], *,
     app.ctx.state = state
     for bp in (completions.bp, chat.bp, tokenize.bp, info.bp):
         app.blueprint(bp)
-    _add_preflight_routes(app, args)
+    _add_preflight_routes(app)
     _add_middleware(app, args)
 
     async def load_engine() -> None:
@@ -208,7 +208,7 @@ def _on_engine_ready(state: ServerState, engine: EngineClient,
     state.engine = engine
 
 
-def _add_preflight_routes(app: Sanic, args: ServerArgs) -> None:
+def _add_preflight_routes(app: Sanic) -> None:
     """An OPTIONS route per path, answering CORS preflights (Sanic has none by default)."""
     paths = sorted({"/" + r.path for r in app.router.routes})
 
