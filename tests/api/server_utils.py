@@ -55,7 +55,8 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+                raise RuntimeError(
+                    f"server exited with {self.proc.returncode}:\n{self.log(20000)}")
             try:
                 if httpx.get(self.url("/health"), timeout=2).status_code == 200:
                     return self
@@ -63,16 +64,18 @@ class ServerProcess:
                 pass
             time.sleep(0.25)
         self.stop()
-        raise RuntimeError(f"server not healthy after {timeout} s:\n{self.log()}")
+        raise RuntimeError(f"server not healthy after {timeout} s:\n{self.log(20000)}")
 
     def url(self, path: str) -> str:
         return self.base_url + path
 
-    def log(self) -> str:
+    def log(self, tail: int | None = None) -> str:
+        """The server's output so far (the last ``tail`` characters if given)."""
         try:
-            return self.log_path.read_text(errors="replace")[-20000:]
+            text = self.log_path.read_text(errors="replace")
         except OSError:
             return ""
+        return text[-tail:] if tail else text
 
     def send_signal(self, sig: int = signal.SIGTERM) -> None:
         assert self.proc is not None
