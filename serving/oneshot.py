@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         from serving.engine.llm import LLM
         from serving.engine.sampling_params import SamplingParams
         llm = LLM(args.model, dtype=args.dtype, cache_dir=args.cache_dir,
-                  max_model_len=2048, max_num_seqs=1, max_num_batched_tokens=256)
+                  max_model_len=2048, max_num_seqs=1, max_num_batched_tokens=64)
     except ModelLoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
