@@ -212,6 +212,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--attention-backend", default="auto",
                    choices=("auto", "reference", "pallas", "pallas-interpret"),
                    help="Paged-attention implementation.")
+    # ---- parallelism (sharding/; docs/SHARDING.md) ----
+    d = p.add_argument_group("Parallelism")
+    d.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="Shard weights and the KV cache over this many devices.")
+    d.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                   help="Independent engine replicas, each on its own tensor-parallel devices.")
+    d.add_argument("--mesh", default=None, metavar="SPEC",
+                   help="Both sizes at once: 'data=D,model=M' or 'DxM'.")
+    d.add_argument("--distributed-coordinator", default=None, metavar="HOST:PORT",
+                   help="Multi-host: process 0's address (else $JAX_COORDINATOR_ADDRESS).")
+    d.add_argument("--num-processes", type=int, default=None,
+                   help="Multi-host: number of processes (else $JAX_NUM_PROCESSES).")
+    d.add_argument("--process-id", type=int, default=None,
+                   help="Multi-host: this process's index; 0 serves HTTP, the others follow.")
     return p
 
 
@@ -369,10 +383,16 @@ def _log_non_defaults(engine_args: EngineArgs, server_args: ServerArgs) -> None:
 
 def run_server(engine_args: EngineArgs, server_args: ServerArgs) -> int:
     """Start the server with the real engine and block until it stops; returns an exit code."""
+    from serving.engine.data_parallel import DataParallelClient
     from serving.engine.engine_client import AsyncEngineClient
+    from serving.engine.sharded import maybe_run_follower
 
-    return serve_app(server_args, lambda: AsyncEngineClient.from_args(engine_args),
-                     model_root=engine_args.model or "")
+    if maybe_run_follower(engine_args):  # multi-host: processes > 0 replay process 0's steps
+        return 0
+    factory: Any = lambda: AsyncEngineClient.from_args(engine_args)
+    if engine_args.data_parallel_size > 1 or engine_args.mesh:
+        factory = lambda: DataParallelClient.from_args(engine_args)
+    return serve_app(server_args, factory, model_root=engine_args.model or "")
 
 
 def serve_app(server_args: ServerArgs, engine_factory: Any, *, model_root: str = "") -> int:

@@ -333,7 +333,6 @@ class ModelRunner:
         plp = self._prompt_lp(self.state, h, plp_next) if want_plp else None
         return out, plp
 
-
     def follow(self) -> None:
         """Multi-host follower: run the leader's steps (``sharding.distributed``) until it stops."""
         assert self.sharder is not None

@@ -357,3 +357,25 @@ def check_convert_cli() -> dict[str, Any]:
                                       np.asarray(b[name][...].astype(jnp.bfloat16)))
     assert restored.tokenizer.encode("héllo") == src.tokenizer.encode("héllo")
     return {"arrays": len(a)}
+
+
+# ---- `serve --tensor-parallel-size 4` -----------------------------------------------------------
+CHAT = [{"role": "user", "content": "Hello! Who are you?"}]
+# Random weights: keep the answer to printable ASCII letters so that equal text means equal tokens.
+LETTERS_ONLY = {t: -100.0 for t in range(264) if not chr(t).isalpha() or t > 127}
+
+
+def tiny_checkpoint_and_chat_answer(out_dir: str) -> tuple[str, str]:
+    """Write the tiny model as a checkpoint directory (what ``serve DIR`` loads) and return its
+    greedy answer to ``CHAT`` from a single-device engine: what the tp=4 server must say."""
+    from serving.engine.convert import convert_loaded
+    ckpt = convert_loaded(tiny(), out_dir)
+    eng = LLMEngine(EngineArgs(**ENGINE_KW, model=str(ckpt)), warmup=False)
+    text = eng.tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
+    eng.add_request("chat", eng.tokenizer.encode(text, add_special_tokens=False),
+                    SamplingParams(temperature=0.0, max_tokens=8, logit_bias=LETTERS_ONLY))
+    answer = ""
+    while eng.has_work:
+        answer += "".join(d.text for o in eng.step() for d in o.outputs)
+    assert len(answer) == 8 and answer.isalpha(), answer
+    return str(ckpt), answer
