@@ -179,8 +179,19 @@ class Sharder:
         return jax.tree_util.tree_unflatten(treedef, leaves)
 
     def replicate(self, x: jax.Array) -> jax.Array:
-        """Inside a jitted step: make ``x`` whole on every device (the sampler's logits)."""
+        """Inside a jitted step: make ``x`` whole on every device."""
         return jax.lax.with_sharding_constraint(x, self.replicated)
+
+    def gather_logits(self, logits: jax.Array) -> jax.Array:
+        """Inside a jitted step: LM-head logits ``[S, V]`` whole on every device, so that the
+        sampler computes the same thing on any mesh.
+
+        The logits are first pinned to the vocab split the LM head produces, then gathered: a
+        bare replicated constraint lets XLA satisfy it by gathering the whole ``[V, D]`` table
+        before the matmul instead (measured: 113 MB per step for SmolLM2 instead of 1.5 MB).
+        """
+        split = self.sharding((None, "vocab"), tuple(logits.shape))
+        return self.replicate(jax.lax.with_sharding_constraint(logits, split))
 
     # ---- multi-host lockstep -----------------------------------------------------------------
     def share_step(self, msg: Any) -> Any:

@@ -122,7 +122,7 @@ class ModelRunner:
         h, kv = model(kv, inp)  # [T, D]
         logits = model.logits(h[inp.logits_indices])  # f32[S, V]
         if self.sharder is not None:  # whole vocab rows: the sampler is the same on any mesh
-            logits = self.sharder.replicate(logits)
+            logits = self.sharder.gather_logits(logits)
         return kv, logits, h  # f32[S, V], [T, D]
 
     def _prompt_lp_fn(self, state: dict[str, Any], h: jax.Array, next_ids: jax.Array

@@ -223,6 +223,25 @@ def check_leaf_shardings() -> dict[str, Any]:
     return {"leaves_checked": checked}
 
 
+def check_step_collectives() -> dict[str, Any]:
+    """The compiled tp=4 step communicates activations only: one all-reduce of ``[T, D]`` per
+    row-parallel matmul (o and down per layer, plus the vocab-split embedding lookup) and one
+    all-gather of the ``[S, V]`` logits; never a weight or the KV cache."""
+    import re
+    eng = _cache.get(("engine", "llama", 4)) or engine(4, tiny())
+    r = eng.runner
+    inp, _, _ = r._empty_batch(16)
+    text = r._step.lower(r.state, r.kv, eng.sharder.put_inputs(inp)).compile().as_text()
+    found = re.findall(r"= (\S+?)\{[^}]*\} (all-reduce|all-gather|all-to-all|reduce-scatter|"
+                       r"collective-permute)(?:-start)?\(", text)
+    got = sorted((kind, shape) for shape, kind in found)
+    s = r.num_seq_rows(16)
+    want = sorted([("all-reduce", "f32[16,56]")] * (2 * LAYERS + 1) +
+                  [("all-gather", f"f32[{s},264]")])
+    assert got == want, got
+    return {"collectives": got}
+
+
 def _key(path: Any) -> str:
     parts = [getattr(k, "key", getattr(k, "idx", getattr(k, "name", None))) for k in path]
     return ".".join(str(p) for p in parts if p not in (None, "value"))

@@ -40,6 +40,10 @@ def test_every_param_and_cache_leaf_sharded_by_the_rules(mesh_worker: MeshWorker
     assert mesh_worker.call(scenarios.check_leaf_shardings)["leaves_checked"] == 2 * per_model
 
 
+def test_compiled_step_communicates_activations_only(mesh_worker: MeshWorker) -> None:
+    mesh_worker.call(scenarios.check_step_collectives)
+
+
 def test_sampler_identical_on_any_mesh(mesh_worker: MeshWorker) -> None:
     mesh_worker.call(scenarios.check_sampler_mesh_invariant)
 
