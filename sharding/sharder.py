@@ -96,9 +96,15 @@ class Placement:
             spec[0] = MODEL
         read = NamedSharding(s.mesh, P(*spec))
         new_shape = replicate_kv_heads(np.empty(shape, np.int8), i, r).shape
-        fix = jax.jit(functools.partial(replicate_kv_heads, axis=i, r=r, xp=jnp),
-                      out_shardings=s.sharding(axes, new_shape))
+        fix = _regroup(i, r, s.sharding(axes, new_shape))
         return jax.ShapeDtypeStruct(shape, dtype, sharding=read), fix
+
+
+@functools.lru_cache(maxsize=64)
+def _regroup(axis: int, r: int, out: NamedSharding) -> Callable[[jax.Array], jax.Array]:
+    """One jitted kv-head regrouping per (layout, sharding): every layer reuses its compile."""
+    return jax.jit(functools.partial(replicate_kv_heads, axis=axis, r=r, xp=jnp),
+                   out_shardings=out)
 
 
 class Sharder:
