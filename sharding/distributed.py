@@ -18,6 +18,7 @@ other and the coordinator port is not exposed.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import pickle
@@ -64,7 +65,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     assert num_processes is not None and process_id is not None
     if not 0 <= process_id < num_processes:
         raise DistributedError(f"--process-id {process_id} is outside [0, {num_processes})")
-    if "jax_cpu_collectives_implementation" in jax.config.values:
+    # A JAX without the option has gloo as its only CPU implementation.
+    with contextlib.suppress(AttributeError):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id)

@@ -24,6 +24,8 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import jax
+
 from models.loader import LoadedModel
 from serving.engine.config import EngineArgs
 from serving.engine.engine import EngineStats, LLMEngine
@@ -31,7 +33,7 @@ from serving.engine.engine_client import AsyncEngineClient
 from serving.engine.outputs import RequestOutput
 from serving.engine.sampling_params import SamplingParams
 from serving.engine.sharded import shard_loaded
-from sharding.mesh import make_mesh, replica_meshes, resolve_shape
+from sharding.mesh import MeshError, make_mesh, replica_meshes, resolve_shape
 from sharding.sharder import Sharder
 
 log = logging.getLogger("xlaserve.dp")
@@ -60,6 +62,9 @@ class DataParallelClient:
         replicas copy their weights from it. ``loaded`` (tests) skips the load.
         """
         shape = resolve_shape(args.tensor_parallel_size, args.data_parallel_size, args.mesh)
+        if shape.data > 1 and jax.process_count() > 1:
+            raise MeshError("data-parallel replicas across hosts are not supported: run one "
+                            "`serve` per host (or tensor parallelism across hosts)")
         per_replica = dataclasses.replace(args, data_parallel_size=1, mesh=None,
                                           tensor_parallel_size=shape.model)
         engines: list[LLMEngine] = []
