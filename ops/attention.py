@@ -98,7 +98,7 @@ def ragged_paged_attention_reference(
     lo = jnp.zeros_like(pos) if sliding_window is None else pos - sliding_window + 1
 
     def body(i: jax.Array, carry: tuple[jax.Array, jax.Array, jax.Array]) -> tuple:
-        m, l, acc = carry  # [K,T,G], [K,T,G], [K,T,G,H]
+        m, denom, acc = carry  # [K,T,G], [K,T,G], [K,T,G,H]
         pages = jax.lax.dynamic_slice_in_dim(tok_pages, i * pages_per_block, pages_per_block, 1)
         kb = k_cache[:, pages].reshape(num_kv, num_tokens, block, head).astype(jnp.float32)
         vb = v_cache[:, pages].reshape(num_kv, num_tokens, block, head).astype(jnp.float32)
@@ -112,10 +112,10 @@ def ragged_paged_attention_reference(
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
         p = jnp.exp(s - m_safe[..., None])
         corr = jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf))
-        l = l * corr + p.sum(axis=-1)
+        denom = denom * corr + p.sum(axis=-1)
         vb = jnp.where(mask[None, :, :, None], vb, 0.0)
         acc = acc * corr[..., None] + jnp.einsum("ktgl,ktlh->ktgh", p, vb)
-        return m_new, l, acc
+        return m_new, denom, acc
 
     num_blocks = (jnp.max(kv_lens) + block - 1) // block
     init = (
@@ -123,6 +123,6 @@ def ragged_paged_attention_reference(
         jnp.zeros((num_kv, num_tokens, group), jnp.float32),
         jnp.zeros((num_kv, num_tokens, group, head), jnp.float32),
     )
-    _, l, acc = jax.lax.fori_loop(0, num_blocks, body, init)
-    out = acc / jnp.where(l > 0, l, 1.0)[..., None]
+    _, denom, acc = jax.lax.fori_loop(0, num_blocks, body, init)
+    out = acc / jnp.where(denom > 0, denom, 1.0)[..., None]
     return out.transpose(1, 0, 2, 3).reshape(num_tokens, num_q, head).astype(q.dtype)
