@@ -32,12 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import assets
 from models.bert import BertConfig, load_bert, read_config
+from models.loader import ModelLoadError, resolve_source
 from models.pooling import (
     PoolerConfig,
     apply_activation,
@@ -46,6 +45,8 @@ from models.pooling import (
     resolve_pooler_config,
     score_activation,
 )
+from serving.engine.engine import enable_compilation_cache
+from serving.engine.engine_client import EngineDeadError
 from serving.engine.pooling_params import PoolingModelInfo, PoolingParams
 from serving.engine.pooling_runner import PoolingRunner
 
@@ -55,8 +56,6 @@ _KIND_OF_TASK = {"embed": "pooled", "encode": "hidden", "classify": "logits", "s
 # Wording of the too-long error per task (vLLM's "... tokens in the input for <what>").
 _TASK_WHAT = {"embed": "embedding generation", "encode": "embedding generation",
               "classify": "classification", "score": "score"}
-# Per-token outputs are S*T*D floats: keep their steps small.
-HIDDEN_MAX_SEQS = 8
 # Batches at least this large are cut to a bucket size rather than padded up.
 SPLIT_MIN_BATCH = 16
 # How many pending sequences one step looks through when filling a batch.
@@ -77,8 +76,15 @@ class PoolingOutput:
     num_prompt_tokens: int  # tokens actually pooled (after truncation), for usage
 
 
-class EngineDeadError(RuntimeError):
-    """The engine thread has stopped; the server answers 503."""
+@dataclass
+class PoolingStats:
+    num_steps: int = 0
+    num_sequences: int = 0  # sequences pooled
+    num_tokens: int = 0  # real (unpadded) tokens pooled
+    num_padded_tokens: int = 0  # S * T summed over steps
+    num_compiles: int = 0  # executables compiled, warmup included
+    num_recompiles: int = 0  # compiled after warmup (should stay 0)
+    num_in_flight: int = 0  # requests awaiting results
 
 
 @dataclass
@@ -112,7 +118,6 @@ class PoolingEngine:
         tokenizer: Any = None,
         *,
         model_name: str = "",
-        hidden_max_seqs: int = HIDDEN_MAX_SEQS,
     ):
         self.runner = runner
         self.model_config = model_config
@@ -120,7 +125,6 @@ class PoolingEngine:
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = runner.max_model_len
-        self.hidden_max_seqs = hidden_max_seqs
         if runner.is_classifier:
             tasks: tuple[str, ...] = ("classify", "score")
         else:
@@ -143,74 +147,109 @@ class PoolingEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._dead: BaseException | None = None
-        # Stats, read by metrics and tests.
-        self.num_steps = 0
-        self.num_sequences = 0
-        self.num_tokens = 0
+        self._in_flight = 0
+        self._stats = PoolingStats()
+        # (S, T) bucket -> steps run with it; read by tests and the bench.
         self.step_sizes: collections.Counter[tuple[int, int]] = collections.Counter()
 
     # ------------------------------------------------------------------------- construction
 
     @classmethod
     def from_args(cls, args: Any, *, warmup: bool = True) -> PoolingEngine:
-        """Load the model named by an ``EngineArgs``-like object and start the engine.
+        """Load the model named by an ``EngineArgs``-like object and compile its buckets.
 
         Reads: model (asset alias or HF directory), tokenizer, dtype, max_model_len,
         max_num_seqs, max_num_batched_tokens, cache_dir, compilation_cache, and, where present,
-        override_pooler_config (JSON string or dict).
+        override_pooler_config (JSON string or dict). ``await start()`` then starts serving.
+        Raises ``ModelLoadError`` for a model that is missing or not a BERT-family encoder.
         """
         model_dir = resolve_model_dir(args.model, getattr(args, "cache_dir", None))
         if getattr(args, "compilation_cache", False):
             enable_compilation_cache(getattr(args, "cache_dir", None))
-        cfg = read_config(model_dir)
-        dtype = _dtype(getattr(args, "dtype", "auto"))
-        max_model_len = resolve_max_model_len(model_dir, cfg, getattr(args, "max_model_len", None))
-        pooler = resolve_pooler_config(
-            model_dir, override=getattr(args, "override_pooler_config", None))
-        model = load_bert(model_dir, dtype)
-        runner = PoolingRunner(
-            model,
-            pooler.pooling_type,
-            max_model_len=max_model_len,
-            max_num_seqs=getattr(args, "max_num_seqs", 32),
-            max_num_batched_tokens=getattr(args, "max_num_batched_tokens", None),
-        )
+        try:
+            cfg = read_config(model_dir)
+            dtype = _dtype(getattr(args, "dtype", "auto"))
+            max_model_len = resolve_max_model_len(
+                model_dir, cfg, getattr(args, "max_model_len", None))
+            pooler = resolve_pooler_config(
+                model_dir, override=getattr(args, "override_pooler_config", None))
+            model = load_bert(model_dir, dtype)
+            runner = PoolingRunner(
+                model,
+                pooler.pooling_type,
+                max_model_len=max_model_len,
+                max_num_seqs=getattr(args, "max_num_seqs", 32),
+                max_num_batched_tokens=getattr(args, "max_num_batched_tokens", None),
+            )
+        except ValueError as e:  # UnsupportedModelError, PoolerConfigError, bad args
+            raise ModelLoadError(str(e)) from None
         tokenizer = load_tokenizer(getattr(args, "tokenizer", None) or model_dir)
+        if tokenizer is None:
+            logger.warning("no tokenizer next to %s: only token-id inputs will work", model_dir)
         engine = cls(runner, cfg, pooler, tokenizer, model_name=str(args.model or model_dir))
         logger.info("pooling model %s: %s, pooler %s (normalize=%s, from %s), max_model_len %d",
                     engine.model_name, cfg.architecture, pooler.pooling_type.value,
                     pooler.normalize, pooler.source, max_model_len)
-        engine.start(warmup=warmup)
+        if warmup:
+            runner.warmup()
         return engine
 
-    def start(self, warmup: bool = True) -> None:
-        """Compile every bucket (unless ``warmup=False``, for tests) and start the thread."""
+    async def start(self) -> None:
+        """Start the engine thread (idempotent). Compiles first if ``warmup()`` was not run."""
+        self.start_thread()
+
+    def start_thread(self) -> None:
+        """``start`` for callers without an event loop (the offline API, scripts)."""
         if self._thread is not None:
             return
-        if warmup:
-            self.runner.warmup()
+        self.runner.warmup()
         self._thread = threading.Thread(target=self._loop, name="pooling-engine", daemon=True)
         self._thread.start()
 
-    def shutdown(self) -> None:
-        """Stop the thread; pending requests fail with ``EngineDeadError``."""
+    async def shutdown(self, drain_timeout: float = 30.0) -> None:
+        """Let in-flight requests finish for up to ``drain_timeout`` s, then stop the thread;
+        whatever is still pending fails with ``EngineDeadError``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain_timeout
+        while self._in_flight and loop.time() < deadline and self.is_healthy():
+            await asyncio.sleep(0.05)
+        await loop.run_in_executor(None, self.close)
+
+    def close(self) -> None:
+        """Stop the thread now, without draining; pending requests fail with
+        ``EngineDeadError``. For tests and callers without an event loop."""
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=60)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=60.0)
         self._fail_pending(EngineDeadError("the pooling engine was shut down"))
+
+    def is_healthy(self) -> bool:
+        return (self._dead is None and not self._stopping and self._thread is not None
+                and self._thread.is_alive())
 
     def check_health(self) -> None:
         """Raise ``EngineDeadError`` if the engine thread is not running."""
         if self._dead is not None:
             raise EngineDeadError(f"the pooling engine died: {self._dead!r}")
-        if self._thread is None or not self._thread.is_alive() or self._stopping:
+        if not self.is_healthy():
             raise EngineDeadError("the pooling engine is not running")
 
     @property
-    def num_compiles(self) -> int:
-        return self.runner.num_compiles
+    def num_in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model_config.vocab_size
+
+    def stats(self) -> PoolingStats:
+        st = self._stats
+        st.num_compiles = self.runner.num_compiles
+        st.num_recompiles = self.runner.num_recompiles
+        st.num_in_flight = self._in_flight
+        return st
 
     # ------------------------------------------------------------------------- tokenization
 
@@ -227,8 +266,13 @@ class PoolingEngine:
         if len(texts_1) != len(texts_2):
             raise ValueError("text_1 and text_2 must pair up one to one")
         kwargs = self._truncation_kwargs(truncate_prompt_tokens)
-        enc = self._tok()(texts_1, texts_2, **kwargs)
-        return self._inputs(enc, len(texts_1))
+        tok = self._tok()
+        # One call per pair, as vLLM and a single transformers call do: an empty text_2 then
+        # means "no second segment" ([CLS] a [SEP]), where a batched call would add a [SEP].
+        out: list[PoolingInput] = []
+        for a, b in zip(texts_1, texts_2, strict=True):
+            out.extend(self._inputs({k: [v] for k, v in tok(a, b, **kwargs).items()}, 1))
+        return out
 
     def _tok(self) -> Any:
         if self.tokenizer is None:
@@ -279,11 +323,14 @@ class PoolingEngine:
             for i, (ids, types) in enumerate(prepared):
                 self._pending.append(_Item(req, i, kind, ids, types, next(self._seq_counter)))
             self._cv.notify()
+        self._in_flight += 1
         try:
             return await req.future
         except asyncio.CancelledError:
             req.failed = True  # the thread drops its remaining sequences
             raise
+        finally:
+            self._in_flight -= 1
 
     def _prepare(self, x: PoolingInput,
                  params: PoolingParams) -> tuple[list[int], list[int] | None]:
@@ -334,9 +381,7 @@ class PoolingEngine:
         oldest = self._pending[0]
         kind = oldest.kind
         t_bucket = self.runner.token_bucket(len(oldest.token_ids))
-        cap = self.runner.max_batch(t_bucket)
-        if kind == "hidden":
-            cap = min(cap, max(self.hidden_max_seqs, 1))
+        cap = self.runner.max_batch(t_bucket, kind)
         chosen: list[_Item] = []
         keep: list[_Item] = []
         for n_seen, item in enumerate(self._pending):
@@ -383,11 +428,14 @@ class PoolingEngine:
             for it in batch:
                 self._fail(it.request, e)
             return
-        self.num_steps += 1
-        self.num_sequences += len(batch)
-        self.num_tokens += sum(len(it.token_ids) for it in batch)
         t = self.runner.token_bucket(max(len(it.token_ids) for it in batch))
-        self.step_sizes[(self.runner.seq_bucket(len(batch), t), t)] += 1
+        s = self.runner.seq_bucket(len(batch), t, kind)
+        st = self._stats
+        st.num_steps += 1
+        st.num_sequences += len(batch)
+        st.num_tokens += sum(len(it.token_ids) for it in batch)
+        st.num_padded_tokens += s * t
+        self.step_sizes[(s, t)] += 1
         for it, out in zip(batch, raw, strict=True):
             req = it.request
             if req.failed:
@@ -429,16 +477,14 @@ def _reject(fut: asyncio.Future[list[PoolingOutput]], exc: BaseException) -> Non
 
 
 def resolve_model_dir(model: str | None, cache_dir: str | None = None) -> Path:
-    """An asset alias or a local HF directory -> the directory. No hub downloads here."""
+    """An asset alias, HF directory or hub id (``models.loader.resolve_source``) -> an HF
+    directory holding ``config.json``."""
     if not model:
-        raise ValueError("a pooling model must be named (an asset alias or an HF directory)")
-    if model in assets.ASSETS:
-        return Path(assets.fetch(model, cache_dir))
-    path = Path(model).expanduser()
-    if path.is_dir() and (path / "config.json").exists():
-        return path
-    raise ValueError(f"pooling model {model!r} is neither a known asset "
-                     f"({', '.join(sorted(assets.ASSETS))}) nor an HF directory with config.json")
+        raise ModelLoadError("a pooling model must be named (an asset alias or an HF directory)")
+    path = Path(resolve_source(model, cache_dir))
+    if not (path.is_dir() and (path / "config.json").exists()):
+        raise ModelLoadError(f"pooling model {model!r} is not an HF directory with config.json")
+    return path
 
 
 def resolve_max_model_len(model_dir: Path, cfg: BertConfig, requested: int | None) -> int:
@@ -461,10 +507,17 @@ def resolve_max_model_len(model_dir: Path, cfg: BertConfig, requested: int | Non
     return limit
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+
+
 def load_tokenizer(path: str | Path) -> Any:
-    """The model's HF tokenizer, truncating from the left (vLLM keeps a prompt's end)."""
+    """The model's HF tokenizer, truncating from the left (vLLM keeps a prompt's end); None
+    for a directory without tokenizer files."""
     from transformers import AutoTokenizer
 
+    p = Path(path)
+    if p.is_dir() and not any((p / f).exists() for f in _TOKENIZER_FILES):
+        return None
     return AutoTokenizer.from_pretrained(str(path), truncation_side="left")
 
 
@@ -476,12 +529,3 @@ def _dtype(name: str) -> jnp.dtype:
     if name not in table:
         raise ValueError(f"dtype must be one of {sorted(table)}, got {name!r}")
     return jnp.dtype(table[name])
-
-
-def enable_compilation_cache(cache_dir: str | None) -> None:
-    """Point JAX's persistent compilation cache under the asset cache, unless already set."""
-    if getattr(jax.config, "jax_compilation_cache_dir", None):
-        return
-    path = assets.cache_dir(cache_dir) / "jax_cache"
-    path.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(path))

@@ -42,6 +42,8 @@ KINDS = ("pooled", "hidden", "logits")
 
 # Shortest token bucket; shorter inputs are padded to it.
 MIN_TOKEN_BUCKET = 16
+# Per-token outputs are S * T * D floats to bring back: their steps stay small.
+HIDDEN_MAX_SEQS = 8
 
 
 def default_token_buckets(max_model_len: int) -> list[int]:
@@ -79,6 +81,7 @@ class PoolingRunner:
         max_num_batched_tokens: int | None = None,
         token_buckets: Sequence[int] | None = None,
         seq_buckets: Sequence[int] | None = None,
+        hidden_max_seqs: int = HIDDEN_MAX_SEQS,
     ):
         if pooling_type == PoolingType.ALL:
             raise ValueError("the model's pooler must reduce to one vector (MEAN/CLS/LAST); "
@@ -102,10 +105,13 @@ class PoolingRunner:
                              f"max_model_len {max_model_len}")
         self.seq_buckets = sorted(set(seq_buckets or default_seq_buckets(max_num_seqs)))
         self.max_num_batched_tokens = max_num_batched_tokens or max(8192, max_model_len)
+        self.hidden_max_seqs = max(hidden_max_seqs, 1)
         self._graphdef, self._state = nnx.split(model)
         self._compiled: dict[tuple[str, int, int], Any] = {}
         self._compile_lock = threading.Lock()
-        self.num_compiles = 0
+        self.num_compiles = 0  # every compilation, warmup included
+        self.num_recompiles = 0  # compilations after warmup: a missed bucket while serving
+        self.warmed_up = False
         self.compile_seconds = 0.0
 
     # ------------------------------------------------------------------------- shapes
@@ -119,26 +125,29 @@ class PoolingRunner:
                 return t
         raise AssertionError("unreachable: the last bucket is >= max_model_len")
 
-    def max_batch(self, t_bucket: int) -> int:
-        """Largest S bucket allowed with T = ``t_bucket`` (at least 1)."""
-        allowed = [s for s in self.seq_buckets if s * t_bucket <= self.max_num_batched_tokens]
+    def max_batch(self, t_bucket: int, kind: str = "pooled") -> int:
+        """Largest S bucket allowed with T = ``t_bucket`` for ``kind`` (at least 1)."""
+        limit = self.hidden_max_seqs if kind == "hidden" else max(self.seq_buckets)
+        allowed = [s for s in self.seq_buckets
+                   if s * t_bucket <= self.max_num_batched_tokens and s <= limit]
         return max(allowed) if allowed else 1
 
-    def seq_bucket(self, num_seqs: int, t_bucket: int) -> int:
+    def seq_bucket(self, num_seqs: int, t_bucket: int, kind: str = "pooled") -> int:
         """Smallest S bucket holding ``num_seqs`` rows at T = ``t_bucket``."""
+        cap = self.max_batch(t_bucket, kind)
         for s in self.seq_buckets:
-            if s >= num_seqs and s <= self.max_batch(t_bucket):
+            if num_seqs <= s <= cap:
                 return s
         if num_seqs == 1:
             return 1
         raise ValueError(f"{num_seqs} sequences do not fit one step at {t_bucket} tokens "
-                         f"(at most {self.max_batch(t_bucket)})")
+                         f"(at most {cap})")
 
-    def shapes(self) -> list[tuple[int, int]]:
-        """Every (S, T) the runner may execute; ``warmup`` compiles these for each kind."""
+    def shapes(self, kind: str = "pooled") -> list[tuple[int, int]]:
+        """Every (S, T) the runner may execute for ``kind``; ``warmup`` compiles them all."""
         out: list[tuple[int, int]] = []
         for t in self.token_buckets:
-            cap = self.max_batch(t)
+            cap = self.max_batch(t, kind)
             out.extend((s, t) for s in self.seq_buckets if s <= cap)
             if cap == 1 and 1 not in self.seq_buckets:
                 out.append((1, t))
@@ -175,19 +184,23 @@ class PoolingRunner:
                 exe = jax.jit(self._step_fn(kind)).lower(self._state, ids, ids, lengths).compile()
                 self.compile_seconds += time.perf_counter() - start
                 self.num_compiles += 1
+                if self.warmed_up:
+                    self.num_recompiles += 1
+                    logger.warning("pooling runner compiled %s after warmup", key)
                 self._compiled[key] = exe
         return exe
 
     def warmup(self) -> None:
         """Compile every (kind, S, T) this model serves. Idempotent."""
+        if self.warmed_up:
+            return
         start = time.perf_counter()
-        shapes = self.shapes()
         for kind in self.kinds:
-            for s, t in shapes:
+            for s, t in self.shapes(kind):
                 self._executable(kind, s, t)
-        logger.info("pooling runner: %d executables (%s x %d shapes) ready in %.1fs",
-                    len(self._compiled), "/".join(self.kinds), len(shapes),
-                    time.perf_counter() - start)
+        self.warmed_up = True
+        logger.info("pooling runner: %d executables (%s) ready in %.1fs", len(self._compiled),
+                    "/".join(self.kinds), time.perf_counter() - start)
 
     # ------------------------------------------------------------------------- run
 
@@ -210,7 +223,7 @@ class PoolingRunner:
             return []
         lens = [len(x) for x in token_ids]
         t = self.token_bucket(max(lens))
-        s = self.seq_bucket(n, t)
+        s = self.seq_bucket(n, t, kind)
         ids = np.full((s, t), self.pad_token_id, dtype=np.int32)
         types = np.zeros((s, t), dtype=np.int32)
         lengths = np.zeros((s,), dtype=np.int32)
