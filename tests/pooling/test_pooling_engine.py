@@ -40,7 +40,7 @@ def test_batch_invariance_embeddings(minilm: PoolingEngine) -> None:
     alone = asyncio.run(minilm.embed([x], PoolingParams()))[0]
     others = _varied(minilm, 31)
     others[0] = others[0][:1] + [2773] * 60 + others[0][-1:]  # 62 tokens, first: T bucket 64
-    batch = others[:15] + [x] + others[15:]
+    batch = [*others[:15], x, *others[15:]]
     before = Counter(minilm.step_sizes)
     outs = asyncio.run(minilm.embed(batch, PoolingParams()))
     assert _step_delta(minilm, before) == Counter({(32, 64): 1})  # one step held all 32
@@ -69,8 +69,8 @@ def test_no_recompiles_while_serving(minilm: PoolingEngine) -> None:
         len(minilm.runner.shapes(k)) for k in minilm.runner.kinds)
     many = _varied(minilm, 70)
     long_one = [101] + [2773] * 200 + [102]
-    asyncio.run(minilm.embed(many + [long_one], PoolingParams()))
-    asyncio.run(minilm.embed(many[:11] + [long_one], PoolingParams(task="encode")))
+    asyncio.run(minilm.embed([*many, long_one], PoolingParams()))
+    asyncio.run(minilm.embed([*many[:11], long_one], PoolingParams(task="encode")))
     for n in (1, 2, 7, 9, 33):
         asyncio.run(minilm.embed(many[:n], PoolingParams()))
     st = minilm.stats()
@@ -95,7 +95,7 @@ def test_concurrent_requests_share_steps(minilm: PoolingEngine) -> None:
 
 
 def test_truncate_prompt_tokens(minilm: PoolingEngine) -> None:
-    long_ids = [101] + list(range(2000, 2300)) + [102]  # 302 tokens > max_model_len 256
+    long_ids = [101, *range(2000, 2300), 102]  # 302 tokens > max_model_len 256
     with pytest.raises(ValueError, match="you requested 302 tokens in the input for embedding"):
         asyncio.run(minilm.embed([long_ids], PoolingParams()))
     out = asyncio.run(minilm.encode([PoolingInput(long_ids)],
