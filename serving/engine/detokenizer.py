@@ -38,7 +38,10 @@ class IncrementalDetokenizer:
         self.ids.append(token_id)
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
         full = self._decode(self.ids[self.prefix_offset:])
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+        # Wait while the window ends inside a UTF-8 sequence; a character spans at most 4 byte
+        # tokens, so past that the bytes are invalid and are emitted as U+FFFD like decode() does.
+        pending = len(self.ids) - self.read_offset
+        if len(full) > len(prefix) and (not full.endswith("\ufffd") or pending >= 4):
             self.text += full[len(prefix):]
             self.prefix_offset = self.read_offset
             self.read_offset = len(self.ids)
@@ -58,6 +61,14 @@ class IncrementalDetokenizer:
         idx, s = best
         self.text = self.text[: idx + len(s)] if self.include_stop else self.text[:idx]
         return s
+
+    def flush(self) -> None:
+        """At the end of a sequence: decode whatever is still pending."""
+        if self.read_offset < len(self.ids):
+            prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+            full = self._decode(self.ids[self.prefix_offset:])
+            self.text += full[len(prefix):]
+            self.prefix_offset = self.read_offset = len(self.ids)
 
     def take(self, final: bool) -> str:
         """Text that is safe to emit now (everything, when the sequence has finished)."""

@@ -249,6 +249,7 @@ class LLMEngine:
         if finish is None and (seq.num_output >= seq.request.max_tokens
                                or len(seq.tokens) >= self.max_model_len):
             finish = "length"
+            seq.detok.flush()
         text = seq.detok.take(final=finish is not None)
         if finish is not None:
             seq.finish_reason, seq.stop_reason = finish, stop_reason
