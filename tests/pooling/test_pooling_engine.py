@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import Counter
 from types import SimpleNamespace
 
@@ -209,3 +210,24 @@ def test_roberta_default_max_model_len_excludes_offset() -> None:
     assert engine.tokenizer is None  # this fixture ships none: token ids only
     with pytest.raises(ValueError, match="no tokenizer"):
         engine.tokenize(["hello"])
+
+
+def test_matryoshka_dimensions(minilm: PoolingEngine) -> None:
+    """A model whose config declares Matryoshka sizes: truncate, then normalise. (MiniLM's
+    config with the two fields added; the same compiled runner, so nothing recompiles.)"""
+    cfg = dataclasses.replace(minilm.model_config, is_matryoshka=True,
+                              matryoshka_dimensions=(128, 256))
+    engine = PoolingEngine(minilm.runner, cfg, minilm.pooler_config, minilm.tokenizer)
+    engine.start_thread()
+    try:
+        ids = [x.token_ids for x in minilm.tokenize(["matryoshka dolls nest inside each other"])]
+        full = asyncio.run(engine.embed(ids, PoolingParams(normalize=False)))[0]
+        (short,) = asyncio.run(engine.embed(ids, PoolingParams(dimensions=128)))
+        assert short.shape == (128,)
+        np.testing.assert_allclose(short, full[:128] / np.linalg.norm(full[:128]), atol=1e-6)
+        with pytest.raises(ValueError, match=r"only supports \[128, 256\]"):
+            asyncio.run(engine.embed(ids, PoolingParams(dimensions=100)))
+        with pytest.raises(ValueError, match="greater than 0"):
+            asyncio.run(engine.embed(ids, PoolingParams(dimensions=0)))
+    finally:
+        engine.close()
