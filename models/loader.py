@@ -81,7 +81,7 @@ def random_model(cfg: ModelConfig, dtype: Any, attn_fn: AttentionFn, write_fn: W
                 val = 1.0 + 0.1 * rng.standard_normal(shape)
             else:
                 val = rng.standard_normal(shape) * (scale / np.sqrt(fan_in))
-            node.value = jax.device_put(val.astype(jnp.dtype(dtype)))
+            node.set_value(jax.device_put(val.astype(jnp.dtype(dtype))))
     return model
 
 

@@ -81,7 +81,7 @@ def load_weights(model: nnx.Module, cfg: ModelConfig,
         if tuple(p.shape) != value.shape:
             raise ValueError(f"weight {path}: expected shape {tuple(p.shape)}, got {value.shape}")
         axes = p.get_metadata().get("logical_axes", (None,) * value.ndim)
-        p.value = place(path, axes, np.ascontiguousarray(value.astype(np_dtype)))
+        p.set_value(place(path, axes, np.ascontiguousarray(value.astype(np_dtype))))
         filled.add(path)
 
     for name, arr in tensors:

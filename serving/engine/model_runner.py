@@ -25,7 +25,7 @@ from tqdm import tqdm
 from models.config import ModelConfig
 from models.inputs import KVCache, StepInputs
 from serving.engine.sampler import SamplerOutput, SamplingInputs, prompt_logprobs, sample
-from serving.engine.sampling_params import MAX_LOGIT_BIAS
+from serving.engine.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS
 from serving.engine.scheduler import SchedulerOutput
 
 log = logging.getLogger("xlaserve.runner")
@@ -82,7 +82,11 @@ class ModelRunner:
                  kv_dtype: Any, sharder: Any = None) -> None:
         self.cfg = cfg
         self.model_cfg = model_cfg
-        self.graphdef, self.state = nnx.split(model)
+        self.graphdef, state = nnx.split(model)
+        # Plain nested dicts of arrays: jit flattens these in C++, while nnx Variables flatten in
+        # Python on every call (~10 ms per step for a 30-layer model).
+        self._state_template = state
+        self.state = nnx.to_pure_dict(state)
         self.sharder = sharder  # sharding.Sharder or None (single device)
         shape = (model_cfg.num_kv_heads, cfg.num_pages, cfg.page_size, model_cfg.head_dim)
         make = (lambda: jnp.zeros(shape, kv_dtype)) if sharder is None else \
@@ -91,6 +95,9 @@ class ModelRunner:
         self.kv_bytes = kv_bytes_per_page(model_cfg, cfg.page_size, kv_dtype) * cfg.num_pages
         self._step = jax.jit(self._step_fn, donate_argnums=(1,))
         self._sample = jax.jit(sample)
+        # All-greedy steps with nothing to adjust skip the sampler (and its lax.conds, which
+        # copy the [S, V] logits on XLA:CPU): an argmax is all they need.
+        self._argmax = jax.jit(lambda lg: jnp.argmax(lg, axis=-1).astype(jnp.int32))
         self._prompt_lp = jax.jit(self._prompt_lp_fn)
         self.compiled: set[tuple[str, int]] = set()
         self.warm = False
@@ -104,15 +111,20 @@ class ModelRunner:
     # Three jitted functions rather than one: the model step varies with T only, the sampler
     # with S only, and prompt logprobs are rare, so compile time grows with the sum of the
     # bucket counts instead of their product.
-    def _step_fn(self, state: nnx.State, kv: KVCache, inp: StepInputs
+    def _model(self, pure: dict[str, Any]) -> Any:
+        state = jax.tree_util.tree_map(lambda x: x, self._state_template)
+        nnx.replace_by_pure_dict(state, pure)
+        return nnx.merge(self.graphdef, state)
+
+    def _step_fn(self, state: dict[str, Any], kv: KVCache, inp: StepInputs
                  ) -> tuple[KVCache, jax.Array, jax.Array]:
-        model: Any = nnx.merge(self.graphdef, state)
+        model = self._model(state)
         h, kv = model(kv, inp)  # [T, D]
         return kv, model.logits(h[inp.logits_indices]), h  # f32[S, V], [T, D]
 
-    def _prompt_lp_fn(self, state: nnx.State, h: jax.Array, next_ids: jax.Array
+    def _prompt_lp_fn(self, state: dict[str, Any], h: jax.Array, next_ids: jax.Array
                       ) -> tuple[jax.Array, ...]:
-        model: Any = nnx.merge(self.graphdef, state)
+        model = self._model(state)
         return prompt_logprobs(model.logits(h), next_ids)
 
     # ---- host side ---------------------------------------------------------------------------
@@ -140,6 +152,7 @@ class ModelRunner:
         for t in tqdm(self.cfg.token_buckets, desc="compiling step buckets", unit="bucket"):
             t0 = time.perf_counter()
             self._run_padded(self._empty_batch(t), want_plp=True)
+            self._run_padded(self._empty_batch(t), want_plp=False, greedy_only=True)
             dt = time.perf_counter() - t0
             self.compile_seconds[("step", t)] = dt
             log.info("compiled bucket T=%d S=%d (step, sampler, prompt logprobs) in %.2fs", t,
@@ -266,7 +279,8 @@ class ModelRunner:
         cu[len(chunks) + 1:] = cu[len(chunks)]
         inp = StepInputs(token_ids, positions, slots, page_table, kv_lens, cu, logits_idx)
         si = self._sampling_arrays(s, rows, flags)
-        out, plp = self._run_padded((inp, si, plp_next), want_plp)
+        greedy_only = not bool(np.asarray(si.flags).any())
+        out, plp = self._run_padded((inp, si, plp_next), want_plp, greedy_only)
         tokens, lp, rank, top_ids, top_lp = jax.device_get(
             (out.tokens, out.logprob, out.rank, out.top_ids, out.top_logprobs))
         res = RunnerOutput()
@@ -289,10 +303,12 @@ class ModelRunner:
         return res
 
     def _run_padded(self, batch: tuple[StepInputs, SamplingInputs, np.ndarray],
-                    want_plp: bool) -> tuple[SamplerOutput, Any]:
+                    want_plp: bool, greedy_only: bool = False) -> tuple[SamplerOutput, Any]:
         inp, si, plp_next = batch
         t, s = int(inp.token_ids.shape[0]), int(inp.kv_lens.shape[0])
-        for key in (("step", t), ("sample", s)) + ((("prompt_lp", t),) if want_plp else ()):
+        keys = (("step", t), ("argmax" if greedy_only else "sample", s)) + (
+            (("prompt_lp", t),) if want_plp else ())
+        for key in keys:
             if key not in self.compiled:
                 if self.warm:
                     self.num_recompiles += 1
@@ -301,7 +317,14 @@ class ModelRunner:
         if self.sharder is not None:
             inp, si, plp_next = self.sharder.put_inputs((inp, si, plp_next))
         self.kv, logits, h = self._step(self.state, self.kv, inp)
-        out = self._sample(logits, si)
+        if greedy_only:
+            tokens = self._argmax(logits)
+            zeros = np.zeros(tokens.shape, np.float32)
+            top = np.zeros((tokens.shape[0], MAX_LOGPROBS), np.float32)
+            out = SamplerOutput(tokens, zeros, zeros.astype(np.int32),
+                                top.astype(np.int32), top)
+        else:
+            out = self._sample(logits, si)
         plp = self._prompt_lp(self.state, h, plp_next) if want_plp else None
         return out, plp
 

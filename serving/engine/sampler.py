@@ -40,11 +40,11 @@ class SamplingInputs:
 @jax.tree_util.register_dataclass
 @dataclass
 class SamplerOutput:
-    tokens: jax.Array  # i32[S]
-    logprob: jax.Array  # f32[S]; raw-model logprob of the sampled token
-    rank: jax.Array  # i32[S]; 1-based rank of the sampled token
-    top_ids: jax.Array  # i32[S, MAX_LOGPROBS]
-    top_logprobs: jax.Array  # f32[S, MAX_LOGPROBS]
+    tokens: HostOrDevice  # i32[S]
+    logprob: HostOrDevice  # f32[S]; raw-model logprob of the sampled token
+    rank: HostOrDevice  # i32[S]; 1-based rank of the sampled token
+    top_ids: HostOrDevice  # i32[S, MAX_LOGPROBS]
+    top_logprobs: HostOrDevice  # f32[S, MAX_LOGPROBS]
 
 
 def _apply_penalties(logits: jax.Array, si: SamplingInputs) -> jax.Array:

@@ -19,7 +19,7 @@ def dense_write(k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Arr
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, page_table: jax.Array,
                     kv_lens: jax.Array, cu_q_lens: jax.Array, *, sm_scale: float,
                     sliding_window: int | None = None, soft_cap: float | None = None) -> jax.Array:
-    t, n, h = q.shape
+    t, n, _h = q.shape
     kh = k.shape[1]
     g = n // kh
     kk = jnp.repeat(k, g, axis=1)  # [T, N, H]

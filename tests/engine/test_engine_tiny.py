@@ -8,12 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.inputs import StepInputs
 from models.testing import tiny_loaded
 from ops.attention import ragged_paged_attention_reference, write_kv
 from serving.engine.llm import LLM
 from serving.engine.sampling_params import SamplingParams
 from tests.engine.dense import dense_attention, dense_write
+from tests.utils import single_seq_inputs
 
 # f32 everywhere: paged (blocked online softmax) vs dense softmax differ only by rounding.
 LOGIT_ATOL = 2e-4
@@ -30,18 +30,6 @@ def engine_kwargs(**kw: object) -> dict[str, object]:
 @pytest.fixture(scope="module")
 def llm() -> LLM:
     return LLM(loaded=tiny_loaded(), **engine_kwargs())
-
-
-def single_seq_inputs(tokens: list[int], start: int, pages: list[int], ps: int,
-                      width: int) -> StepInputs:
-    n = len(tokens)
-    pos = np.arange(start, start + n, dtype=np.int32)
-    pt = np.zeros((1, width), np.int32)
-    pt[0, :len(pages)] = pages
-    slots = np.asarray(pages, np.int32)[pos // ps] * ps + pos % ps
-    return StepInputs(np.asarray(tokens, np.int32), pos, slots.astype(np.int32), pt,
-                      np.asarray([start + n], np.int32), np.asarray([0, n], np.int32),
-                      np.asarray([n - 1], np.int32))
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])

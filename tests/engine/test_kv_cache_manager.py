@@ -38,12 +38,12 @@ def test_prefix_reuse_shares_pages_and_counts_hits() -> None:
     a.num_computed = 13
     kv.commit(a)
     assert a.num_hashed_pages == 3
-    b = make_seq(list(range(12)) + [99, 98], "b")
+    b = make_seq([*list(range(12)), 99, 98], "b")
     assert kv.match_prefix(b) == 12
     assert b.pages == a.pages[:3]
     assert all(kv.ref[p] == 2 for p in b.pages)
     # A different prefix diverging in page 2 reuses only the first two pages.
-    c = make_seq(list(range(8)) + [7, 7, 7, 7, 7], "c")
+    c = make_seq([*list(range(8)), 7, 7, 7, 7, 7], "c")
     assert kv.match_prefix(c) == 8
     assert kv.prefix_hits == 20 and kv.prefix_queries == 13 + 14 + 13
     for s in (a, b, c):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from serving.engine.kv_cache_manager import KVCacheManager
-from serving.engine.request import Request, Sequence, SeqStatus
+from serving.engine.request import Request, SeqStatus, Sequence
 from serving.engine.sampling_params import SamplingParams
 from serving.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 
