@@ -30,3 +30,8 @@ class EngineArgs:
     compilation_cache: bool = True  # JAX persistent compilation cache under cache_dir
     attention_backend: str = "auto"  # auto | reference | pallas | pallas-interpret
     max_logprobs: int = 20
+    # Pooling models (serving.engine.pooling_engine). "auto": generate for decoders, the
+    # architecture's pooling tasks for BERT-family encoders; embed/embedding, classify, score
+    # ask for a pooling engine explicitly; generate refuses encoders.
+    task: str = "auto"
+    override_pooler_config: str | None = None  # JSON: {"pooling_type": "MEAN", "normalize": true}

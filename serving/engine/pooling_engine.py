@@ -47,10 +47,17 @@ from models.pooling import (
 )
 from serving.engine.engine import enable_compilation_cache
 from serving.engine.engine_client import EngineDeadError
-from serving.engine.pooling_params import PoolingModelInfo, PoolingParams
+from serving.engine.pooling_params import (
+    PoolingInput,
+    PoolingModelInfo,
+    PoolingOutput,
+    PoolingParams,
+)
 from serving.engine.pooling_runner import PoolingRunner
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["EngineDeadError", "PoolingEngine", "PoolingInput", "PoolingOutput", "PoolingStats"]
 
 _KIND_OF_TASK = {"embed": "pooled", "encode": "hidden", "classify": "logits", "score": "logits"}
 # Wording of the too-long error per task (vLLM's "... tokens in the input for <what>").
@@ -63,28 +70,25 @@ SCAN_WINDOW = 4096
 
 
 @dataclass
-class PoolingInput:
-    """One sequence to pool: token ids and, for BERT pair inputs, their segment ids."""
-
-    token_ids: list[int]
-    token_type_ids: list[int] | None = None
-
-
-@dataclass
-class PoolingOutput:
-    data: np.ndarray  # per task: embed f32[D'], encode f32[n, D], classify/score f32[L]
-    num_prompt_tokens: int  # tokens actually pooled (after truncation), for usage
-
-
-@dataclass
 class PoolingStats:
+    """Engine counters. The first block has the generation engine's names, so the server's
+    metrics collector reads either engine (a pooling engine has no KV cache: zeros)."""
+
+    num_running: int = 0  # requests awaiting results
+    num_waiting: int = 0  # sequences queued for a step
+    kv_pages_used: int = 0
+    kv_pages_total: int = 0
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
     num_steps: int = 0
+    num_recompiles: int = 0  # compiled after warmup (should stay 0)
+    prompt_tokens_total: int = 0  # real (unpadded) tokens pooled
+    generation_tokens_total: int = 0
+    # Pooling only.
     num_sequences: int = 0  # sequences pooled
-    num_tokens: int = 0  # real (unpadded) tokens pooled
     num_padded_tokens: int = 0  # S * T summed over steps
     num_compiles: int = 0  # executables compiled, warmup included
-    num_recompiles: int = 0  # compiled after warmup (should stay 0)
-    num_in_flight: int = 0  # requests awaiting results
 
 
 @dataclass
@@ -124,6 +128,7 @@ class PoolingEngine:
         self.pooler_config = pooler_config
         self.tokenizer = tokenizer
         self.model_name = model_name
+        self.generation_defaults: dict[str, Any] = {}  # the server's interface; none here
         self.max_model_len = runner.max_model_len
         if runner.is_classifier:
             tasks: tuple[str, ...] = ("classify", "score")
@@ -183,6 +188,7 @@ class PoolingEngine:
             )
         except ValueError as e:  # UnsupportedModelError, PoolerConfigError, bad args
             raise ModelLoadError(str(e)) from None
+        check_task(getattr(args, "task", "auto"), cfg)
         tokenizer = load_tokenizer(getattr(args, "tokenizer", None) or model_dir)
         if tokenizer is None:
             logger.warning("no tokenizer next to %s: only token-id inputs will work", model_dir)
@@ -244,11 +250,22 @@ class PoolingEngine:
     def vocab_size(self) -> int:
         return self.model_config.vocab_size
 
+    @property
+    def supported_tasks(self) -> tuple[str, ...]:
+        return self.info.tasks
+
+    @property
+    def labels(self) -> list[str]:
+        """Class names of a classifier, by class index ("LABEL_i" where the config has none)."""
+        names = dict(self.model_config.id2label)
+        return [names.get(i, f"LABEL_{i}") for i in range(self.model_config.num_labels)]
+
     def stats(self) -> PoolingStats:
         st = self._stats
         st.num_compiles = self.runner.num_compiles
         st.num_recompiles = self.runner.num_recompiles
-        st.num_in_flight = self._in_flight
+        st.num_running = self._in_flight
+        st.num_waiting = len(self._pending)
         return st
 
     # ------------------------------------------------------------------------- tokenization
@@ -433,7 +450,7 @@ class PoolingEngine:
         st = self._stats
         st.num_steps += 1
         st.num_sequences += len(batch)
-        st.num_tokens += sum(len(it.token_ids) for it in batch)
+        st.prompt_tokens_total += sum(len(it.token_ids) for it in batch)
         st.num_padded_tokens += s * t
         self.step_sizes[(s, t)] += 1
         for it, out in zip(batch, raw, strict=True):
@@ -474,6 +491,58 @@ def _reject(fut: asyncio.Future[list[PoolingOutput]], exc: BaseException) -> Non
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+POOLING_TASKS = ("embed", "embedding", "classify", "score")
+
+
+def check_task(task: str, cfg: BertConfig) -> None:
+    """``--task`` must fit the checkpoint: embed needs an encoder, classify/score a
+    sequence-classification head."""
+    if task == "auto":
+        return
+    if task in ("embed", "embedding") and not cfg.is_classifier:
+        return
+    if task in ("classify", "score") and cfg.is_classifier:
+        return
+    if task == "generate":
+        raise ModelLoadError(f"--task generate: {cfg.architecture} is an encoder; it serves "
+                             "embeddings or scores, not text generation")
+    if task in ("embed", "embedding"):
+        raise ModelLoadError(f"--task {task}: {cfg.architecture} is a cross-encoder; use "
+                             "--task score (or auto)")
+    if task in ("classify", "score"):
+        raise ModelLoadError(f"--task {task}: {cfg.architecture} has no classification head; "
+                             "use --task embed (or auto)")
+    raise ModelLoadError(f"unknown task {task!r}")
+
+
+def wants_pooling_engine(args: Any) -> bool:
+    """Whether ``serve`` should build a ``PoolingEngine`` for these ``EngineArgs``: an explicit
+    pooling task, or ``auto`` with a BERT-family HF directory. Decoder models with a pooling
+    task are refused here (their embeddings need the generation model runner)."""
+    task = getattr(args, "task", "auto")
+    path: Path | None = None
+    try:
+        path = Path(resolve_source(args.model, getattr(args, "cache_dir", None)))
+    except ModelLoadError:
+        if task in POOLING_TASKS:
+            raise
+        return False  # the generation engine reports the problem
+    is_encoder = False
+    if path.is_dir() and (path / "config.json").exists():
+        try:
+            read_config(path)
+            is_encoder = True
+        except ValueError:
+            is_encoder = False
+    if task in POOLING_TASKS and not is_encoder:
+        raise ModelLoadError(f"--task {task} needs a BERT-family encoder (BERT, RoBERTa, "
+                             "XLM-RoBERTa) in a Hugging Face directory; embeddings from decoder "
+                             "models are not supported yet")
+    if task == "generate" and is_encoder:
+        check_task(task, read_config(path))
+    return is_encoder and task != "generate"
 
 
 def resolve_model_dir(model: str | None, cache_dir: str | None = None) -> Path:

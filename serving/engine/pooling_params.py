@@ -20,7 +20,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 TASKS = ("embed", "encode", "classify", "score")
+
+
+@dataclass
+class PoolingInput:
+    """One sequence to pool: token ids and, for BERT pair inputs, their segment ids."""
+
+    token_ids: list[int]
+    token_type_ids: list[int] | None = None
+
+
+@dataclass
+class PoolingOutput:
+    data: np.ndarray  # per task: embed f32[D'], encode f32[n, D], classify/score f32[L]
+    num_prompt_tokens: int  # tokens actually pooled (after truncation), for usage
 
 
 @dataclass(frozen=True)
