@@ -10,9 +10,15 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from models.bert import read_config
 from models.loader import ModelLoadError
 from serving.engine.engine_client import EngineDeadError
-from serving.engine.pooling_engine import PoolingEngine, PoolingInput
+from serving.engine.pooling_engine import (
+    PoolingEngine,
+    PoolingInput,
+    check_task,
+    wants_pooling_engine,
+)
 from serving.engine.pooling_params import PoolingParams
 from tests.pooling.conftest import CROSS_ENCODER, ROBERTA, load_golden
 
@@ -231,3 +237,25 @@ def test_matryoshka_dimensions(minilm: PoolingEngine) -> None:
             asyncio.run(engine.embed(ids, PoolingParams(dimensions=0)))
     finally:
         engine.close()
+
+
+def test_task_selection() -> None:
+    """``serve``'s choice of engine: --task auto picks the pooling engine for BERT-family
+    directories only; explicit tasks must fit the checkpoint."""
+    def args(model: str, task: str) -> SimpleNamespace:
+        return SimpleNamespace(model=model, task=task, cache_dir=None)
+
+    assert wants_pooling_engine(args("all-minilm-l6-v2", "auto"))
+    assert wants_pooling_engine(args(str(CROSS_ENCODER), "score"))
+    assert not wants_pooling_engine(args("smollm2-135m-instruct", "auto"))
+    assert not wants_pooling_engine(args("smollm2-135m-instruct", "generate"))
+    with pytest.raises(ModelLoadError, match="decoder models are not supported yet"):
+        wants_pooling_engine(args("smollm2-135m-instruct", "embed"))
+    with pytest.raises(ModelLoadError, match="is an encoder"):
+        wants_pooling_engine(args("all-minilm-l6-v2", "generate"))
+    cfg = read_config(CROSS_ENCODER)
+    with pytest.raises(ModelLoadError, match="cross-encoder"):
+        check_task("embed", cfg)
+    with pytest.raises(ModelLoadError, match="no classification head"):
+        check_task("classify", dataclasses.replace(cfg, architecture="BertModel", num_labels=0))
+    check_task("score", cfg)
