@@ -12,11 +12,15 @@ What is measured, for batches of 1, 32 and 256 inputs of ~30 tokens (26..32 with
   itself is not installed): ``AutoModel`` forward on the batch padded to its longest input,
   attention-masked mean pooling, ``F.normalize``, under ``torch.inference_mode()``, with
   ``torch.set_num_threads(N)``. It runs in the reference venv as a subprocess of this script.
-Both sides get the same pre-tokenized inputs (tokenization is excluded from both) and the same
-thread count (XLA's CPU client uses every core it sees; N defaults to the machine's cores).
-Each configuration runs for at least ``--seconds`` after a warm-up call, ours then torch, and
-then ours again so that load drift on a shared machine shows up as a disagreement between the
-two runs of ours. The 1-minute load average is printed before and after.
+Both sides get the same pre-tokenized inputs (tokenization is excluded from both) and run as
+subprocesses at the same thread counts: 1 (XLA via ``--xla_cpu_multi_thread_eigen=false
+intra_op_parallelism_threads=1``, torch via ``set_num_threads(1)``) and N (``--threads``,
+default the machine's cores: XLA's default pool, torch ``set_num_threads(N)``). On a shared,
+oversubscribed machine the 1-thread numbers are the fair ones: multi-threaded runtimes stall
+at every op's barrier when a thread is descheduled. Wall-clock embeddings/s and CPU ms per
+embedding (steadier under load) are both printed. Each configuration runs for at least
+``--seconds`` after a warm-up call; the sides alternate, and ours at 1 thread runs once more at
+the end to show how much the load moved. The 1-minute load average is printed before and after.
 """
 
 from __future__ import annotations
@@ -114,31 +118,63 @@ def torch_worker(payload_path: str, threads: int, seconds: float) -> None:
 # ----------------------------------------------------------------------------- ours
 
 
-def run_ours(engine: Any, inputs: list[list[int]], seconds: float) -> dict[str, dict[str, float]]:
+def ours_worker(payload_path: str, threads: int, seconds: float) -> None:
+    """Runs in the project venv, with XLA's CPU threads set by the parent (``XLA_FLAGS``)."""
+    from models.bert import load_bert, read_config
+    from models.pooling import resolve_pooler_config
+    from serving.engine.engine import enable_compilation_cache
+    from serving.engine.pooling_engine import PoolingEngine, load_tokenizer
     from serving.engine.pooling_params import PoolingParams
+    from serving.engine.pooling_runner import PoolingRunner
 
+    payload = json.loads(Path(payload_path).read_text())
+    model_dir = Path(payload["model_dir"])
+    inputs: list[list[int]] = payload["inputs"]
+    enable_compilation_cache(None)
+    # Buckets that cover these inputs (T 32) and batch sizes up to 256; the server's default
+    # ladder adds shapes but not the ones these steps hit.
+    pooler = resolve_pooler_config(model_dir)
+    runner = PoolingRunner(load_bert(model_dir), pooler.pooling_type, max_model_len=256,
+                           max_num_seqs=256, token_buckets=[32, 256],
+                           max_num_batched_tokens=8192)
+    engine = PoolingEngine(runner, read_config(model_dir), pooler, load_tokenizer(model_dir))
+    engine.start_thread()
     loop = asyncio.new_event_loop()
-    out: dict[str, dict[str, float]] = {}
+    results: dict[str, Any] = {"threads": threads, "compiles": runner.num_compiles}
     try:
-        for b in BATCHES:
+        for b in payload["batches"]:
             batch = inputs[:b]
-            out[str(b)] = rates(b, *timed(
+            results[str(b)] = rates(b, *timed(
                 lambda batch=batch: loop.run_until_complete(engine.embed(batch, PoolingParams())),
                 seconds))
+        sample = loop.run_until_complete(engine.embed(inputs[:4], PoolingParams()))
     finally:
         loop.close()
-    return out
+    results["sample"] = np.stack(sample).tolist()
+    results["recompiles"] = engine.stats().num_recompiles
+    engine.close()
+    print(json.dumps(results))
 
 
-def run_torch(ref_python: str, payload: Path, threads: int, seconds: float) -> dict[str, Any]:
+def run_worker(python: str, kind: str, payload: Path, threads: int, seconds: float,
+               env: dict[str, str]) -> dict[str, Any]:
     proc = subprocess.run(
-        [ref_python, __file__, "--torch-worker", str(payload), "--threads", str(threads),
+        [python, __file__, f"--{kind}-worker", str(payload), "--threads", str(threads),
          "--seconds", str(seconds)],
-        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
+        capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"torch worker failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{kind} worker failed:\n{proc.stderr[-3000:]}")
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     return result
+
+
+def xla_env(threads: int) -> dict[str, str]:
+    """XLA's CPU client: one thread, or its default thread pool (every core) otherwise."""
+    env = dict(os.environ)
+    if threads == 1:
+        flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
+    return env
 
 
 def main() -> int:
@@ -147,84 +183,59 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--torch-worker", help=argparse.SUPPRESS)
+    ap.add_argument("--ours-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.torch_worker:
         torch_worker(args.torch_worker, args.threads, args.seconds)
         return 0
+    if args.ours_worker:
+        ours_worker(args.ours_worker, args.threads, args.seconds)
+        return 0
 
     from models import assets
-    from serving.engine.engine import enable_compilation_cache
-    from serving.engine.pooling_engine import PoolingEngine, load_tokenizer
-    from serving.engine.pooling_runner import PoolingRunner
+    from serving.engine.pooling_engine import load_tokenizer
 
-    enable_compilation_cache(None)
     model_dir = Path(assets.fetch("all-minilm-l6-v2"))
-    tokenizer = load_tokenizer(model_dir)
-    inputs = make_texts(tokenizer, max(BATCHES))
+    inputs = make_texts(load_tokenizer(model_dir), max(BATCHES))
     lens = [len(x) for x in inputs]
     print(f"inputs: {len(inputs)} of {min(lens)}..{max(lens)} tokens (mean {np.mean(lens):.1f})")
-    load_before = os.getloadavg()
-
-    from models.bert import load_bert, read_config
-    from models.pooling import resolve_pooler_config
-
-    # Buckets that cover these inputs (T 32) and batch sizes up to 256; serving would use
-    # the default ladder, which adds shapes but does not change the one these steps hit.
-    pooler = resolve_pooler_config(model_dir)
-    runner = PoolingRunner(load_bert(model_dir), pooler.pooling_type, max_model_len=256,
-                           max_num_seqs=256, token_buckets=[32, 256],
-                           max_num_batched_tokens=8192)
-    engine = PoolingEngine(runner, read_config(model_dir), pooler, tokenizer,
-                           model_name="all-minilm-l6-v2")
-    t0 = time.perf_counter()
-    engine.start_thread()
-    print(f"ours: warmup compiled {runner.num_compiles} executables in "
-          f"{time.perf_counter() - t0:.1f}s")
-
-    ours_a = run_ours(engine, inputs, args.seconds)
     payload = Path(f"/tmp/embed_bench_{os.getpid()}.json")
     payload.write_text(json.dumps({"model_dir": str(model_dir), "inputs": inputs,
                                    "batches": list(BATCHES)}))
-    # torch at 1 thread and at N threads: on a loaded machine a multi-threaded torch can
-    # stall at every op's barrier, so the faster of the two is the baseline (conservative).
+    torch_env = {**os.environ, "PYTHONPATH": ""}
     thread_counts = sorted({1, args.threads})
+    load_before = os.getloadavg()
+    ours: dict[int, dict[str, Any]] = {}
+    refs: dict[int, dict[str, Any]] = {}
     try:
-        refs = {n: run_torch(args.ref_python, payload, n, args.seconds) for n in thread_counts}
+        # Alternate the two sides so that load changes hit both; ours at 1 thread runs again at
+        # the end, and its two runs disagreeing shows how much the load moved.
+        for n in thread_counts:
+            ours[n] = run_worker(sys.executable, "ours", payload, n, args.seconds, xla_env(n))
+            refs[n] = run_worker(args.ref_python, "torch", payload, n, args.seconds, torch_env)
+        again = run_worker(sys.executable, "ours", payload, 1, args.seconds, xla_env(1))
     finally:
         payload.unlink()
-    ours_b = run_ours(engine, inputs, args.seconds)
     load_after = os.getloadavg()
 
-    from serving.engine.pooling_params import PoolingParams
-
-    ours_sample = np.stack(asyncio.run(engine.embed(inputs[:4], PoolingParams())))
-    cos = np.sum(ours_sample * np.array(refs[thread_counts[-1]]["sample"]), axis=1)
-    engine.close()
-
     some = refs[thread_counts[-1]]
+    cos = np.sum(np.array(ours[1]["sample"]) * np.array(refs[1]["sample"]), axis=1)
     print(f"load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f}; "
-          f"{os.cpu_count()} cores; torch {some['torch']} ({some['attn']} attention), "
-          f"threads {thread_counts}")
-    print(f"agreement with torch on 4 inputs: min cosine {cos.min():.6f}; "
-          f"recompiles while serving: {engine.stats().num_recompiles}")
-    head = "".join(f" {'torch/' + str(n) + 't':>10}" for n in thread_counts)
-    print(f"embeddings/s (wall)\n{'batch':>6} {'ours #1':>9} {'ours #2':>9}{head} {'speedup':>8}")
-    for b in BATCHES:
-        k = str(b)
-        ours = (ours_a[k]["per_s"] + ours_b[k]["per_s"]) / 2
-        best = max(refs[n][k]["per_s"] for n in thread_counts)
-        cols = "".join(f" {refs[n][k]['per_s']:>10.1f}" for n in thread_counts)
-        print(f"{b:>6} {ours_a[k]['per_s']:>9.1f} {ours_b[k]['per_s']:>9.1f}{cols} "
-              f"{ours / best:>7.2f}x")
-    print(f"CPU ms per embedding (lower is better)\n{'batch':>6} {'ours #1':>9} {'ours #2':>9}"
-          f"{head} {'ratio':>8}")
-    for b in BATCHES:
-        k = str(b)
-        ours = (ours_a[k]["cpu_ms"] + ours_b[k]["cpu_ms"]) / 2
-        best = min(refs[n][k]["cpu_ms"] for n in thread_counts)
-        cols = "".join(f" {refs[n][k]['cpu_ms']:>10.2f}" for n in thread_counts)
-        print(f"{b:>6} {ours_a[k]['cpu_ms']:>9.2f} {ours_b[k]['cpu_ms']:>9.2f}{cols} "
-              f"{best / ours:>7.2f}x")
+          f"{os.cpu_count()} cores; torch {some['torch']} ({some['attn']} attention)")
+    print(f"agreement with torch on 4 inputs: min cosine {cos.min():.6f}; recompiles while "
+          f"serving: {max(o['recompiles'] for o in [*ours.values(), again])}")
+    for n in thread_counts:
+        print(f"\n{n} thread(s): embeddings/s (wall) and CPU ms per embedding")
+        print(f"{'batch':>6} {'ours':>9} {'torch':>9} {'speedup':>8} {'ours ms':>9} "
+              f"{'torch ms':>9} {'CPU ratio':>10}")
+        for b in BATCHES:
+            k = str(b)
+            o, r = ours[n][k], refs[n][k]
+            print(f"{b:>6} {o['per_s']:>9.1f} {r['per_s']:>9.1f} {o['per_s'] / r['per_s']:>7.2f}x "
+                  f"{o['cpu_ms']:>9.2f} {r['cpu_ms']:>9.2f} {r['cpu_ms'] / o['cpu_ms']:>9.2f}x")
+    drift = " ".join(f"{b}: {ours[1][str(b)]['per_s']:.1f}->{again[str(b)]['per_s']:.1f}"
+                     for b in BATCHES)
+    print(f"\nours at 1 thread, first vs last run (embeddings/s): {drift}")
     return 0
 
 
