@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from paged_cases import SCENARIOS, Geometry, assert_matches_reference, build_case
 
 from ops import attention, backend, pallas_gpu, pallas_tpu
+from tests.ops.paged_cases import SCENARIOS, Geometry, assert_matches_reference, build_case
 
 
 def test_cpu_auto_is_the_reference(caplog: pytest.LogCaptureFixture) -> None:

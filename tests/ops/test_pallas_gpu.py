@@ -16,16 +16,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from paged_cases import (
+
+from ops import attention, pallas_gpu
+from ops.kernel_common import build_q_blocks, next_pow2
+from tests.ops.paged_cases import (
     SCENARIOS,
     Case,
     Geometry,
     assert_matches_reference,
     build_case,
 )
-
-from ops import attention, pallas_gpu
-from ops.kernel_common import build_q_blocks, next_pow2
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 NUM_KV = 2

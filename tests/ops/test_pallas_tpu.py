@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
-from paged_cases import SCENARIOS, Geometry, assert_matches_reference, build_case
 
 from ops import attention, pallas_tpu
 from ops.kernel_common import build_q_blocks
+from tests.ops.paged_cases import SCENARIOS, Geometry, assert_matches_reference, build_case
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 NUM_KV = 2
