@@ -32,7 +32,10 @@ NUM_KV = 2
 
 # (group, head, page, dtype, sliding_window, soft_cap, block_q, block_kv)
 DEFAULT_CONFIGS = [
-    *[(g, 128, 16, dt, None, None, None, None) for g in (1, 3, 8) for dt in (F32, BF16)],
+    (1, 128, 16, F32, None, None, None, None),
+    (3, 128, 16, F32, None, None, None, None),
+    (3, 128, 16, BF16, None, None, None, None),
+    (8, 128, 16, BF16, None, None, None, None),
     (4, 64, 32, BF16, None, None, None, None),
     (4, 256, 64, F32, None, None, None, None),
     (2, 128, 128, BF16, None, None, None, None),
