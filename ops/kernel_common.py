@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -149,13 +150,13 @@ def validate_attention_args(
     if cu_q_lens.shape != (num_seqs + 1,) or not _is_int32(cu_q_lens):
         raise ValueError(
             f"cu_q_lens must be i32[{num_seqs + 1}], got {cu_q_lens.dtype}{cu_q_lens.shape}")
-    if not isinstance(sm_scale, int | float) or not sm_scale > 0:
+    if not isinstance(sm_scale, numbers.Real) or not sm_scale > 0:
         raise ValueError(f"sm_scale must be a positive number, got {sm_scale!r}")
     if sliding_window is not None and (
-            isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
+            isinstance(sliding_window, bool) or not isinstance(sliding_window, numbers.Integral)
             or sliding_window < 1):
         raise ValueError(f"sliding_window must be None or a positive int, got {sliding_window!r}")
-    if soft_cap is not None and (not isinstance(soft_cap, int | float) or not soft_cap > 0):
+    if soft_cap is not None and (not isinstance(soft_cap, numbers.Real) or not soft_cap > 0):
         raise ValueError(f"soft_cap must be None or a positive number, got {soft_cap!r}")
 
 

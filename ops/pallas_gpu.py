@@ -173,7 +173,7 @@ def ragged_paged_attention_unbatched(
         block_q=block_q,
         block_kv=block_kv,
         sm_scale=float(sm_scale),
-        sliding_window=sliding_window,
+        sliding_window=None if sliding_window is None else int(sliding_window),
         soft_cap=None if soft_cap is None else float(soft_cap),
         # f32 caches: exact f32 dots (no TF32) so the f32 tolerance holds on hardware too.
         precision=lax.Precision.HIGHEST if k_cache.dtype == jnp.float32 else None,

@@ -195,7 +195,7 @@ def ragged_paged_attention_unbatched(
         _rpa_kernel,
         width=page_table.shape[1],
         sm_scale=float(sm_scale),
-        sliding_window=sliding_window,
+        sliding_window=None if sliding_window is None else int(sliding_window),
         soft_cap=None if soft_cap is None else float(soft_cap),
         precision=lax.Precision.HIGHEST if k_cache.dtype == jnp.float32 else None,
     )
