@@ -97,7 +97,7 @@ def main() -> None:
     eng = llm.engine
     for i in range(s):
         eng.add_request(f"b{i}", [1 + (i * 7 + j) % 1000 for j in range(ctx - 8)],
-                        SamplingParams(temperature=0.0, max_tokens=10_000, ignore_eos=True))
+                        SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True))
     while any(q.num_computed < q.prompt_len for q in eng.scheduler.running) or \
             eng.scheduler.waiting:
         eng.step()

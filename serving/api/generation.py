@@ -1,0 +1,337 @@
+"""From a validated request to engine outputs: checks, SamplingParams, and the engine stream.
+
+Both generation routes (completions, chat) go through here:
+
+1. ``check_unsupported`` refuses fields this server does not implement (400 naming the field);
+2. ``build_sampling_params`` maps request fields and the model's generation defaults onto
+   ``SamplingParams`` and validates them (400 on any bad value) before any engine work;
+3. ``check_prompt`` validates token ids and applies left truncation; ``resolve_max_tokens``
+   checks the context length (400 naming both numbers);
+4. ``engine_stream`` submits one engine request per prompt and yields ``(prompt_index, output)``
+   as they arrive. Closing it (client disconnect → Sanic cancels the handler task; or an error)
+   closes every engine iterator, which aborts the engine requests and frees their KV pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from serving.api.errors import BadRequest, InternalError, ServiceUnavailable
+from serving.api.metrics import RequestMetrics, ServerMetrics
+from serving.api.protocol import (
+    MAX_STOP_SEQUENCES,
+    MAX_STOP_STRING_CHARS,
+    UNSUPPORTED_SAMPLING,
+    SamplingFields,
+)
+from serving.engine.outputs import RequestOutput
+from serving.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+
+logger = logging.getLogger("xlaserve.api")
+
+# Sampling fields that default to the model's generation_config.json when the request omits them.
+DEFAULTABLE = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
+               "repetition_penalty": 1.0}
+
+
+@dataclass
+class Prompt:
+    token_ids: list[int]
+    text: str | None = None  # the prompt text when the client sent text (used by echo)
+
+
+def check_unsupported(req: Any, table: Mapping[str, str]) -> None:
+    for name, why in table.items():
+        value = getattr(req, name, None)
+        if value is None or value is False or value == [] or value == {}:
+            continue
+        raise BadRequest(why, param=name)
+
+
+def check_common(req: SamplingFields, max_n: int) -> None:
+    """Checks shared by both generation APIs that do not depend on the prompt."""
+    check_unsupported(req, UNSUPPORTED_SAMPLING)
+    if req.response_format is not None and req.response_format.type != "text":
+        raise BadRequest(f"response_format type '{req.response_format.type}' is not supported "
+                         "yet (structured outputs arrive in a later release); only 'text' is.",
+                         param="response_format")
+    if req.best_of is not None and req.best_of != req.n:
+        raise BadRequest("best_of is not supported (it must be unset or equal to n).",
+                         param="best_of")
+    if req.length_penalty != 1.0:
+        raise BadRequest("length_penalty only applies to beam search, which is not supported.",
+                         param="length_penalty")
+    if req.priority != 0:
+        raise BadRequest("priority scheduling is not enabled on this server; priority must be 0.",
+                         param="priority")
+    if req.service_tier not in (None, "auto", "default"):
+        raise BadRequest(f"service_tier '{req.service_tier}' is not supported.",
+                         param="service_tier")
+    if req.n > max_n:
+        raise BadRequest(f"n must be at most {max_n} on this server, got {req.n}.", param="n")
+    if req.stream_options is not None and not req.stream:
+        opts = req.stream_options
+        if opts.include_usage or opts.continuous_usage_stats:
+            raise BadRequest("Stream options can only be defined when `stream=True`.",
+                             param="stream_options")
+    if req.stream and req.prompt_logprobs is not None:
+        raise BadRequest("`prompt_logprobs` are not available when `stream=True`.",
+                         param="prompt_logprobs")
+    if req.prompt_logprobs is not None and not 0 <= req.prompt_logprobs <= MAX_LOGPROBS:
+        raise BadRequest(f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got "
+                         f"{req.prompt_logprobs}.", param="prompt_logprobs")
+
+
+def _stop_list(stop: str | list[str] | None) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise BadRequest(f"stop may hold at most {MAX_STOP_SEQUENCES} strings, got {len(stops)}.",
+                         param="stop")
+    for s in stops:
+        if not s:
+            raise BadRequest("stop cannot contain an empty string.", param="stop")
+        if len(s) > MAX_STOP_STRING_CHARS:
+            raise BadRequest(f"each stop string may be at most {MAX_STOP_STRING_CHARS} characters.",
+                             param="stop")
+    return stops
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for key, value in (bias or {}).items():
+        try:
+            out[int(key)] = float(value)
+        except ValueError:
+            raise BadRequest(f"logit_bias keys must be token ids (integers), got {key!r}.",
+                             param="logit_bias") from None
+    return out
+
+
+def build_sampling_params(req: SamplingFields, *, defaults: Mapping[str, Any], vocab_size: int,
+                          logprobs: int | None, max_logprobs: int) -> SamplingParams:
+    """SamplingParams for ``req`` (max_tokens is filled per prompt by ``resolve_max_tokens``).
+
+    Precedence for temperature, top_p, top_k, min_p and repetition_penalty: the request, then
+    the model's generation_config defaults, then the neutral value (as vLLM).
+    """
+    def pick(name: str) -> Any:
+        value = getattr(req, name)
+        return value if value is not None else defaults.get(name, DEFAULTABLE[name])
+
+    if logprobs is not None and logprobs > max_logprobs:
+        raise BadRequest(f"Requested sample logprobs of {logprobs}, which is greater than max "
+                         f"allowed: {max_logprobs}", param="logprobs")
+    params = SamplingParams(
+        n=req.n,
+        temperature=float(pick("temperature")),
+        top_p=float(pick("top_p")),
+        top_k=int(pick("top_k")),
+        min_p=float(pick("min_p")),
+        repetition_penalty=float(pick("repetition_penalty")),
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        seed=req.seed,
+        max_tokens=None,
+        min_tokens=req.min_tokens,
+        stop=_stop_list(req.stop),
+        stop_token_ids=list(req.stop_token_ids or []),
+        include_stop_str_in_output=req.include_stop_str_in_output,
+        ignore_eos=req.ignore_eos,
+        logprobs=logprobs,
+        prompt_logprobs=req.prompt_logprobs,
+        logit_bias=_logit_bias(req.logit_bias),
+        skip_special_tokens=req.skip_special_tokens,
+        spaces_between_special_tokens=req.spaces_between_special_tokens,
+    )
+    if params.top_k < -1:
+        raise BadRequest(f"top_k must be -1 (disable), or at least 1, got {params.top_k}.",
+                         param="top_k")
+    try:
+        params.validate(vocab_size)
+    except ValueError as e:
+        raise BadRequest(str(e), param=_field_of(e)) from None
+    if params.n > 1 and params.greedy:
+        raise BadRequest(f"n must be 1 when using greedy sampling, got {params.n}.", param="n")
+    return params
+
+
+def _field_of(exc: ValueError) -> str | None:
+    first = str(exc).split(" ", 1)[0]
+    return first if first.isidentifier() else None
+
+
+def check_prompt(ids: list[int], *, vocab_size: int, max_model_len: int,
+                 truncate: int | None) -> list[int]:
+    """Validate token ids and apply ``truncate_prompt_tokens`` (keep the last k tokens)."""
+    if truncate is not None:
+        k = max_model_len if truncate == -1 else truncate
+        if k == 0:
+            raise BadRequest("truncate_prompt_tokens must be -1 or at least 1, got 0.",
+                             param="truncate_prompt_tokens")
+        if k > max_model_len:
+            raise BadRequest(f"truncate_prompt_tokens ({k}) cannot be greater than max_model_len "
+                             f"({max_model_len}). Please select a smaller truncation size.",
+                             param="truncate_prompt_tokens")
+        ids = ids[-k:]
+    if not ids:
+        raise BadRequest("The prompt is empty: it must hold at least one token.", param="prompt")
+    for t in ids:
+        if not 0 <= t < vocab_size:
+            raise BadRequest(f"Token id {t} is out of vocabulary (vocabulary size {vocab_size}).",
+                             param="prompt")
+    return ids
+
+
+def resolve_max_tokens(requested: int | None, num_prompt_tokens: int, *, max_model_len: int,
+                       cap: int | None, param: str = "max_tokens",
+                       input_param: str = "prompt") -> int:
+    """The number of tokens to generate, or a 400 that names the context length and the ask."""
+    p, m = num_prompt_tokens, max_model_len
+    if p >= m:
+        raise BadRequest(f"This model's maximum context length is {m} tokens. However, your "
+                         f"request has {p} input tokens. Please reduce the length of the input.",
+                         param=input_param)
+    if requested is None:
+        value = m - p
+    else:
+        if requested < 1:
+            raise BadRequest(f"{param} must be at least 1, got {requested}.", param=param)
+        if p + requested > m:
+            raise BadRequest(f"This model's maximum context length is {m} tokens. However, you "
+                             f"requested {p + requested} tokens ({p} in the input, {requested} "
+                             f"for the completion). Please reduce the length of the input or "
+                             f"{param}.", param=param)
+        value = requested
+    if cap is not None:
+        value = min(value, cap)
+    return value
+
+
+def default_max_tokens_cap(defaults: Mapping[str, Any]) -> int | None:
+    cap = defaults.get("max_tokens", defaults.get("max_new_tokens"))
+    return int(cap) if cap else None
+
+
+def new_request_id() -> str:
+    return secrets.token_hex(16)
+
+
+def finish_label(reasons: list[str | None]) -> str:
+    """One label per engine request for ``request_success``: the worst of its choices."""
+    for bad in ("error", "abort"):
+        if bad in reasons:
+            return bad
+    if not reasons or any(r is None for r in reasons):
+        return "abort"  # closed before every choice finished: the client went away
+    return reasons[0] or "abort"
+
+
+async def _tracked(engine: Any, gen: AsyncIterator[RequestOutput], rm: RequestMetrics,
+                   n: int) -> AsyncGenerator[RequestOutput, None]:
+    """Observe metrics on the way through, and turn the engine's refusals into API errors:
+    ``ValueError`` (the engine's own request checks) is a 400, a dead engine a 503."""
+    reasons: list[str | None] = [None] * n
+    generated = [0] * n
+    try:
+        try:
+            async for out in gen:
+                new = 0
+                for d in out.outputs:
+                    new += len(d.token_ids)
+                    if 0 <= d.index < n:
+                        generated[d.index] = max(generated[d.index], d.num_generated)
+                        if d.finish_reason is not None:
+                            reasons[d.index] = d.finish_reason
+                rm.output(new)
+                yield out
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+        except (RuntimeError, ConnectionError) as e:
+            if not engine.is_healthy():
+                raise ServiceUnavailable("The engine has stopped; the server cannot generate."
+                                         ) from e
+            raise
+    finally:
+        rm.finish(finish_label(reasons), sum(generated))
+        close = getattr(gen, "aclose", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                await close()
+
+
+async def engine_stream(engine: Any, metrics: ServerMetrics, prompts: list[Prompt],
+                        params: list[SamplingParams], base_id: str,
+                        arrival: float | None = None
+                        ) -> AsyncGenerator[tuple[int, RequestOutput], None]:
+    """Yield ``(prompt_index, output)`` for every engine output of every prompt.
+
+    Must be closed by the caller (``contextlib.aclosing``): closing cancels the pumps and closes
+    each engine iterator, which aborts the unfinished engine requests.
+    """
+    arrival = time.monotonic() if arrival is None else arrival
+    suffix = secrets.token_hex(4)  # engine ids stay unique even when clients reuse request ids
+    gens = [
+        _tracked(engine, engine.generate(p.token_ids, sp, f"{base_id}-{i}-{suffix}"),
+                 RequestMetrics(metrics, arrival, len(p.token_ids)), sp.n)
+        for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
+    ]
+    if len(gens) == 1:
+        try:
+            async for out in gens[0]:
+                yield 0, out
+        finally:
+            await gens[0].aclose()
+        return
+
+    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, gen: AsyncGenerator[RequestOutput, None]) -> None:
+        try:
+            async for out in gen:
+                queue.put_nowait((i, out))
+            queue.put_nowait((i, None))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # handed to the consumer, which raises it
+            queue.put_nowait((i, e))
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for g in gens:
+            with contextlib.suppress(Exception):
+                await g.aclose()
+
+
+def with_max_tokens(params: SamplingParams, max_tokens: int) -> SamplingParams:
+    if params.min_tokens > max_tokens:
+        raise BadRequest(f"min_tokens must be less than or equal to max_tokens={max_tokens}, got "
+                         f"{params.min_tokens}.", param="min_tokens")
+    return replace(params, max_tokens=max_tokens)
+
+
+def raise_on_engine_error(out: RequestOutput) -> None:
+    """A request the engine failed (finish_reason "error") is a 500; details go to the log."""
+    if out.error is not None or any(d.finish_reason == "error" for d in out.outputs):
+        logger.error("Engine failed request %s: %s", out.request_id, out.error)
+        raise InternalError("Internal server error: the engine failed while generating this "
+                            "request.")

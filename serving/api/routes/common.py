@@ -1,0 +1,42 @@
+"""Helpers the route modules share: JSON responses, request ids, in-flight accounting."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from pydantic import BaseModel
+from sanic import HTTPResponse, Request
+
+from serving.api.state import ServerState
+
+
+def state_of(request: Request) -> ServerState:
+    state: ServerState = request.app.ctx.state
+    return state
+
+
+def json_response(model: BaseModel, status: int = 200) -> HTTPResponse:
+    return HTTPResponse(model.model_dump_json(), status=status, content_type="application/json")
+
+
+def request_id_for(request: Request, body_request_id: str | None) -> str:
+    """The id that names a request in responses: the X-Request-Id header, else the body's
+    ``request_id``, else the random id the request middleware assigned."""
+    if request.headers.get("x-request-id"):
+        return str(request.ctx.request_id)
+    return body_request_id or str(request.ctx.request_id)
+
+
+@contextlib.contextmanager
+def in_flight(state: ServerState) -> Iterator[None]:
+    """Counts generation requests, so that SIGTERM can wait for them to finish."""
+    state.in_flight += 1
+    if state.metrics is not None:
+        state.metrics.http_in_flight.inc()
+    try:
+        yield
+    finally:
+        state.in_flight -= 1
+        if state.metrics is not None:
+            state.metrics.http_in_flight.dec()

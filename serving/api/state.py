@@ -1,0 +1,70 @@
+"""``ServerState``: everything a route handler reads, attached to ``app.ctx.state``.
+
+Lifecycle (driven by the listeners in ``serving.api.app``): created with the app; ``engine``,
+``renderer``, ``tokens`` and ``metrics`` are filled once the engine has loaded (in the background,
+so ``/health`` can answer 503 while the model loads); ``draining`` turns True on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from serving.api.args import ServerArgs
+from serving.api.chat_template import ChatRenderer
+from serving.api.engine_protocol import EngineClient
+from serving.api.errors import NotFound, ServiceUnavailable
+from serving.api.metrics import ServerMetrics
+from serving.api.tokens import TokenTexts
+
+T = TypeVar("T")
+
+
+@dataclass
+class ServerState:
+    args: ServerArgs
+    model_root: str = ""  # what /v1/models reports as "root": the model path or alias
+    engine: EngineClient | None = None
+    renderer: ChatRenderer | None = None
+    tokens: TokenTexts | None = None
+    metrics: ServerMetrics | None = None
+    served_names: list[str] = field(default_factory=list)
+    load_error: str | None = None
+    draining: bool = False
+    in_flight: int = 0  # generation requests being served (for the SIGTERM drain)
+    exit_code: int = 0
+    cpu_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize"))
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and self.metrics is not None
+
+    def require_engine(self) -> EngineClient:
+        """The engine, or a 503 while loading, draining or after the engine died."""
+        if self.draining:
+            raise ServiceUnavailable("The server is shutting down.")
+        if self.engine is None:
+            raise ServiceUnavailable(self.load_error or "The model is still loading; retry soon.")
+        if not self.engine.is_healthy():
+            raise ServiceUnavailable("The engine has stopped; the server cannot generate.")
+        return self.engine
+
+    def resolve_model(self, requested: str | None) -> str:
+        """The served name to answer with; ``None`` or "" means the first served name."""
+        if not self.served_names:
+            raise ServiceUnavailable(self.load_error or "The model is still loading; retry soon.")
+        if not requested:
+            return self.served_names[0]
+        if requested in self.served_names:
+            return requested
+        raise NotFound(f"The model `{requested}` does not exist.", param="model")
+
+    async def off_loop(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run CPU work (tokenization, detokenization) in the worker pool."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.cpu_pool, functools.partial(fn, *args, **kwargs))
