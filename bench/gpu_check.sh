@@ -2,7 +2,7 @@
 # One prepared run for a lent GPU machine (Python 3.12, JAX 0.11.x with CUDA, flax, transformers,
 # orbax, pytest; no network). Fits in 8 minutes. Run from anywhere:
 #
-#     bash bench/gpu_check.sh            # results under $OUT (the device tool's) or ./bench_out
+#     bash bench/gpu_check.sh            # results under $OUT (the device tool's) or /tmp/xlaserve_gpu_check
 #
 # Steps, each under its own time limit:
 #   0. environment: python, jax, devices, nvidia-smi; wheels from .whl/ if any (sanic, pydantic)
@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 START=$SECONDS
 BUDGET_S=${GPU_CHECK_BUDGET_S:-470}
 PY=${PYTHON:-python3}
-OUT=${OUT:-$PWD/bench_out}
+OUT=${OUT:-/tmp/xlaserve_gpu_check}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
