@@ -202,9 +202,10 @@ def test_trusted_request_templates(untemplated: ServerProcess, tmp_path: Path) -
     r = httpx.post(url, json={"messages": MSG, "max_tokens": 2,
                               "chat_template": EVIL.replace("MARKER", str(marker))}, timeout=60)
     check_error(r, 400, "sandbox")
-    r = httpx.post(url, json={"messages": MSG, "max_tokens": 2,
-                              "chat_template": "{% for i in range(100000) %}{% for j in "
-                                               "range(100000) %}{% endfor %}{% endfor %}"}, timeout=60)
+    slow = ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
+            "{% endfor %}")
+    r = httpx.post(url, json={"messages": MSG, "max_tokens": 2, "chat_template": slow},
+                   timeout=60)
     check_error(r, 400, "time limit")
     assert not marker.exists()
     assert httpx.get(untemplated.url("/health")).status_code == 200
