@@ -99,18 +99,23 @@ def main() -> None:
         base = f"http://127.0.0.1:{port}"
         try:
             startup = wait_ready(base, proc)
-            out = Path(f"/tmp/compare_{name}.json")
-            bench = [sys.executable, str(REPO / "bench/serve_bench.py"), "--base-url", base,
-                     "--concurrency", args.concurrency, "--max-tokens", str(args.max_tokens),
-                     "--prompt-len", str(args.prompt_len), "--ignore-eos", "--temperature", "0",
-                     "--label", name, "--json-out", str(out)]
-            if args.num_requests:
-                bench += ["--num-requests", str(args.num_requests)]
-            if extra:
-                bench += ["--extra-body", json.dumps(extra)]
             print(f"== {name} (ready in {startup:.0f}s)", flush=True)
-            subprocess.run(bench, check=True)
-            results[name] = {"startup_s": startup, **json.loads(out.read_text())}
+            levels = []
+            for c in [int(x) for x in args.concurrency.split(",")]:
+                out = Path(f"/tmp/compare_{name}_{c}.json")
+                # One wave per level (at least 4 requests): a fixed total would make the
+                # concurrency-1 level dominate the run time.
+                n = args.num_requests or max(4, c)
+                bench = [sys.executable, str(REPO / "bench/serve_bench.py"), "--base-url", base,
+                         "--concurrency", str(c), "--num-requests", str(n),
+                         "--max-tokens", str(args.max_tokens), "--prompt-len",
+                         str(args.prompt_len), "--ignore-eos", "--temperature", "0",
+                         "--label", name, "--json-out", str(out)]
+                if extra:
+                    bench += ["--extra-body", json.dumps(extra)]
+                subprocess.run(bench, check=True)
+                levels.append(json.loads(out.read_text()))
+            results[name] = {"startup_s": startup, "levels": levels}
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             try:
