@@ -168,6 +168,12 @@ def load_model(spec: str | None, *, dtype: str = "auto", attn_fn: AttentionFn | 
     t0 = time.perf_counter()
     jdtype = resolve_dtype(dtype)
     path = resolve_source(spec, cache_dir)
+    # ---- orbax checkpoint directories (xlaserve-convert; models/orbax_source.py) -----------
+    from models.orbax_source import is_orbax_checkpoint, load_orbax
+    if is_orbax_checkpoint(path):
+        return load_orbax(path, dtype=dtype, attn_fn=attn_fn, write_fn=write_fn, place=place,
+                          tokenizer_path=tokenizer_path, t0=t0)
+    # ---------------------------------------------------------------------------------------
     gguf_file = path if path.is_file() else None
     if path.is_dir() and not (path / "config.json").exists():
         ggufs = sorted(path.glob("*.gguf"))

@@ -225,6 +225,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help='Pooling of an embedding model, over its sentence-transformers '
                          'config: e.g. \'{"pooling_type": "CLS", "normalize": false}\' '
                          '(pooling_type MEAN, CLS or LAST).')
+
+    # ---- parallelism (sharding/; docs/SHARDING.md) ----
+    d = p.add_argument_group("Parallelism")
+    d.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="Shard weights and the KV cache over this many devices.")
+    d.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                   help="Independent engine replicas, each on its own tensor-parallel devices.")
+    d.add_argument("--mesh", default=None, metavar="SPEC",
+                   help="Both sizes at once: 'data=D,model=M' or 'DxM'.")
+    d.add_argument("--distributed-coordinator", default=None, metavar="HOST:PORT",
+                   help="Multi-host: process 0's address (else $JAX_COORDINATOR_ADDRESS).")
+    d.add_argument("--num-processes", type=int, default=None,
+                   help="Multi-host: number of processes (else $JAX_NUM_PROCESSES).")
+    d.add_argument("--process-id", type=int, default=None,
+                   help="Multi-host: this process's index; 0 serves HTTP, the others follow.")
     return p
 
 
@@ -388,19 +403,27 @@ def _log_non_defaults(engine_args: EngineArgs, server_args: ServerArgs) -> None:
 
 
 def make_engine(engine_args: EngineArgs) -> Any:
-    """The engine for ``--task`` and the model: a pooling engine for BERT-family encoders, the
-    generation engine otherwise. Runs in the server's loader thread (it loads and compiles)."""
+    """The engine for ``--task``, the model and the parallelism options: a pooling engine for
+    BERT-family encoders, data-parallel replicas when asked for, else one generation engine.
+    Runs in the server's loader thread (it loads and compiles)."""
+    from serving.engine.data_parallel import DataParallelClient
     from serving.engine.pooling_engine import PoolingEngine, wants_pooling_engine
 
     if wants_pooling_engine(engine_args):
         return PoolingEngine.from_args(engine_args)
     from serving.engine.engine_client import AsyncEngineClient
 
+    if engine_args.data_parallel_size > 1 or engine_args.mesh:
+        return DataParallelClient.from_args(engine_args)
     return AsyncEngineClient.from_args(engine_args)
 
 
 def run_server(engine_args: EngineArgs, server_args: ServerArgs) -> int:
     """Start the server with the real engine and block until it stops; returns an exit code."""
+    from serving.engine.sharded import maybe_run_follower
+
+    if maybe_run_follower(engine_args):  # multi-host: processes > 0 replay process 0's steps
+        return 0
     return serve_app(server_args, lambda: make_engine(engine_args),
                      model_root=engine_args.model or "")
 

@@ -35,3 +35,10 @@ class EngineArgs:
     # ask for a pooling engine explicitly; generate refuses encoders.
     task: str = "auto"
     override_pooler_config: str | None = None  # JSON: {"pooling_type": "MEAN", "normalize": true}
+    # ---- parallelism (sharding/, serving/engine/sharded.py; docs/SHARDING.md) ----
+    tensor_parallel_size: int = 1  # shards of each weight / KV cache over the mesh's "model" axis
+    data_parallel_size: int = 1  # engine replicas (DataParallelClient), each on its own devices
+    mesh: str | None = None  # "data=D,model=M" or "DxM"; overrides the two sizes above
+    distributed_coordinator: str | None = None  # HOST:PORT of process 0 (jax.distributed)
+    num_processes: int | None = None  # processes in a multi-host run (None: JAX_NUM_PROCESSES)
+    process_id: int | None = None  # this process's index (None: JAX_PROCESS_ID)

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 
 from models.loader import LoadedModel, load_model, resolve_dtype
+from models.weights import default_place
 from ops.backend import get_attention_fn
 from serving.engine.config import EngineArgs
 from serving.engine.detokenizer import IncrementalDetokenizer
@@ -25,6 +26,7 @@ from serving.engine.outputs import CompletionDelta, RequestOutput, TokenLogprob
 from serving.engine.request import Request, SeqStatus, Sequence
 from serving.engine.sampling_params import SamplingParams
 from serving.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from serving.engine.sharded import log_layout, make_sharder, shard_loaded
 
 log = logging.getLogger("xlaserve.engine")
 
@@ -60,10 +62,16 @@ class LLMEngine:
         self.args = args
         if args.compilation_cache:
             enable_compilation_cache(args.cache_dir)
+        if sharder is None:
+            sharder = make_sharder(args, loaded)  # None: one device (tp = dp = 1)
         if loaded is None:
             attn_fn, write_fn, _ = get_attention_fn(args.attention_backend)
             loaded = load_model(args.model, dtype=args.dtype, attn_fn=attn_fn, write_fn=write_fn,
-                                cache_dir=args.cache_dir, tokenizer_path=args.tokenizer)
+                                cache_dir=args.cache_dir, tokenizer_path=args.tokenizer,
+                                place=default_place if sharder is None else sharder.place)
+        if sharder is not None:
+            loaded = shard_loaded(loaded, sharder)
+        self.sharder = sharder
         self.loaded = loaded
         cfg = loaded.config
         self.model_config = cfg
@@ -80,7 +88,11 @@ class LLMEngine:
             cfg, args.block_size, kv_dtype, max_num_seqs=args.max_num_seqs,
             max_model_len=self.max_model_len, num_kv_pages=args.num_kv_pages,
             kv_cache_gb=args.kv_cache_gb, memory_fraction=args.kv_cache_memory_fraction,
-            weight_bytes=weight_bytes)
+            weight_bytes=weight_bytes,
+            kv_shards=1 if sharder is None else sharder.kv_shards(cfg.num_kv_heads),
+            devices=None if sharder is None else sharder.local_devices)
+        if sharder is not None:  # all processes of a multi-host mesh allocate the same pool
+            num_pages = sharder.agree_min("kv_pages", num_pages)
         self.sched_cfg = SchedulerConfig(args.max_num_seqs, mnbt, self.max_model_len)
         self.runner = ModelRunner(
             loaded.model, cfg,
@@ -91,6 +103,8 @@ class LLMEngine:
         log.info("KV cache: %d pages x %d tokens = %d tokens, %.1f MiB (weights %.1f MiB)",
                  num_pages, args.block_size, (num_pages - 1) * args.block_size,
                  self.runner.kv_bytes / 2**20, weight_bytes / 2**20)
+        if sharder is not None:
+            log_layout(sharder, loaded.model, self.runner.kv, num_pages, args.block_size)
         self.compile_seconds = self.runner.warmup() if warmup else 0.0
         self.requests: dict[str, Request] = {}
         self._rng = random.Random(args.seed)

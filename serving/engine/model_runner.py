@@ -120,7 +120,10 @@ class ModelRunner:
                  ) -> tuple[KVCache, jax.Array, jax.Array]:
         model = self._model(state)
         h, kv = model(kv, inp)  # [T, D]
-        return kv, model.logits(h[inp.logits_indices]), h  # f32[S, V], [T, D]
+        logits = model.logits(h[inp.logits_indices])  # f32[S, V]
+        if self.sharder is not None:  # whole vocab rows: the sampler is the same on any mesh
+            logits = self.sharder.gather_logits(logits)
+        return kv, logits, h  # f32[S, V], [T, D]
 
     def _prompt_lp_fn(self, state: dict[str, Any], h: jax.Array, next_ids: jax.Array
                       ) -> tuple[jax.Array, ...]:
@@ -304,6 +307,8 @@ class ModelRunner:
 
     def _run_padded(self, batch: tuple[StepInputs, SamplingInputs, np.ndarray],
                     want_plp: bool, greedy_only: bool = False) -> tuple[SamplerOutput, Any]:
+        if self.sharder is not None:  # multi-host leader: followers replay this step
+            batch, want_plp, greedy_only = self.sharder.share_step((batch, want_plp, greedy_only))
         inp, si, plp_next = batch
         t, s = int(inp.token_ids.shape[0]), int(inp.kv_lens.shape[0])
         keys = (("step", t), ("argmax" if greedy_only else "sample", s)) + (
@@ -328,21 +333,33 @@ class ModelRunner:
         plp = self._prompt_lp(self.state, h, plp_next) if want_plp else None
         return out, plp
 
+    def follow(self) -> None:
+        """Multi-host follower: run the leader's steps (``sharding.distributed``) until it stops."""
+        assert self.sharder is not None
+        for batch, want_plp, greedy_only in self.sharder.follow_steps():
+            self._run_padded(batch, want_plp, greedy_only)
+
 
 def num_pages_for(model_cfg: ModelConfig, page_size: int, kv_dtype: Any, *, max_num_seqs: int,
                   max_model_len: int, num_kv_pages: int | None, kv_cache_gb: float | None,
-                  memory_fraction: float, weight_bytes: int) -> int:
-    """Size the KV pool: explicit pages, explicit GiB, or (accelerators) a memory fraction."""
+                  memory_fraction: float, weight_bytes: int, kv_shards: int = 1,
+                  devices: list[Any] | None = None) -> int:
+    """Size the KV pool: explicit pages, explicit GiB, or (accelerators) a memory fraction.
+
+    Sharded (``kv_shards`` > 1): each of ``devices`` holds 1/kv_shards of every page, and the
+    pool is sized from the device with the least memory left after its weight shards.
+    """
     per_page = kv_bytes_per_page(model_cfg, page_size, kv_dtype)
     useful = max_num_seqs * math.ceil(max_model_len / page_size) + 1
     if num_kv_pages:
         return int(num_kv_pages)
     if kv_cache_gb:
         return max(2, min(useful, int(kv_cache_gb * 2**30 // per_page)))
-    dev = jax.devices()[0]
-    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
-    if dev.platform != "cpu" and stats and "bytes_limit" in stats:
-        free = stats["bytes_limit"] * memory_fraction - stats.get("bytes_in_use", 0)
-        return max(2, min(useful, int(free // per_page)))
+    devs = devices or [jax.devices()[0]]
+    stats = [d.memory_stats() if hasattr(d, "memory_stats") else None for d in devs]
+    if devs[0].platform != "cpu" and all(st and "bytes_limit" in st for st in stats):
+        free = min(st["bytes_limit"] * memory_fraction - st.get("bytes_in_use", 0)
+                   for st in stats if st)
+        return max(2, min(useful, int(free // (per_page / kv_shards))))
     # CPU: a fixed 2 GiB pool by default (host RAM is shared with everything else).
     return max(2, min(useful, int(2 * 2**30 // per_page)))

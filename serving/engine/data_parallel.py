@@ -1,0 +1,129 @@
+"""DataParallelClient: N independent engine replicas behind the ``AsyncEngineClient`` API.
+
+Data parallelism here is replicas, not batch sharding: replica i is a complete engine (its own
+scheduler, KV page pool and engine thread) on mesh row i, i.e. devices ``[i * tp, (i + 1) * tp)``
+of a ``(data, model)`` mesh. Each request goes whole to one replica, the one with the fewest
+requests in flight (ties: round robin). Why not one engine with the batch sharded over ``data``:
+every step would be padded to the busiest replica's shape and wait for the slowest one, the page
+allocator would need per-replica pools in lockstep, and a prefix-cache hit on one replica could not
+serve another anyway. Replicas share nothing, so they need no synchronisation at all. See
+docs/SHARDING.md.
+
+The HTTP layer can use this class wherever it uses ``AsyncEngineClient``: same attributes
+(``model_name``, ``max_model_len``, ``vocab_size``, ``tokenizer``, ``generation_defaults``,
+``engine``, ``error``), same coroutines (``start``, ``generate``, ``abort``, ``shutdown``), same
+``is_healthy`` / ``stats`` / ``num_in_flight``. ``stats()`` sums the replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from models.loader import LoadedModel
+from serving.engine.config import EngineArgs
+from serving.engine.engine import EngineStats, LLMEngine
+from serving.engine.engine_client import AsyncEngineClient
+from serving.engine.outputs import RequestOutput
+from serving.engine.sampling_params import SamplingParams
+from serving.engine.sharded import shard_loaded
+from sharding.mesh import make_mesh, replica_meshes, resolve_shape
+from sharding.sharder import Sharder
+
+log = logging.getLogger("xlaserve.dp")
+
+
+class DataParallelClient:
+    def __init__(self, replicas: list[AsyncEngineClient]) -> None:
+        if not replicas:
+            raise ValueError("DataParallelClient needs at least one replica")
+        self.replicas = replicas
+        first = replicas[0]
+        self.model_name: str = first.model_name
+        self.max_model_len: int = first.max_model_len
+        self.vocab_size: int = first.vocab_size
+        self.tokenizer: Any = first.tokenizer
+        self.generation_defaults: dict[str, Any] = first.generation_defaults
+        self._owner: dict[str, AsyncEngineClient] = {}
+        self._rr = itertools.count()
+
+    @classmethod
+    def from_args(cls, args: EngineArgs, loaded: LoadedModel | None = None,
+                  warmup: bool = True) -> DataParallelClient:
+        """One engine per row of the ``(data_parallel_size, tensor_parallel_size)`` mesh.
+
+        The model is loaded once, onto replica 0's mesh (straight into its sharding); the other
+        replicas copy their weights from it. ``loaded`` (tests) skips the load.
+        """
+        shape = resolve_shape(args.tensor_parallel_size, args.data_parallel_size, args.mesh)
+        per_replica = dataclasses.replace(args, data_parallel_size=1, mesh=None,
+                                          tensor_parallel_size=shape.model)
+        engines: list[LLMEngine] = []
+        for i, mesh in enumerate(replica_meshes(make_mesh(shape))):
+            sharder = Sharder(mesh)
+            source = loaded if not engines else engines[0].loaded
+            if source is not None:
+                source = shard_loaded(source, sharder)
+            engines.append(LLMEngine(per_replica, loaded=source, sharder=sharder,
+                                     warmup=warmup))
+            log.info("data-parallel replica %d: %s", i, sharder.describe())
+        return cls([AsyncEngineClient(e) for e in engines])
+
+    # ---- the AsyncEngineClient API -------------------------------------------------------------
+    @property
+    def engine(self) -> LLMEngine:
+        """Replica 0's engine (request validation and model facts are the same on every one)."""
+        return self.replicas[0].engine
+
+    @property
+    def error(self) -> str | None:
+        return next((r.error for r in self.replicas if r.error), None)
+
+    async def start(self) -> None:
+        for r in self.replicas:
+            await r.start()
+
+    def is_healthy(self) -> bool:
+        return all(r.is_healthy() for r in self.replicas)
+
+    def stats(self) -> EngineStats:
+        total = EngineStats()
+        for r in self.replicas:
+            for f in dataclasses.fields(EngineStats):
+                setattr(total, f.name, getattr(total, f.name) + getattr(r.stats(), f.name))
+        return total
+
+    @property
+    def num_in_flight(self) -> int:
+        return sum(r.num_in_flight for r in self.replicas)
+
+    def _pick(self) -> AsyncEngineClient:
+        healthy = [r for r in self.replicas if r.is_healthy()] or self.replicas
+        least = min(r.num_in_flight for r in healthy)
+        ties = [r for r in healthy if r.num_in_flight == least]
+        return ties[next(self._rr) % len(ties)]
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        """As ``AsyncEngineClient.generate``, on the least-loaded replica."""
+        if request_id in self._owner:
+            raise ValueError(f"request id {request_id!r} is already in flight")
+        replica = self._pick()
+        self._owner[request_id] = replica
+        try:
+            async for out in replica.generate(prompt_token_ids, params, request_id):
+                yield out
+        finally:
+            self._owner.pop(request_id, None)
+
+    async def abort(self, request_id: str) -> None:
+        replica = self._owner.get(request_id)
+        if replica is not None:
+            await replica.abort(request_id)
+
+    async def shutdown(self, drain_timeout: float = 30.0) -> None:
+        await asyncio.gather(*(r.shutdown(drain_timeout) for r in self.replicas))

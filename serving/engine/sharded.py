@@ -1,0 +1,160 @@
+"""The engine's side of sharding: a sharder from ``EngineArgs``, a loaded model rebuilt for its
+mesh, the start-up memory report, and the multi-host follower loop.
+
+Called by ``LLMEngine.__init__`` (``make_sharder``, ``shard_loaded``, ``log_layout``), by
+``serving.engine.data_parallel`` (one sharder per replica) and by the ``serve`` CLI on processes
+other than 0 (``maybe_run_follower``). The model-specific knowledge needed to shard (the config's
+kv-head count, the family constructor) stays here so that ``sharding/`` never imports ``models``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from models.loader import LoadedModel, build_model
+from serving.engine.config import EngineArgs
+from sharding.distributed import initialize
+from sharding.kernels import ShardedAttention, ShardedWriteKV, unwrap
+from sharding.mesh import MeshError, make_mesh, resolve_shape
+from sharding.sharder import Sharder
+
+log = logging.getLogger("xlaserve.sharding")
+
+
+def make_sharder(args: EngineArgs, loaded: LoadedModel | None = None,
+                 devices: list[Any] | None = None) -> Sharder | None:
+    """The sharder for one engine, or None for a plain single-device engine.
+
+    When the model is still to be loaded (``loaded`` None), its config is read first (file
+    headers only) so that a mesh its heads cannot split is refused before any weight is read.
+    """
+    shape = resolve_shape(args.tensor_parallel_size, args.data_parallel_size, args.mesh)
+    if shape.data > 1:
+        raise MeshError(
+            f"data_parallel_size={shape.data} runs one engine per replica: build it with "
+            f"serving.engine.data_parallel.DataParallelClient.from_args, not LLMEngine")
+    if jax.process_count() > 1 and shape.num_devices != jax.device_count():
+        raise MeshError(
+            f"a multi-host run shards one engine over every device: tensor_parallel_size must "
+            f"be {jax.device_count()} (all {jax.process_count()} processes' devices), got "
+            f"{shape.model}")
+    if shape.model == 1 and jax.process_count() == 1:
+        return None
+    sharder = Sharder(make_mesh(shape, devices))
+    if loaded is None:
+        _preflight(args, sharder)
+    return sharder
+
+
+def _preflight(args: EngineArgs, sharder: Sharder) -> None:
+    from models.config import ModelConfig
+    from models.loader import ModelLoadError, resolve_source
+    from serving.engine.convert import source_hf_config
+    path = resolve_source(args.model, args.cache_dir)
+    hf = source_hf_config(str(path))
+    if hf is None:
+        return  # unknown layout: load_model reports it
+    try:
+        cfg = ModelConfig.from_hf(hf)
+        sharder.kv_replicas(cfg.num_heads, cfg.num_kv_heads)
+    except ValueError as e:
+        raise ModelLoadError(f"{path}: {e}") from None
+
+
+def _attention_ops(model: nnx.Module) -> tuple[Any, Any]:
+    for _, node in nnx.iter_graph(model):
+        if hasattr(node, "attn_fn") and hasattr(node, "write_fn"):
+            return node.attn_fn, node.write_fn
+    raise ValueError("model has no attention layer")
+
+
+def _params(model: nnx.Module) -> dict[str, nnx.Param]:
+    return {".".join(str(p) for p in path): node for path, node in nnx.iter_graph(model)
+            if isinstance(node, nnx.Param)}
+
+
+def shard_loaded(loaded: LoadedModel, sharder: Sharder) -> LoadedModel:
+    """``loaded`` rebuilt for ``sharder``'s mesh; ``loaded`` itself is left as it was.
+
+    The new model has K' = K * r kv heads when the mesh replicates kv heads (r from
+    ``Sharder.kv_replicas``; raises ShardingError naming valid sizes if the heads do not split)
+    and attention wrapped in shard_map over kv heads. Weights already placed by ``sharder.place``
+    (the loaders' hook) are reused as they are; others (a model built in memory, or placed for
+    another mesh) are placed now, kv heads regrouped on the way.
+    """
+    cfg = loaded.config
+    r = sharder.kv_replicas(cfg.num_heads, cfg.num_kv_heads)
+    new_cfg = dataclasses.replace(cfg, num_kv_heads=cfg.num_kv_heads * r) if r > 1 else cfg
+    attn_fn, write_fn = _attention_ops(loaded.model)
+    model = build_model(new_cfg, loaded.dtype, ShardedAttention(unwrap(attn_fn), sharder.mesh),
+                        ShardedWriteKV(unwrap(write_fn), sharder.mesh), abstract=True)
+    old = _params(loaded.model)
+    for path, p in _params(model).items():
+        axes = p.get_metadata().get("logical_axes", (None,) * len(p.shape))
+        target = sharder.sharding(axes, tuple(p.shape))
+        v = old[path][...]
+        if isinstance(v, jax.Array) and v.shape == tuple(p.shape) and \
+                v.sharding.is_equivalent_to(target, v.ndim):
+            new = v
+        elif isinstance(v, jax.Array) and v.shape == tuple(p.shape) and v.is_fully_addressable \
+                and not sharder.multiprocess:
+            new = jax.device_put(v, target)  # device to device
+        else:
+            new = sharder.place(path, axes, np.asarray(v))
+        if new.shape != tuple(p.shape):
+            raise ValueError(f"weight {path}: {new.shape} does not fit {tuple(p.shape)}")
+        p.set_value(new)
+    if r > 1:
+        log.info("kv heads replicated %dx for tensor_parallel_size=%d: %d query / %d kv heads "
+                 "per shard", r, sharder.tp, cfg.num_heads // sharder.tp, 1)
+    return dataclasses.replace(loaded, config=new_cfg, model=model)
+
+
+def bytes_per_device(tree: Any) -> dict[Any, int]:
+    """Bytes each (addressable) device holds of the arrays in ``tree``."""
+    out: dict[Any, int] = {}
+    for x in jax.tree_util.tree_leaves(tree):
+        if isinstance(x, jax.Array):
+            for shard in x.addressable_shards:
+                out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+    return out
+
+
+def log_layout(sharder: Sharder, model: nnx.Module, kv: Any, num_pages: int,
+               page_size: int) -> str:
+    """The start-up memory line of a sharded engine (also returned, for tests)."""
+    w = bytes_per_device(nnx.state(model))
+    c = bytes_per_device(kv)
+    mib = 2**20
+    line = (f"{sharder.describe()}: weights {max(w.values()) / mib:.1f} MiB per device "
+            f"({sum(w.values()) / mib:.1f} MiB on this process's devices), KV cache "
+            f"{num_pages} pages x {page_size} tokens per device = {max(c.values()) / mib:.1f} "
+            f"MiB per device, max concurrent tokens {(num_pages - 1) * page_size}")
+    log.info("%s", line)
+    return line
+
+
+def maybe_run_follower(args: EngineArgs,
+                       load: Callable[[], LoadedModel] | None = None) -> bool:
+    """Multi-host entry for the ``serve`` CLI, called before anything else touches JAX.
+
+    Starts ``jax.distributed`` when ``args`` (or JAX's environment variables) ask for several
+    processes. On process 0 it then returns False and the caller serves HTTP as usual (its engine
+    becomes the lockstep leader). On any other process it builds the same engine and replays the
+    leader's steps until the leader stops, then returns True: the caller should exit.
+    ``load`` builds the model instead of ``args.model`` (tests: an in-memory model).
+    """
+    multi = initialize(args.distributed_coordinator, args.num_processes, args.process_id)
+    if not multi or jax.process_index() == 0:
+        return False
+    from serving.engine.engine import LLMEngine
+    engine = LLMEngine(args, loaded=None if load is None else load(), warmup=False)
+    engine.runner.follow()
+    return True
