@@ -39,15 +39,21 @@ def run_xlaserve(args: argparse.Namespace, levels: list[int]) -> list[dict[str, 
                               max_num_seqs=max(levels), block_size=args.block_size)
     if args.max_num_batched_tokens:
         kw["max_num_batched_tokens"] = args.max_num_batched_tokens
+    kw["attention_backend"] = args.attention_backend
     if args.random_weights:
         from bench.random_models import random_loaded
-        kw["loaded"] = random_loaded(args.random_weights, args.dtype)
+        kw["loaded"] = random_loaded(args.random_weights, args.dtype, args.attention_backend)
     t0 = time.perf_counter()
     llm = LLM(args.model, **kw)
     startup = time.perf_counter() - t0
     tok = llm.tokenizer
     texts = prompts(max(levels) if not args.num_prompts else args.num_prompts)
-    if getattr(tok, "chat_template", None):
+    if args.input_len:  # fixed-length random prompts (random-weight models)
+        import random
+        rng = random.Random(0)
+        v = llm.engine.model_config.vocab_size
+        ids = [[rng.randrange(v) for _ in range(args.input_len)] for _ in texts]
+    elif getattr(tok, "chat_template", None):
         ids = [tok.encode(tok.apply_chat_template([{"role": "user", "content": t}],
                                                   add_generation_prompt=True, tokenize=False),
                           add_special_tokens=False) for t in texts]
@@ -118,7 +124,9 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--num-prompts", type=int, default=None)
-    ap.add_argument("--random-weights", default=None)
+    ap.add_argument("--random-weights", default=None, help="e.g. llama3-8b (bench/random_models)")
+    ap.add_argument("--input-len", type=int, default=None, help="random prompts of this length")
+    ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()

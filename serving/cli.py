@@ -28,6 +28,7 @@ from serving.engine.config import EngineArgs
 logger = logging.getLogger("xlaserve")
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+TASKS = ("auto", "generate", "embed", "embedding", "classify", "score")
 ENGINE_FIELDS = {f.name for f in fields(EngineArgs)}
 SERVER_FIELDS = {f.name for f in fields(ServerArgs)}
 # CLI dest → ServerArgs field, where the vLLM option name differs from our field name.
@@ -212,6 +213,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--attention-backend", default="auto",
                    choices=("auto", "reference", "pallas", "pallas-interpret"),
                    help="Paged-attention implementation.")
+
+    pl = p.add_argument_group("Pooling models (embeddings, scores)")
+    pl.add_argument("--task", default="auto", choices=TASKS,
+                    help="What to serve. 'auto': text generation for decoder models; "
+                         "/v1/embeddings, /pooling, /score and /rerank for BERT-family "
+                         "encoders (sentence-transformers models), /score, /rerank and "
+                         "/classify for cross-encoders (…ForSequenceClassification). "
+                         "'embed'/'embedding' and 'classify'/'score' demand such a model.")
+    pl.add_argument("--override-pooler-config", default=None, metavar="JSON",
+                    help='Pooling of an embedding model, over its sentence-transformers '
+                         'config: e.g. \'{"pooling_type": "CLS", "normalize": false}\' '
+                         '(pooling_type MEAN, CLS or LAST).')
+
     # ---- parallelism (sharding/; docs/SHARDING.md) ----
     d = p.add_argument_group("Parallelism")
     d.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
@@ -342,6 +356,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[EngineArgs, ServerArg
         parser.error("--max-logprobs must be in [0, 20]")
     if values["max_n"] < 1:
         parser.error("--max-n must be at least 1")
+    if values["override_pooler_config"] is not None:
+        from models.pooling import PoolerConfigError, parse_override
+
+        try:
+            parse_override(values["override_pooler_config"])
+        except (PoolerConfigError, ValueError) as e:
+            parser.error(f"--override-pooler-config: {e}")
     if values["chat_template"] is not None:
         from serving.api.chat_template import load_chat_template
 
@@ -381,18 +402,30 @@ def _log_non_defaults(engine_args: EngineArgs, server_args: ServerArgs) -> None:
     logger.info("Non-default options: %s", changed)
 
 
+def make_engine(engine_args: EngineArgs) -> Any:
+    """The engine for ``--task``, the model and the parallelism options: a pooling engine for
+    BERT-family encoders, data-parallel replicas when asked for, else one generation engine.
+    Runs in the server's loader thread (it loads and compiles)."""
+    from serving.engine.data_parallel import DataParallelClient
+    from serving.engine.pooling_engine import PoolingEngine, wants_pooling_engine
+
+    if wants_pooling_engine(engine_args):
+        return PoolingEngine.from_args(engine_args)
+    from serving.engine.engine_client import AsyncEngineClient
+
+    if engine_args.data_parallel_size > 1 or engine_args.mesh:
+        return DataParallelClient.from_args(engine_args)
+    return AsyncEngineClient.from_args(engine_args)
+
+
 def run_server(engine_args: EngineArgs, server_args: ServerArgs) -> int:
     """Start the server with the real engine and block until it stops; returns an exit code."""
-    from serving.engine.data_parallel import DataParallelClient
-    from serving.engine.engine_client import AsyncEngineClient
     from serving.engine.sharded import maybe_run_follower
 
     if maybe_run_follower(engine_args):  # multi-host: processes > 0 replay process 0's steps
         return 0
-    factory: Any = lambda: AsyncEngineClient.from_args(engine_args)
-    if engine_args.data_parallel_size > 1 or engine_args.mesh:
-        factory = lambda: DataParallelClient.from_args(engine_args)
-    return serve_app(server_args, factory, model_root=engine_args.model or "")
+    return serve_app(server_args, lambda: make_engine(engine_args),
+                     model_root=engine_args.model or "")
 
 
 def serve_app(server_args: ServerArgs, engine_factory: Any, *, model_root: str = "") -> int:

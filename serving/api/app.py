@@ -40,10 +40,10 @@ from sanic.response import BaseHTTPResponse
 
 from serving.api.args import ServerArgs
 from serving.api.chat_template import ChatRenderer, ChatTemplateError, load_chat_template
-from serving.api.engine_protocol import EngineClient
+from serving.api.engine_protocol import ServingEngine
 from serving.api.errors import OpenAIErrorHandler, error_response
 from serving.api.metrics import ServerMetrics
-from serving.api.routes import chat, completions, info, tokenize
+from serving.api.routes import chat, completions, info, pooling, tokenize
 from serving.api.state import ServerState
 from serving.api.tokens import TokenTexts
 
@@ -55,7 +55,7 @@ ENGINE_WATCH_INTERVAL_S = 0.5
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
-def create_app(args: ServerArgs, engine_factory: Callable[[], EngineClient], *,
+def create_app(args: ServerArgs, engine_factory: Callable[[], ServingEngine], *,
                model_root: str = "", name: str = "xlaserve") -> Sanic:
     """Build the app. ``engine_factory`` is called once, off the event loop, after startup."""
     # Resolve --chat-template now: a bad path should stop the server before the model loads.
@@ -77,7 +77,7 @@ def create_app(args: ServerArgs, engine_factory: Callable[[], EngineClient], *,
 
     state = ServerState(args=args, model_root=model_root)
     app.ctx.state = state
-    for bp in (completions.bp, chat.bp, tokenize.bp, info.bp):
+    for bp in (completions.bp, chat.bp, tokenize.bp, info.bp, pooling.bp):
         app.blueprint(bp)
     _add_preflight_routes(app)
     _add_middleware(app, args)
@@ -100,7 +100,7 @@ def create_app(args: ServerArgs, engine_factory: Callable[[], EngineClient], *,
                     ", ".join(state.served_names))
         await watch_engine(engine)
 
-    async def watch_engine(engine: EngineClient) -> None:
+    async def watch_engine(engine: ServingEngine) -> None:
         """An engine that died takes the server down with exit code 1 (as vLLM does), so a
         supervisor restarts it; in-flight requests have already ended with an error."""
         while engine.is_healthy():
@@ -151,10 +151,10 @@ def create_app(args: ServerArgs, engine_factory: Callable[[], EngineClient], *,
     return app
 
 
-async def _in_daemon_thread(fn: Callable[[], EngineClient]) -> EngineClient:
+async def _in_daemon_thread(fn: Callable[[], ServingEngine]) -> ServingEngine:
     """Run ``fn`` in a daemon thread: a SIGTERM during model loading must not wait for it."""
     loop = asyncio.get_running_loop()
-    fut: asyncio.Future[EngineClient] = loop.create_future()
+    fut: asyncio.Future[ServingEngine] = loop.create_future()
 
     def settle(result: Any, error: BaseException | None) -> None:
         if fut.done():
@@ -176,7 +176,7 @@ async def _in_daemon_thread(fn: Callable[[], EngineClient]) -> EngineClient:
     return await fut
 
 
-def _on_engine_ready(state: ServerState, engine: EngineClient,
+def _on_engine_ready(state: ServerState, engine: ServingEngine,
                      server_template: str | None) -> None:
     args = state.args
     tok = engine.tokenizer

@@ -1,7 +1,9 @@
 """The engine interface the HTTP layer is written against (``serving.engine.engine_client``).
 
 A structural ``Protocol``, so that ``serving.api`` type-checks against the contract rather than
-one implementation. ``AsyncEngineClient`` in ``serving/engine/engine_client.py`` satisfies it.
+one implementation. ``AsyncEngineClient`` in ``serving/engine/engine_client.py`` satisfies
+``EngineClient``; ``PoolingEngine`` in ``serving/engine/pooling_engine.py`` satisfies
+``PoolingEngineClient``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,12 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from serving.engine.outputs import RequestOutput
+from serving.engine.pooling_params import (
+    PoolingInput,
+    PoolingModelInfo,
+    PoolingOutput,
+    PoolingParams,
+)
 from serving.engine.sampling_params import SamplingParams
 
 
@@ -27,13 +35,14 @@ class EngineStatsLike(Protocol):
     generation_tokens_total: int
 
 
-class EngineClient(Protocol):
-    """What the server needs from the engine.
+class ServingEngine(Protocol):
+    """What the server needs from any engine: lifecycle, health, stats, the tokenizer.
 
-    - ``generate`` yields deltas for one request; closing the iterator early aborts the request and
-      frees its KV pages (the server relies on this for client disconnects).
     - ``is_healthy`` turns False when the engine loop died; in-flight requests then end with
-      finish_reason "error".
+      an error.
+    - An engine may declare ``supported_tasks`` (``"generate"``, or pooling tasks such as
+      ``"embed"``, ``"encode"``, ``"classify"``, ``"score"``); one that does not is a
+      generation engine (``ServerState.tasks``).
     """
 
     model_name: str
@@ -44,13 +53,41 @@ class EngineClient(Protocol):
 
     async def start(self) -> None: ...
 
-    def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                 request_id: str) -> AsyncIterator[RequestOutput]: ...
-
-    async def abort(self, request_id: str) -> None: ...
-
     def is_healthy(self) -> bool: ...
 
     def stats(self) -> EngineStatsLike: ...
 
     async def shutdown(self, drain_timeout: float) -> None: ...
+
+
+class EngineClient(ServingEngine, Protocol):
+    """A generation engine. ``generate`` yields deltas for one request; closing the iterator
+    early aborts the request and frees its KV pages (the server relies on this for client
+    disconnects)."""
+
+    def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                 request_id: str) -> AsyncIterator[RequestOutput]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+
+class PoolingEngineClient(ServingEngine, Protocol):
+    """A pooling engine (``serving.engine.pooling_engine.PoolingEngine``): embeddings,
+    per-token states, classifier and cross-encoder scores."""
+
+    info: PoolingModelInfo
+
+    @property
+    def supported_tasks(self) -> tuple[str, ...]: ...
+
+    @property
+    def labels(self) -> list[str]: ...
+
+    async def encode(self, inputs: list[PoolingInput],
+                     params: PoolingParams) -> list[PoolingOutput]: ...
+
+    def tokenize(self, texts: list[str], *, add_special_tokens: bool = True,
+                 truncate_prompt_tokens: int | None = None) -> list[PoolingInput]: ...
+
+    def tokenize_pairs(self, texts_1: list[str], texts_2: list[str], *,
+                       truncate_prompt_tokens: int | None = None) -> list[PoolingInput]: ...

@@ -12,12 +12,12 @@ import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from serving.api.args import ServerArgs
 from serving.api.chat_template import ChatRenderer
-from serving.api.engine_protocol import EngineClient
-from serving.api.errors import NotFound, ServiceUnavailable
+from serving.api.engine_protocol import EngineClient, PoolingEngineClient, ServingEngine
+from serving.api.errors import BadRequest, NotFound, ServiceUnavailable
 from serving.api.metrics import ServerMetrics
 from serving.api.tokens import TokenTexts
 
@@ -28,7 +28,7 @@ T = TypeVar("T")
 class ServerState:
     args: ServerArgs
     model_root: str = ""  # what /v1/models reports as "root": the model path or alias
-    engine: EngineClient | None = None
+    engine: ServingEngine | None = None
     renderer: ChatRenderer | None = None
     tokens: TokenTexts | None = None
     metrics: ServerMetrics | None = None
@@ -44,7 +44,7 @@ class ServerState:
     def ready(self) -> bool:
         return self.engine is not None and self.metrics is not None
 
-    def require_engine(self) -> EngineClient:
+    def require_engine(self) -> ServingEngine:
         """The engine, or a 503 while loading, draining or after the engine died."""
         if self.draining:
             raise ServiceUnavailable("The server is shutting down.")
@@ -53,6 +53,28 @@ class ServerState:
         if not self.engine.is_healthy():
             raise ServiceUnavailable("The engine has stopped; the server cannot generate.")
         return self.engine
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """What the loaded engine serves (an engine without ``supported_tasks`` generates)."""
+        tasks: tuple[str, ...] = getattr(self.engine, "supported_tasks", ("generate",))
+        return tasks
+
+    def require_generate(self, api: str) -> EngineClient:
+        """The generation engine, or 400 "The model does not support <api>" (vLLM's words)
+        when a pooling model is served."""
+        engine = self.require_engine()
+        if "generate" not in self.tasks:
+            raise BadRequest(f"The model does not support {api}")
+        return cast(EngineClient, engine)
+
+    def require_pooling(self, api: str, *tasks: str) -> PoolingEngineClient:
+        """The pooling engine if it serves one of ``tasks``, else 400 "The model does not
+        support <api>"."""
+        engine = self.require_engine()
+        if not set(tasks) & set(self.tasks):
+            raise BadRequest(f"The model does not support {api}")
+        return cast(PoolingEngineClient, engine)
 
     def resolve_model(self, requested: str | None) -> str:
         """The served name to answer with; ``None`` or "" means the first served name."""

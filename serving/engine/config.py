@@ -30,6 +30,11 @@ class EngineArgs:
     compilation_cache: bool = True  # JAX persistent compilation cache under cache_dir
     attention_backend: str = "auto"  # auto | reference | pallas | pallas-interpret
     max_logprobs: int = 20
+    # Pooling models (serving.engine.pooling_engine). "auto": generate for decoders, the
+    # architecture's pooling tasks for BERT-family encoders; embed/embedding, classify, score
+    # ask for a pooling engine explicitly; generate refuses encoders.
+    task: str = "auto"
+    override_pooler_config: str | None = None  # JSON: {"pooling_type": "MEAN", "normalize": true}
     # ---- parallelism (sharding/, serving/engine/sharded.py; docs/SHARDING.md) ----
     tensor_parallel_size: int = 1  # shards of each weight / KV cache over the mesh's "model" axis
     data_parallel_size: int = 1  # engine replicas (DataParallelClient), each on its own devices

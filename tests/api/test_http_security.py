@@ -190,21 +190,22 @@ def test_trusted_request_templates(untemplated: ServerProcess, tmp_path: Path) -
     for template in (string_t, list_t):
         r = httpx.post(url, json={"messages": [{"role": "user", "content": "hi"}],
                                   "max_tokens": 3, "temperature": 0,
-                                  "chat_template": template, "return_token_ids": True})
+                                  "chat_template": template, "return_token_ids": True}, timeout=60)
         assert r.status_code == 200, r.text
         results.append(r.json()["prompt_token_ids"])
     assert results[0] == results[1]  # both formats render "[user] hi\n"
     r = httpx.post(untemplated.url("/tokenize"), json={
         "messages": [{"role": "user", "content": "hi"}],
-        "chat_template_kwargs": {"chat_template": list_t}})
+        "chat_template_kwargs": {"chat_template": list_t}}, timeout=60)
     assert r.json()["tokens"] == results[0]
     marker = tmp_path / "pwned"
     r = httpx.post(url, json={"messages": MSG, "max_tokens": 2,
-                              "chat_template": EVIL.replace("MARKER", str(marker))})
+                              "chat_template": EVIL.replace("MARKER", str(marker))}, timeout=60)
     check_error(r, 400, "sandbox")
-    r = httpx.post(url, json={"messages": MSG, "max_tokens": 2,
-                              "chat_template": "{% for i in range(100000) %}{% for j in "
-                                               "range(100000) %}{% endfor %}{% endfor %}"})
+    slow = ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
+            "{% endfor %}")
+    r = httpx.post(url, json={"messages": MSG, "max_tokens": 2, "chat_template": slow},
+                   timeout=60)
     check_error(r, 400, "time limit")
     assert not marker.exists()
     assert httpx.get(untemplated.url("/health")).status_code == 200

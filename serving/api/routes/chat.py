@@ -123,7 +123,7 @@ def _final_text(message: ChatMessage) -> str:
 async def _plan(request: Request, state: ServerState) -> _Plan:
     req = parse_request(request, ChatCompletionRequest)
     model = state.resolve_model(req.model)
-    engine = state.require_engine()
+    engine = state.require_generate("Chat Completions API")
     check_unsupported(req, UNSUPPORTED_CHAT)
     check_common(req, state.args.max_n)
     if req.tool_choice not in (None, "none"):
@@ -196,7 +196,7 @@ def _formatter(state: ServerState, plan: _Plan) -> LogprobFormatter:
 
 async def _full(state: ServerState, plan: _Plan) -> HTTPResponse:
     req, n = plan.req, plan.req.n
-    engine = state.require_engine()
+    engine = state.require_generate("Chat Completions API")
     assert state.metrics is not None
     fmt = _formatter(state, plan)
     choices = [_Choice() for _ in range(n)]
@@ -242,7 +242,7 @@ async def _full(state: ServerState, plan: _Plan) -> HTTPResponse:
 
 async def _stream(request: Request, state: ServerState, plan: _Plan) -> None:
     req, n = plan.req, plan.req.n
-    engine = state.require_engine()
+    engine = state.require_generate("Chat Completions API")
     assert state.metrics is not None
     fmt = _formatter(state, plan)
     opts = req.stream_options

@@ -76,7 +76,7 @@ class _Plan:
 
 
 async def _tokenize_prompts(state: ServerState, req: CompletionRequest) -> list[Prompt]:
-    engine = state.require_engine()
+    engine = state.require_generate("Completions API")
     p = req.prompt
     empty = BadRequest("Either prompt or prompt_embeds must be provided and non-empty.",
                        param="prompt")
@@ -116,7 +116,7 @@ async def _tokenize_prompts(state: ServerState, req: CompletionRequest) -> list[
 async def _plan(request: Request, state: ServerState) -> _Plan:
     req = parse_request(request, CompletionRequest)
     model = state.resolve_model(req.model)
-    engine = state.require_engine()
+    engine = state.require_generate("Completions API")
     check_unsupported(req, UNSUPPORTED_COMPLETION)
     check_common(req, state.args.max_n)
     if req.logprobs is not None and req.logprobs < 0:
@@ -180,7 +180,7 @@ def _needs_engine(plan: _Plan) -> bool:
 
 async def _full(state: ServerState, plan: _Plan) -> HTTPResponse:
     req, n = plan.req, plan.req.n
-    engine = state.require_engine()
+    engine = state.require_generate("Completions API")
     assert state.tokens is not None and state.metrics is not None
     fmt = LogprobFormatter(state.tokens, as_ids=bool(req.return_tokens_as_token_ids
                                                      or state.args.return_tokens_as_token_ids))
@@ -249,7 +249,7 @@ def _prompt_entries(lps: list[TokenLogprob | None] | None,
 
 async def _stream(request: Request, state: ServerState, plan: _Plan) -> None:
     req, n = plan.req, plan.req.n
-    engine = state.require_engine()
+    engine = state.require_generate("Completions API")
     assert state.tokens is not None and state.metrics is not None
     fmt = LogprobFormatter(state.tokens, as_ids=bool(req.return_tokens_as_token_ids
                                                      or state.args.return_tokens_as_token_ids))

@@ -1,0 +1,131 @@
+"""xlaserve against peer servers, one after another in one run, with bench/serve_bench.py.
+
+    .venv/bin/python -m bench.compare_servers --concurrency 1,8,32 --max-tokens 128 \
+        --peer llama-server-f32 --peer llama-cpp-python-q4_1 --json-out /tmp/compare.json
+
+Each server is started alone (they would fight over the 2 cores otherwise), warmed up, measured
+at every concurrency level with the same prompts (``--prompt-len`` random words, seed 0,
+``ignore_eos`` so every request yields exactly ``--max-tokens``), then stopped. Peers are built
+outside the repo by scripts/build_peers.sh (see bench/peers/README.md); their paths come from
+``$PEERS_DIR`` (default /work/peers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+PEERS = Path(os.environ.get("PEERS_DIR", "/work/peers"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def q4_1_path() -> str:
+    sys.path.insert(0, str(REPO))
+    from models.assets import fetch
+    return str(fetch("smollm2-135m-instruct"))
+
+
+def server_cmd(name: str, port: int, args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
+    """Command and extra request body for each known server."""
+    if name == "xlaserve":
+        return ([str(REPO / ".venv/bin/serve"), "--port", str(port), "--max-num-seqs", "32",
+                 "--max-model-len", "1024", "--dtype", "float32", "--disable-log-requests"], {})
+    if name.startswith("llama-server-"):
+        model = {"f32": PEERS / "models/smollm2-f32.gguf", "f16": PEERS / "models/smollm2-f16.gguf",
+                 "q4_1": q4_1_path()}[name.rsplit("-", 1)[1]]
+        return ([str(PEERS / "build-llama-server/bin/llama-server"), "-m", str(model),
+                 "--host", "127.0.0.1", "--port", str(port), "-np", "32", "-c", "16384",
+                 "--cont-batching", "-t", "2", "-tb", "2", "--alias", "smollm2", "--no-webui"], {})
+    if name.startswith("llama-cpp-python-"):
+        model = {"f32": PEERS / "models/smollm2-f32.gguf",
+                 "q4_1": q4_1_path()}[name.rsplit("-", 1)[1]]
+        return ([str(PEERS / "venv-lcp/bin/python"), "-m", "llama_cpp.server", "--model",
+                 str(model), "--host", "127.0.0.1", "--port", str(port), "--n_threads", "2",
+                 "--n_ctx", "2048"], {"min_tokens": args.max_tokens})
+    raise SystemExit(f"unknown server {name!r}")
+
+
+def wait_ready(base: str, proc: subprocess.Popen[bytes], timeout: float = 900) -> float:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        for path in ("/health", "/v1/models"):
+            try:
+                if httpx.get(base + path, timeout=2).status_code == 200:
+                    return time.time() - t0
+            except httpx.HTTPError:
+                pass
+        time.sleep(1)
+    raise RuntimeError("server did not become ready")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--peer", action="append", default=[],
+                    help="llama-server-{f32,f16,q4_1} or llama-cpp-python-{f32,q4_1}")
+    ap.add_argument("--no-xlaserve", action="store_true")
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--num-requests", type=int, default=None)
+    ap.add_argument("--json-out", default=None)
+    args = ap.parse_args()
+    names = ([] if args.no_xlaserve else ["xlaserve"]) + args.peer
+    results: dict[str, Any] = {}
+    for name in names:
+        port = free_port()
+        cmd, extra = server_cmd(name, port, args)
+        log = open(f"/tmp/compare_{name}.log", "w")  # noqa: SIM115 (lives as long as proc)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                start_new_session=True)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            startup = wait_ready(base, proc)
+            print(f"== {name} (ready in {startup:.0f}s)", flush=True)
+            levels = []
+            for c in [int(x) for x in args.concurrency.split(",")]:
+                out = Path(f"/tmp/compare_{name}_{c}.json")
+                # One wave per level (at least 4 requests): a fixed total would make the
+                # concurrency-1 level dominate the run time.
+                n = args.num_requests or max(4, c)
+                bench = [sys.executable, str(REPO / "bench/serve_bench.py"), "--base-url", base,
+                         "--concurrency", str(c), "--num-requests", str(n),
+                         "--max-tokens", str(args.max_tokens), "--prompt-len",
+                         str(args.prompt_len), "--ignore-eos", "--temperature", "0",
+                         "--label", name, "--json-out", str(out)]
+                if extra:
+                    bench += ["--extra-body", json.dumps(extra)]
+                subprocess.run(bench, check=True)
+                levels.append(json.loads(out.read_text()))
+            results[name] = {"startup_s": startup, "levels": levels}
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+            log.close()
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""Embedding throughput: xlaserve's pooling engine vs transformers + torch on all-MiniLM-L6-v2.
+
+A benchmark, not a test: it prints numbers and asserts nothing. Run from the repository root:
+
+    PYTHONPATH=$PWD /work/main/.venv/bin/python bench/embed_bench.py \\
+        [--ref-python /work/main/.venv-ref/bin/python] [--seconds 5] [--threads N]
+
+What is measured, for batches of 1, 32 and 256 inputs of ~30 tokens (26..32 with [CLS]/[SEP]):
+- ours: ``await PoolingEngine.embed(batch)`` end to end through the engine thread: bucketing,
+  the compiled step (BERT + mean pooling), host-side L2 normalisation;
+- torch: the sentence-transformers recipe for this model, done by hand (sentence-transformers
+  itself is not installed): ``AutoModel`` forward on the batch padded to its longest input,
+  attention-masked mean pooling, ``F.normalize``, under ``torch.inference_mode()``, with
+  ``torch.set_num_threads(N)``. It runs in the reference venv as a subprocess of this script.
+Both sides get the same pre-tokenized inputs (tokenization is excluded from both) and run as
+subprocesses at the same thread counts: 1 (XLA via ``--xla_cpu_multi_thread_eigen=false
+intra_op_parallelism_threads=1``, torch via ``set_num_threads(1)``) and N (``--threads``,
+default the machine's cores: XLA's default pool, torch ``set_num_threads(N)``). On a shared,
+oversubscribed machine the 1-thread numbers are the fair ones: multi-threaded runtimes stall
+at every op's barrier when a thread is descheduled. Wall-clock embeddings/s and CPU ms per
+embedding (steadier under load) are both printed. Each configuration runs for at least
+``--seconds`` after a warm-up call; the sides alternate, and ours at 1 thread runs once more at
+the end to show how much the load moved. The 1-minute load average is printed before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BATCHES = (1, 32, 256)
+_WORD_TEXT = (
+    "the model server batches requests into fixed shapes so that compiled steps run fast on "
+    "accelerators while users send embeddings for search retrieval ranking and clustering of "
+    "documents about science history travel cooking music sports weather finance health "
+    "language learning with small encoders like minilm that map sentences to vectors"
+)
+WORDS = _WORD_TEXT.split(" ")
+
+
+def make_texts(tokenizer: Any, n: int, seed: int = 0) -> list[list[int]]:
+    """n distinct inputs of 26..32 tokens (with specials), from a fixed word list."""
+    rng = random.Random(seed)
+    out: list[list[int]] = []
+    while len(out) < n:
+        words = [rng.choice(WORDS) for _ in range(rng.randint(20, 30))]
+        ids = tokenizer(" ".join(words))["input_ids"]
+        if 26 <= len(ids) <= 32:
+            out.append(ids)
+    return out
+
+
+def timed(run: Any, seconds: float) -> tuple[float, float, int]:
+    """Call ``run()`` once to warm up, then repeatedly for >= ``seconds``.
+
+    Returns (wall seconds, CPU seconds of this process, calls). CPU time is the steadier
+    measure on a shared machine: it does not count time spent waiting for a core.
+    """
+    run()
+    calls = 0
+    start, cpu_start = time.perf_counter(), time.process_time()
+    while True:
+        run()
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds and calls >= 3:
+            return elapsed, time.process_time() - cpu_start, calls
+
+
+def rates(b: int, elapsed: float, cpu: float, calls: int) -> dict[str, float]:
+    return {"per_s": b * calls / elapsed, "cpu_ms": 1000.0 * cpu / (b * calls)}
+
+
+# ----------------------------------------------------------------------------- torch worker
+
+
+def torch_worker(payload_path: str, threads: int, seconds: float) -> None:
+    import torch
+    from transformers import AutoModel
+
+    payload = json.loads(Path(payload_path).read_text())
+    torch.set_num_threads(threads)
+    model = AutoModel.from_pretrained(payload["model_dir"]).eval()
+    ids_all: list[list[int]] = payload["inputs"]
+    results: dict[str, Any] = {"threads": torch.get_num_threads(), "torch": torch.__version__,
+                               "attn": model.config._attn_implementation}
+
+    def encode(batch: list[list[int]]) -> Any:
+        t = max(len(x) for x in batch)
+        ids = torch.zeros((len(batch), t), dtype=torch.long)
+        mask = torch.zeros((len(batch), t), dtype=torch.long)
+        for i, x in enumerate(batch):
+            ids[i, : len(x)] = torch.tensor(x)
+            mask[i, : len(x)] = 1
+        with torch.inference_mode():
+            hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            m = mask.unsqueeze(-1).to(hidden.dtype)
+            mean = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(mean, dim=-1)
+
+    for b in payload["batches"]:
+        batch = ids_all[:b]
+        results[str(b)] = rates(b, *timed(lambda batch=batch: encode(batch), seconds))
+    results["sample"] = encode(ids_all[:4]).numpy().tolist()
+    print(json.dumps(results))
+
+
+# ----------------------------------------------------------------------------- ours
+
+
+def ours_worker(payload_path: str, threads: int, seconds: float) -> None:
+    """Runs in the project venv, with XLA's CPU threads set by the parent (``XLA_FLAGS``)."""
+    from models.bert import load_bert, read_config
+    from models.pooling import resolve_pooler_config
+    from serving.engine.engine import enable_compilation_cache
+    from serving.engine.pooling_engine import PoolingEngine, load_tokenizer
+    from serving.engine.pooling_params import PoolingParams
+    from serving.engine.pooling_runner import PoolingRunner
+
+    payload = json.loads(Path(payload_path).read_text())
+    model_dir = Path(payload["model_dir"])
+    inputs: list[list[int]] = payload["inputs"]
+    enable_compilation_cache(None)
+    # Buckets that cover these inputs (T 32) and batch sizes up to 256; the server's default
+    # ladder adds shapes but not the ones these steps hit.
+    pooler = resolve_pooler_config(model_dir)
+    runner = PoolingRunner(load_bert(model_dir), pooler.pooling_type, max_model_len=256,
+                           max_num_seqs=256, token_buckets=[32, 256],
+                           max_num_batched_tokens=8192)
+    engine = PoolingEngine(runner, read_config(model_dir), pooler, load_tokenizer(model_dir))
+    engine.start_thread()
+    loop = asyncio.new_event_loop()
+    results: dict[str, Any] = {"threads": threads, "compiles": runner.num_compiles}
+    try:
+        for b in payload["batches"]:
+            batch = inputs[:b]
+            results[str(b)] = rates(b, *timed(
+                lambda batch=batch: loop.run_until_complete(engine.embed(batch, PoolingParams())),
+                seconds))
+        sample = loop.run_until_complete(engine.embed(inputs[:4], PoolingParams()))
+    finally:
+        loop.close()
+    results["sample"] = np.stack(sample).tolist()
+    results["recompiles"] = engine.stats().num_recompiles
+    engine.close()
+    print(json.dumps(results))
+
+
+def run_worker(python: str, kind: str, payload: Path, threads: int, seconds: float,
+               env: dict[str, str]) -> dict[str, Any]:
+    proc = subprocess.run(
+        [python, __file__, f"--{kind}-worker", str(payload), "--threads", str(threads),
+         "--seconds", str(seconds)],
+        capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} worker failed:\n{proc.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def xla_env(threads: int) -> dict[str, str]:
+    """XLA's CPU client: one thread, or its default thread pool (every core) otherwise."""
+    env = dict(os.environ)
+    if threads == 1:
+        flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
+    return env
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ref-python", default="/work/main/.venv-ref/bin/python")
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--torch-worker", help=argparse.SUPPRESS)
+    ap.add_argument("--ours-worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.torch_worker:
+        torch_worker(args.torch_worker, args.threads, args.seconds)
+        return 0
+    if args.ours_worker:
+        ours_worker(args.ours_worker, args.threads, args.seconds)
+        return 0
+
+    from models import assets
+    from serving.engine.pooling_engine import load_tokenizer
+
+    model_dir = Path(assets.fetch("all-minilm-l6-v2"))
+    inputs = make_texts(load_tokenizer(model_dir), max(BATCHES))
+    lens = [len(x) for x in inputs]
+    print(f"inputs: {len(inputs)} of {min(lens)}..{max(lens)} tokens (mean {np.mean(lens):.1f})")
+    payload = Path(f"/tmp/embed_bench_{os.getpid()}.json")
+    payload.write_text(json.dumps({"model_dir": str(model_dir), "inputs": inputs,
+                                   "batches": list(BATCHES)}))
+    torch_env = {**os.environ, "PYTHONPATH": ""}
+    thread_counts = sorted({1, args.threads})
+    load_before = os.getloadavg()
+    ours: dict[int, dict[str, Any]] = {}
+    refs: dict[int, dict[str, Any]] = {}
+    try:
+        # Alternate the two sides so that load changes hit both; ours at 1 thread runs again at
+        # the end, and its two runs disagreeing shows how much the load moved.
+        for n in thread_counts:
+            ours[n] = run_worker(sys.executable, "ours", payload, n, args.seconds, xla_env(n))
+            refs[n] = run_worker(args.ref_python, "torch", payload, n, args.seconds, torch_env)
+        again = run_worker(sys.executable, "ours", payload, 1, args.seconds, xla_env(1))
+    finally:
+        payload.unlink()
+    load_after = os.getloadavg()
+
+    some = refs[thread_counts[-1]]
+    cos = np.sum(np.array(ours[1]["sample"]) * np.array(refs[1]["sample"]), axis=1)
+    print(f"load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f}; "
+          f"{os.cpu_count()} cores; torch {some['torch']} ({some['attn']} attention)")
+    print(f"agreement with torch on 4 inputs: min cosine {cos.min():.6f}; recompiles while "
+          f"serving: {max(o['recompiles'] for o in [*ours.values(), again])}")
+    for n in thread_counts:
+        print(f"\n{n} thread(s): embeddings/s (wall) and CPU ms per embedding")
+        print(f"{'batch':>6} {'ours':>9} {'torch':>9} {'speedup':>8} {'ours ms':>9} "
+              f"{'torch ms':>9} {'CPU ratio':>10}")
+        for b in BATCHES:
+            k = str(b)
+            o, r = ours[n][k], refs[n][k]
+            print(f"{b:>6} {o['per_s']:>9.1f} {r['per_s']:>9.1f} {o['per_s'] / r['per_s']:>7.2f}x "
+                  f"{o['cpu_ms']:>9.2f} {r['cpu_ms']:>9.2f} {r['cpu_ms'] / o['cpu_ms']:>9.2f}x")
+    drift = " ".join(f"{b}: {ours[1][str(b)]['per_s']:.1f}->{again[str(b)]['per_s']:.1f}"
+                     for b in BATCHES)
+    print(f"\nours at 1 thread, first vs last run (embeddings/s): {drift}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
