@@ -441,7 +441,12 @@ def serve_app(server_args: ServerArgs, engine_factory: Any, *, model_root: str =
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    engine_args, server_args = parse_args(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["convert"]:  # `serve convert MODEL --output DIR` (a model dir named
+        from serving.engine.convert import main as convert_main  # "convert" needs ./convert)
+
+        return int(convert_main(args[1:]) or 0)
+    engine_args, server_args = parse_args(args)
     setup_logging(server_args.log_level)
     _log_non_defaults(engine_args, server_args)
     return run_server(engine_args, server_args)

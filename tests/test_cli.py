@@ -126,3 +126,12 @@ def test_help_documents_every_option() -> None:
                    "--trust-request-chat-template", "--max-model-len", "--enable-prefix-caching",
                    "--disable-log-requests", "--allowed-origins"):
         assert needle in out
+
+
+def test_serve_convert_subcommand_reaches_the_converter(capsys: pytest.CaptureFixture[str]) -> None:
+    from serving.cli import main as serve_main
+
+    with pytest.raises(SystemExit) as e:
+        serve_main(["convert", "--help"])
+    assert e.value.code == 0
+    assert "--output" in capsys.readouterr().out
