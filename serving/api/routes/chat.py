@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sanic import Blueprint, HTTPResponse, Request
@@ -49,7 +49,13 @@ from serving.api.protocol import (
     PromptTokensDetails,
     UsageInfo,
 )
-from serving.api.routes.common import in_flight, json_response, request_id_for, state_of
+from serving.api.routes.common import (
+    ChoiceAccumulator,
+    in_flight,
+    json_response,
+    request_id_for,
+    state_of,
+)
 from serving.api.state import ServerState
 from serving.api.streaming import SSEWriter
 from serving.engine.outputs import TokenLogprob
@@ -60,15 +66,6 @@ bp = Blueprint("chat")
 
 UNTRUSTED_TEMPLATE = ("Chat template is passed with request, but --trust-request-chat-template "
                       "is not set. Refused request with untrusted chat template.")
-
-
-@dataclass
-class _Choice:
-    token_ids: list[int] = field(default_factory=list)
-    text: list[str] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
 
 
 @dataclass
@@ -199,7 +196,7 @@ async def _full(state: ServerState, plan: _Plan) -> HTTPResponse:
     engine = state.require_generate("Chat Completions API")
     assert state.metrics is not None
     fmt = _formatter(state, plan)
-    choices = [_Choice() for _ in range(n)]
+    choices = [ChoiceAccumulator() for _ in range(n)]
     prompt_lps: list[TokenLogprob | None] | None = None
     cached = 0
     stream = engine_stream(engine, state.metrics, [plan.prompt], [plan.params], plan.response_id)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 from sanic import HTTPResponse, Request
 
 from serving.api.state import ServerState
+from serving.engine.outputs import TokenLogprob
 
 
 def state_of(request: Request) -> ServerState:
@@ -40,3 +42,14 @@ def in_flight(state: ServerState) -> Iterator[None]:
         state.in_flight -= 1
         if state.metrics is not None:
             state.metrics.http_in_flight.dec()
+
+
+@dataclass
+class ChoiceAccumulator:
+    """One choice's output gathered from the engine's deltas (non-streaming responses)."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sanic import Blueprint, HTTPResponse, Request
 
@@ -43,7 +43,13 @@ from serving.api.protocol import (
     PromptTokensDetails,
     UsageInfo,
 )
-from serving.api.routes.common import in_flight, json_response, request_id_for, state_of
+from serving.api.routes.common import (
+    ChoiceAccumulator,
+    in_flight,
+    json_response,
+    request_id_for,
+    state_of,
+)
 from serving.api.state import ServerState
 from serving.api.streaming import SSEWriter
 from serving.engine.outputs import TokenLogprob
@@ -51,15 +57,6 @@ from serving.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger("xlaserve.api")
 bp = Blueprint("completions")
-
-
-@dataclass
-class _Choice:
-    token_ids: list[int] = field(default_factory=list)
-    text: list[str] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
 
 
 @dataclass
@@ -184,7 +181,7 @@ async def _full(state: ServerState, plan: _Plan) -> HTTPResponse:
     assert state.tokens is not None and state.metrics is not None
     fmt = LogprobFormatter(state.tokens, as_ids=bool(req.return_tokens_as_token_ids
                                                      or state.args.return_tokens_as_token_ids))
-    choices = [[_Choice() for _ in range(n)] for _ in plan.prompts]
+    choices = [[ChoiceAccumulator() for _ in range(n)] for _ in plan.prompts]
     prompt_lps: list[list[TokenLogprob | None] | None] = [None] * len(plan.prompts)
     cached = [0] * len(plan.prompts)
     if _needs_engine(plan):
@@ -212,7 +209,7 @@ async def _full(state: ServerState, plan: _Plan) -> HTTPResponse:
     for i, prompt in enumerate(plan.prompts):
         for j, c in enumerate(choices[i]):
             if plan.echo_only:
-                c = _Choice(finish_reason="length")
+                c = ChoiceAccumulator(finish_reason="length")
             completion_tokens += len(c.token_ids)
             text = "".join(c.text)
             logprobs = None
