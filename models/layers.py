@@ -116,7 +116,11 @@ class Attention(nnx.Module):
         out = self.attn_fn(q, k_cache, v_cache, inp.page_table, inp.kv_lens, inp.cu_q_lens,
                            sm_scale=self.scale, sliding_window=self.window,
                            soft_cap=self.soft_cap)  # [T, N, H]
-        return jnp.einsum("tnh,nhd->td", out, self.o[...]), (k_cache, v_cache)
+        # As one [T, N*H] @ [N*H, D] matmul: the 3-D einsum made XLA:CPU transpose the whole o
+        # weight on every step to match the attention output's layout (1.3 MB per layer).
+        o = self.o[...]
+        y = out.reshape(t, -1) @ o.reshape(-1, o.shape[-1])
+        return y, (k_cache, v_cache)
 
 
 class GatedMLP(nnx.Module):

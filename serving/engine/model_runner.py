@@ -3,7 +3,8 @@
 Owns the parameters, the KV cache (explicit state: passed into the step, returned, donated) and
 the compiled step variants. Shapes are padded to a short bucket list so that every variant is
 compiled once at start-up (``warmup``) and the serving loop never compiles: T (tokens) is a
-power of two from ``min_token_bucket`` to ``max_num_batched_tokens``, S (sequences) is
+power of two from ``min_token_bucket`` to ``max_num_batched_tokens`` (from 1: on XLA:CPU an
+8-row step costs about twice a 1-row one, so a lone sequence must not be padded to 8), S is
 min(T, max_num_seqs), and W (page-table width) is fixed by max_model_len. Context length is not a
 compiled dimension: the attention loops over as many KV blocks as the longest sequence needs.
 """
@@ -40,7 +41,7 @@ class RunnerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
-    min_token_bucket: int = 8
+    min_token_bucket: int = 1
 
     @property
     def table_width(self) -> int:  # W
