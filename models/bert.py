@@ -293,6 +293,19 @@ class BertForSequenceClassification(nnx.Module):
 # ----------------------------------------------------------------------------- loading
 
 
+def is_encoder_dir(path: str | Path) -> bool:
+    """Whether ``path`` is an HF directory whose ``config.json`` names a BERT-family
+    ``model_type`` (whether this module can run it is ``read_config``'s call)."""
+    cfg_path = Path(path) / "config.json"
+    if not cfg_path.is_file():
+        return False
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(cfg, dict) and cfg.get("model_type") in _FAMILIES
+
+
 def read_config(model_dir: str | Path) -> BertConfig:
     path = Path(model_dir) / "config.json"
     if not path.exists():

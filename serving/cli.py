@@ -220,11 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "/v1/embeddings, /pooling, /score and /rerank for BERT-family "
                          "encoders (sentence-transformers models), /score, /rerank and "
                          "/classify for cross-encoders (…ForSequenceClassification). "
-                         "'embed'/'embedding' and 'classify'/'score' demand such a model.")
+                         "'embed'/'embedding': embeddings from an encoder, or from a decoder "
+                         "(Llama/Qwen/Gemma 3 families; last-token pooling, normalised); "
+                         "'classify'/'score' demand a cross-encoder.")
     pl.add_argument("--override-pooler-config", default=None, metavar="JSON",
                     help='Pooling of an embedding model, over its sentence-transformers '
                          'config: e.g. \'{"pooling_type": "CLS", "normalize": false}\' '
-                         '(pooling_type MEAN, CLS or LAST).')
+                         '(pooling_type MEAN, CLS = first token, or LAST; defaults: CLS for '
+                         'encoders, LAST for decoders, normalize true).')
 
     # ---- parallelism (sharding/; docs/SHARDING.md) ----
     d = p.add_argument_group("Parallelism")
@@ -404,7 +407,8 @@ def _log_non_defaults(engine_args: EngineArgs, server_args: ServerArgs) -> None:
 
 def make_engine(engine_args: EngineArgs) -> Any:
     """The engine for ``--task``, the model and the parallelism options: a pooling engine for
-    BERT-family encoders, data-parallel replicas when asked for, else one generation engine.
+    BERT-family encoders and for decoders with ``--task embed``, data-parallel replicas when
+    asked for, else one generation engine.
     Runs in the server's loader thread (it loads and compiles)."""
     from serving.engine.data_parallel import DataParallelClient
     from serving.engine.pooling_engine import PoolingEngine, wants_pooling_engine

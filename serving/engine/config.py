@@ -32,7 +32,8 @@ class EngineArgs:
     max_logprobs: int = 20
     # Pooling models (serving.engine.pooling_engine). "auto": generate for decoders, the
     # architecture's pooling tasks for BERT-family encoders; embed/embedding, classify, score
-    # ask for a pooling engine explicitly; generate refuses encoders.
+    # ask for a pooling engine explicitly (embed on a decoder: last-token embeddings from the
+    # decoder runner, serving.engine.pooling_decoder); generate refuses encoders.
     task: str = "auto"
     override_pooler_config: str | None = None  # JSON: {"pooling_type": "MEAN", "normalize": true}
     # ---- parallelism (sharding/, serving/engine/sharded.py; docs/SHARDING.md) ----

@@ -1,10 +1,15 @@
 """The pooling engine: an async client over a background thread that batches pooling requests.
 
+Models: BERT-family encoders and cross-encoders (``PoolingRunner``), and decoder (Llama-family)
+models served as embedding models with ``--task embed`` (``pooling_decoder.DecoderPoolingRunner``:
+a causal prefill, LAST + normalize by default, as vLLM). Both runners share the batch grid of
+``pooling_runner.BucketedRunner``, so batch forming below is the same for either.
+
 Who calls it: the HTTP layer (``/v1/embeddings``, ``/pooling``, ``/score``, ``/rerank``) and
 tests, from an asyncio event loop. ``encode``/``embed`` validate a request on the caller's thread
 (raising ``ValueError`` -> 400), queue its sequences and await a future. One background thread
 ("pooling-engine") owns the device: each step it takes pending sequences, forms one batch that
-fits a precompiled ``(S, T)`` bucket of ``PoolingRunner``, runs it, and hands results back to the
+fits a precompiled ``(S, T)`` bucket of the runner, runs it, and hands results back to the
 callers' loops with ``call_soon_threadsafe``. Requests that arrive while a step runs join the
 next step, so concurrent HTTP requests share batches.
 
@@ -30,12 +35,12 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jax.numpy as jnp
 import numpy as np
 
-from models.bert import BertConfig, load_bert, read_config
+from models.bert import BertConfig, is_encoder_dir, load_bert, read_config
 from models.loader import ModelLoadError, resolve_source
 from models.pooling import (
     PoolerConfig,
@@ -53,7 +58,7 @@ from serving.engine.pooling_params import (
     PoolingOutput,
     PoolingParams,
 )
-from serving.engine.pooling_runner import PoolingRunner
+from serving.engine.pooling_runner import BucketedRunner, PoolingRunner
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +92,34 @@ class PoolingStats:
     generation_tokens_total: int = 0
     # Pooling only.
     num_sequences: int = 0  # sequences pooled
-    num_padded_tokens: int = 0  # S * T summed over steps
+    num_padded_tokens: int = 0  # token slots computed (S * T, or P packed), summed
     num_compiles: int = 0  # executables compiled, warmup included
+
+
+class PoolingModelConfig(Protocol):
+    """What the engine reads about its model: ``models.bert.BertConfig`` for encoders,
+    ``pooling_decoder.DecoderPoolingConfig`` for decoders."""
+
+    @property
+    def architecture(self) -> str: ...
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def hidden_size(self) -> int: ...
+    @property
+    def type_vocab_size(self) -> int: ...
+    @property
+    def num_labels(self) -> int: ...
+    @property
+    def problem_type(self) -> str | None: ...
+    @property
+    def cross_encoder_activation(self) -> str | None: ...
+    @property
+    def id2label(self) -> tuple[tuple[int, str], ...]: ...
+    @property
+    def matryoshka_dimensions(self) -> tuple[int, ...] | None: ...
+    @property
+    def is_matryoshka(self) -> bool: ...
 
 
 @dataclass
@@ -116,8 +147,8 @@ class PoolingEngine:
 
     def __init__(
         self,
-        runner: PoolingRunner,
-        model_config: BertConfig,
+        runner: BucketedRunner,
+        model_config: PoolingModelConfig,
         pooler_config: PoolerConfig,
         tokenizer: Any = None,
         *,
@@ -154,7 +185,8 @@ class PoolingEngine:
         self._dead: BaseException | None = None
         self._in_flight = 0
         self._stats = PoolingStats()
-        # (S, T) bucket -> steps run with it; read by tests and the bench.
+        # Compiled shape -> steps run with it; read by tests and the bench. Encoders: (S, T);
+        # decoders: (sequence rows, packed tokens P).
         self.step_sizes: collections.Counter[tuple[int, int]] = collections.Counter()
 
     # ------------------------------------------------------------------------- construction
@@ -163,14 +195,28 @@ class PoolingEngine:
     def from_args(cls, args: Any, *, warmup: bool = True) -> PoolingEngine:
         """Load the model named by an ``EngineArgs``-like object and compile its buckets.
 
-        Reads: model (asset alias or HF directory), tokenizer, dtype, max_model_len,
-        max_num_seqs, max_num_batched_tokens, cache_dir, compilation_cache, and, where present,
-        override_pooler_config (JSON string or dict). ``await start()`` then starts serving.
-        Raises ``ModelLoadError`` for a model that is missing or not a BERT-family encoder.
+        Reads: model (asset alias, HF directory, GGUF file; None: the default asset), task,
+        tokenizer, dtype, max_model_len, max_num_seqs, max_num_batched_tokens, cache_dir,
+        compilation_cache, and, where present, override_pooler_config (JSON string or dict),
+        attention_backend and block_size (decoders). A BERT-family directory runs on the
+        encoder runner; anything else is loaded as a decoder embedding model (task auto or
+        embed). ``await start()`` then starts serving. Raises ``ModelLoadError`` for a model
+        that is missing, of an unsupported family, or does not fit ``task``.
         """
-        model_dir = resolve_model_dir(args.model, getattr(args, "cache_dir", None))
+        cache_dir = getattr(args, "cache_dir", None)
+        source = Path(resolve_source(args.model, cache_dir))
         if getattr(args, "compilation_cache", False):
-            enable_compilation_cache(getattr(args, "cache_dir", None))
+            enable_compilation_cache(cache_dir)
+        if is_encoder_dir(source):
+            engine = cls._encoder_from_args(args, source)
+        else:
+            engine = cls._decoder_from_args(args, source)
+        if warmup:
+            engine.runner.warmup()
+        return engine
+
+    @classmethod
+    def _encoder_from_args(cls, args: Any, model_dir: Path) -> PoolingEngine:
         try:
             cfg = read_config(model_dir)
             dtype = _dtype(getattr(args, "dtype", "auto"))
@@ -196,8 +242,23 @@ class PoolingEngine:
         logger.info("pooling model %s: %s, pooler %s (normalize=%s, from %s), max_model_len %d",
                     engine.model_name, cfg.architecture, pooler.pooling_type.value,
                     pooler.normalize, pooler.source, max_model_len)
-        if warmup:
-            runner.warmup()
+        return engine
+
+    @classmethod
+    def _decoder_from_args(cls, args: Any, source: Path) -> PoolingEngine:
+        from serving.engine.pooling_decoder import load_decoder_pooling
+
+        task = getattr(args, "task", "auto")
+        if task not in ("auto", "embed", "embedding"):
+            raise ModelLoadError(f"--task {task}: {source.name} is not a BERT-family "
+                                 "encoder; decoder models serve --task embed (or generate)")
+        runner, cfg, pooler, tokenizer, name = load_decoder_pooling(
+            args, source, dtype=getattr(args, "dtype", "auto"),
+            max_model_len=getattr(args, "max_model_len", None))
+        engine = cls(runner, cfg, pooler, tokenizer, model_name=name)
+        logger.info("decoder embedding model %s: %s, pooler %s (normalize=%s, from %s), "
+                    "max_model_len %d", name, cfg.architecture, pooler.pooling_type.value,
+                    pooler.normalize, pooler.source, runner.max_model_len)
         return engine
 
     async def start(self) -> None:
@@ -445,14 +506,13 @@ class PoolingEngine:
             for it in batch:
                 self._fail(it.request, e)
             return
-        t = self.runner.token_bucket(max(len(it.token_ids) for it in batch))
-        s = self.runner.seq_bucket(len(batch), t, kind)
+        shape, padded = self.runner.step_shape(kind, [len(it.token_ids) for it in batch])
         st = self._stats
         st.num_steps += 1
         st.num_sequences += len(batch)
         st.prompt_tokens_total += sum(len(it.token_ids) for it in batch)
-        st.num_padded_tokens += s * t
-        self.step_sizes[(s, t)] += 1
+        st.num_padded_tokens += padded
+        self.step_sizes[shape] += 1
         for it, out in zip(batch, raw, strict=True):
             req = it.request
             if req.failed:
@@ -518,42 +578,26 @@ def check_task(task: str, cfg: BertConfig) -> None:
 
 
 def wants_pooling_engine(args: Any) -> bool:
-    """Whether ``serve`` should build a ``PoolingEngine`` for these ``EngineArgs``: an explicit
-    pooling task, or ``auto`` with a BERT-family HF directory. Decoder models with a pooling
-    task are refused here (their embeddings need the generation model runner)."""
+    """Whether ``serve`` should build a ``PoolingEngine`` for these ``EngineArgs``: a
+    BERT-family HF directory (unless ``--task generate``, which it refuses), or ``--task
+    embed|embedding`` on any other model (a decoder embedding model). ``--task auto`` on a
+    decoder generates; ``--task classify|score`` needs a cross-encoder."""
     task = getattr(args, "task", "auto")
-    path: Path | None = None
     try:
         path = Path(resolve_source(args.model, getattr(args, "cache_dir", None)))
     except ModelLoadError:
         if task in POOLING_TASKS:
             raise
         return False  # the generation engine reports the problem
-    is_encoder = False
-    if path.is_dir() and (path / "config.json").exists():
-        try:
-            read_config(path)
-            is_encoder = True
-        except ValueError:
-            is_encoder = False
-    if task in POOLING_TASKS and not is_encoder:
-        raise ModelLoadError(f"--task {task} needs a BERT-family encoder (BERT, RoBERTa, "
-                             "XLM-RoBERTa) in a Hugging Face directory; embeddings from decoder "
-                             "models are not supported yet")
-    if task == "generate" and is_encoder:
-        check_task(task, read_config(path))
-    return is_encoder and task != "generate"
-
-
-def resolve_model_dir(model: str | None, cache_dir: str | None = None) -> Path:
-    """An asset alias, HF directory or hub id (``models.loader.resolve_source``) -> an HF
-    directory holding ``config.json``."""
-    if not model:
-        raise ModelLoadError("a pooling model must be named (an asset alias or an HF directory)")
-    path = Path(resolve_source(model, cache_dir))
-    if not (path.is_dir() and (path / "config.json").exists()):
-        raise ModelLoadError(f"pooling model {model!r} is not an HF directory with config.json")
-    return path
+    if is_encoder_dir(path):
+        if task == "generate":
+            check_task(task, read_config(path))
+        return True
+    if task in ("classify", "score"):
+        raise ModelLoadError(f"--task {task} needs a BERT-family cross-encoder "
+                             "(…ForSequenceClassification) in a Hugging Face directory; "
+                             "decoder models serve --task embed or generate")
+    return task in ("embed", "embedding")
 
 
 def resolve_max_model_len(model_dir: Path, cfg: BertConfig, requested: int | None) -> int:

@@ -17,6 +17,11 @@ Output kinds (one compiled family each):
 - ``hidden``: ``f32[S, T, D]`` per-token hidden states (ALL pooling), sliced per row on host;
 - ``logits``: ``f32[S, L]`` raw classifier logits; activations are applied per request.
 
+``BucketedRunner`` holds what the engine relies on for any model: the ``(S, T)`` batch grid it
+forms batches on, compile bookkeeping and ``warmup``. ``PoolingRunner`` (here) runs encoders on
+exactly that grid; ``serving.engine.pooling_decoder.DecoderPoolingRunner`` runs decoder models
+as packed causal prefills and compiles per packed-token bucket instead.
+
 Axis letters: S sequences, T tokens, D hidden dim, L labels.
 """
 
@@ -68,37 +73,29 @@ def default_seq_buckets(max_num_seqs: int) -> list[int]:
     return buckets
 
 
-class PoolingRunner:
-    """Owns the model's weights on device and one compiled executable per (kind, S, T)."""
+class BucketedRunner:
+    """What ``PoolingEngine`` needs from a runner, shared by the encoder and decoder runners.
+
+    The engine forms batches on the ``(S, T)`` grid below (``token_bucket``, ``max_batch``,
+    ``seq_bucket``); a subclass decides which shapes it compiles (``shapes``, ``_compile``) and
+    runs a batch (``run``). ``_executable`` counts compilations; ``warmup`` compiles every shape
+    of every kind, so ``num_recompiles`` stays 0 while serving.
+    """
+
+    is_classifier = False
+    kinds: tuple[str, ...] = ("pooled", "hidden")
 
     def __init__(
         self,
-        model: BertModel | BertForSequenceClassification,
-        pooling_type: PoolingType,
         *,
         max_model_len: int,
-        max_num_seqs: int = 32,
-        max_num_batched_tokens: int | None = None,
-        token_buckets: Sequence[int] | None = None,
-        seq_buckets: Sequence[int] | None = None,
-        hidden_max_seqs: int = HIDDEN_MAX_SEQS,
+        max_num_seqs: int,
+        max_num_batched_tokens: int | None,
+        token_buckets: Sequence[int] | None,
+        seq_buckets: Sequence[int] | None,
+        hidden_max_seqs: int,
     ):
-        if pooling_type == PoolingType.ALL:
-            raise ValueError("the model's pooler must reduce to one vector (MEAN/CLS/LAST); "
-                             "per-token output is the 'hidden' kind")
-        self.is_classifier = isinstance(model, BertForSequenceClassification)
-        cfg = model.cfg
-        if max_model_len > cfg.max_input_len:
-            raise ValueError(f"max_model_len {max_model_len} exceeds the model's "
-                             f"{cfg.max_input_len} positions")
-        self.kinds: tuple[str, ...] = ("logits",) if self.is_classifier else ("pooled", "hidden")
-        self.pooling_type = pooling_type
         self.max_model_len = max_model_len
-        self.vocab_size = cfg.vocab_size
-        self.type_vocab_size = max(cfg.type_vocab_size, 1)
-        self.pad_token_id = cfg.pad_token_id
-        self.hidden_size = cfg.hidden_size
-        self.num_labels = cfg.num_labels
         self.token_buckets = sorted(set(token_buckets or default_token_buckets(max_model_len)))
         if self.token_buckets[-1] < max_model_len:
             raise ValueError(f"the largest token bucket {self.token_buckets[-1]} is below "
@@ -106,15 +103,14 @@ class PoolingRunner:
         self.seq_buckets = sorted(set(seq_buckets or default_seq_buckets(max_num_seqs)))
         self.max_num_batched_tokens = max_num_batched_tokens or max(8192, max_model_len)
         self.hidden_max_seqs = max(hidden_max_seqs, 1)
-        self._graphdef, self._state = nnx.split(model)
-        self._compiled: dict[tuple[str, int, int], Any] = {}
+        self._compiled: dict[tuple[str, tuple[int, int]], Any] = {}
         self._compile_lock = threading.Lock()
         self.num_compiles = 0  # every compilation, warmup included
         self.num_recompiles = 0  # compilations after warmup: a missed bucket while serving
         self.warmed_up = False
         self.compile_seconds = 0.0
 
-    # ------------------------------------------------------------------------- shapes
+    # ------------------------------------------------------------------------- batch shapes
 
     def token_bucket(self, num_tokens: int) -> int:
         """Smallest T bucket holding ``num_tokens``; ValueError past ``max_model_len``."""
@@ -143,8 +139,8 @@ class PoolingRunner:
         raise ValueError(f"{num_seqs} sequences do not fit one step at {t_bucket} tokens "
                          f"(at most {cap})")
 
-    def shapes(self, kind: str = "pooled") -> list[tuple[int, int]]:
-        """Every (S, T) the runner may execute for ``kind``; ``warmup`` compiles them all."""
+    def batch_shapes(self, kind: str = "pooled") -> list[tuple[int, int]]:
+        """Every (S, T) batch the engine may form for ``kind``."""
         out: list[tuple[int, int]] = []
         for t in self.token_buckets:
             cap = self.max_batch(t, kind)
@@ -154,6 +150,106 @@ class PoolingRunner:
         return out
 
     # ------------------------------------------------------------------------- compile
+
+    def shapes(self, kind: str = "pooled") -> list[tuple[int, int]]:
+        """Every shape compiled for ``kind``; ``warmup`` compiles them all."""
+        raise NotImplementedError
+
+    def _compile(self, kind: str, shape: tuple[int, int]) -> Any:
+        """Lower and compile the step of ``kind`` for ``shape``."""
+        raise NotImplementedError
+
+    def _executable(self, kind: str, shape: tuple[int, int]) -> Any:
+        key = (kind, shape)
+        exe = self._compiled.get(key)
+        if exe is not None:
+            return exe
+        with self._compile_lock:
+            exe = self._compiled.get(key)
+            if exe is None:
+                start = time.perf_counter()
+                exe = self._compile(kind, shape)
+                self.compile_seconds += time.perf_counter() - start
+                self.num_compiles += 1
+                if self.warmed_up:
+                    self.num_recompiles += 1
+                    logger.warning("pooling runner compiled %s after warmup", key)
+                self._compiled[key] = exe
+        return exe
+
+    def warmup(self) -> None:
+        """Compile every (kind, shape) this model serves. Idempotent."""
+        if self.warmed_up:
+            return
+        start = time.perf_counter()
+        for kind in self.kinds:
+            for shape in self.shapes(kind):
+                self._executable(kind, shape)
+        self.warmed_up = True
+        logger.info("pooling runner: %d executables (%s) ready in %.1fs", len(self._compiled),
+                    "/".join(self.kinds), time.perf_counter() - start)
+
+    # ------------------------------------------------------------------------- run
+
+    def step_shape(self, kind: str, lengths: Sequence[int]) -> tuple[tuple[int, int], int]:
+        """The compiled shape a batch of sequences of ``lengths`` runs with, and how many token
+        slots (real and padding) that step computes."""
+        raise NotImplementedError
+
+    def run(
+        self,
+        kind: str,
+        token_ids: Sequence[Sequence[int]],
+        token_type_ids: Sequence[Sequence[int] | None] | None = None,
+    ) -> list[np.ndarray]:
+        """Run one step on ``len(token_ids)`` sequences (1 <= n <= the bucket's capacity).
+
+        Returns per sequence: ``pooled`` f32[D], ``hidden`` f32[n_tokens, D], ``logits``
+        f32[L]. Every sequence must be non-empty and at most ``max_model_len`` long, ids in
+        vocab; the engine validates requests before they get here.
+        """
+        raise NotImplementedError
+
+
+class PoolingRunner(BucketedRunner):
+    """Encoders: the model's weights on device and one compiled executable per (kind, S, T)."""
+
+    def __init__(
+        self,
+        model: BertModel | BertForSequenceClassification,
+        pooling_type: PoolingType,
+        *,
+        max_model_len: int,
+        max_num_seqs: int = 32,
+        max_num_batched_tokens: int | None = None,
+        token_buckets: Sequence[int] | None = None,
+        seq_buckets: Sequence[int] | None = None,
+        hidden_max_seqs: int = HIDDEN_MAX_SEQS,
+    ):
+        if pooling_type == PoolingType.ALL:
+            raise ValueError("the model's pooler must reduce to one vector (MEAN/CLS/LAST); "
+                             "per-token output is the 'hidden' kind")
+        cfg = model.cfg
+        if max_model_len > cfg.max_input_len:
+            raise ValueError(f"max_model_len {max_model_len} exceeds the model's "
+                             f"{cfg.max_input_len} positions")
+        super().__init__(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                         max_num_batched_tokens=max_num_batched_tokens,
+                         token_buckets=token_buckets, seq_buckets=seq_buckets,
+                         hidden_max_seqs=hidden_max_seqs)
+        self.is_classifier = isinstance(model, BertForSequenceClassification)
+        self.kinds = ("logits",) if self.is_classifier else ("pooled", "hidden")
+        self.pooling_type = pooling_type
+        self.vocab_size = cfg.vocab_size
+        self.type_vocab_size = max(cfg.type_vocab_size, 1)
+        self.pad_token_id = cfg.pad_token_id
+        self.hidden_size = cfg.hidden_size
+        self.num_labels = cfg.num_labels
+        self._graphdef, self._state = nnx.split(model)
+
+    def shapes(self, kind: str = "pooled") -> list[tuple[int, int]]:
+        """Every (S, T) the runner may execute for ``kind``: the engine's batch grid."""
+        return self.batch_shapes(kind)
 
     def _step_fn(self, kind: str) -> Any:
         graphdef, pooling_type = self._graphdef, self.pooling_type
@@ -170,39 +266,16 @@ class PoolingRunner:
 
         return step
 
-    def _executable(self, kind: str, s: int, t: int) -> Any:
-        key = (kind, s, t)
-        exe = self._compiled.get(key)
-        if exe is not None:
-            return exe
-        with self._compile_lock:
-            exe = self._compiled.get(key)
-            if exe is None:
-                start = time.perf_counter()
-                ids = jax.ShapeDtypeStruct((s, t), jnp.int32)
-                lengths = jax.ShapeDtypeStruct((s,), jnp.int32)
-                exe = jax.jit(self._step_fn(kind)).lower(self._state, ids, ids, lengths).compile()
-                self.compile_seconds += time.perf_counter() - start
-                self.num_compiles += 1
-                if self.warmed_up:
-                    self.num_recompiles += 1
-                    logger.warning("pooling runner compiled %s after warmup", key)
-                self._compiled[key] = exe
-        return exe
+    def _compile(self, kind: str, shape: tuple[int, int]) -> Any:
+        s, t = shape
+        ids = jax.ShapeDtypeStruct((s, t), jnp.int32)
+        lengths = jax.ShapeDtypeStruct((s,), jnp.int32)
+        return jax.jit(self._step_fn(kind)).lower(self._state, ids, ids, lengths).compile()
 
-    def warmup(self) -> None:
-        """Compile every (kind, S, T) this model serves. Idempotent."""
-        if self.warmed_up:
-            return
-        start = time.perf_counter()
-        for kind in self.kinds:
-            for s, t in self.shapes(kind):
-                self._executable(kind, s, t)
-        self.warmed_up = True
-        logger.info("pooling runner: %d executables (%s) ready in %.1fs", len(self._compiled),
-                    "/".join(self.kinds), time.perf_counter() - start)
-
-    # ------------------------------------------------------------------------- run
+    def step_shape(self, kind: str, lengths: Sequence[int]) -> tuple[tuple[int, int], int]:
+        t = self.token_bucket(max(lengths))
+        s = self.seq_bucket(len(lengths), t, kind)
+        return (s, t), s * t
 
     def run(
         self,
@@ -210,20 +283,13 @@ class PoolingRunner:
         token_ids: Sequence[Sequence[int]],
         token_type_ids: Sequence[Sequence[int] | None] | None = None,
     ) -> list[np.ndarray]:
-        """Run one step on ``len(token_ids)`` sequences (1 <= n <= the bucket's capacity).
-
-        Returns per sequence: ``pooled`` f32[D], ``hidden`` f32[n_tokens, D], ``logits``
-        f32[L]. Every sequence must be non-empty and at most ``max_model_len`` long, ids in
-        vocab; the engine validates requests before they get here.
-        """
         if kind not in self.kinds:
             raise ValueError(f"this model does not produce {kind!r} outputs")
         n = len(token_ids)
         if n == 0:
             return []
         lens = [len(x) for x in token_ids]
-        t = self.token_bucket(max(lens))
-        s = self.seq_bucket(n, t, kind)
+        (s, t), _ = self.step_shape(kind, lens)
         ids = np.full((s, t), self.pad_token_id, dtype=np.int32)
         types = np.zeros((s, t), dtype=np.int32)
         lengths = np.zeros((s,), dtype=np.int32)
@@ -233,7 +299,7 @@ class PoolingRunner:
             tt = token_type_ids[i] if token_type_ids is not None else None
             if tt is not None:
                 types[i, : lens[i]] = tt
-        out = np.asarray(self._executable(kind, s, t)(self._state, ids, types, lengths))
+        out = np.asarray(self._executable(kind, (s, t))(self._state, ids, types, lengths))
         if kind == "hidden":
             return [out[i, : lens[i]] for i in range(n)]
         return [out[i] for i in range(n)]

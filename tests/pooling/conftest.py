@@ -1,5 +1,8 @@
 """Shared fixtures for the pooling tests: engines on small bucket sets, and the golden files.
 
+Encoders: MiniLM, the tiny cross-encoder, the tiny RoBERTa classifier. Decoder embeddings:
+SmolLM2-135M-Instruct (the default GGUF asset) on the decoder runner, float32.
+
 Engines here are built directly (not through ``from_args``) so that each compiles only a few
 buckets: the XLA CPU compiler needs ~1-2 s per executable. The JAX persistent compilation cache
 makes reruns fast.
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -17,8 +21,10 @@ import pytest
 
 from models import assets
 from models.bert import load_bert, read_config
+from models.loader import resolve_source
 from models.pooling import resolve_pooler_config
 from serving.engine.engine import enable_compilation_cache
+from serving.engine.pooling_decoder import load_decoder_pooling
 from serving.engine.pooling_engine import PoolingEngine, load_tokenizer
 from serving.engine.pooling_runner import PoolingRunner
 
@@ -77,5 +83,32 @@ def cross_encoder() -> Iterator[PoolingEngine]:
 @pytest.fixture(scope="session")
 def roberta() -> Iterator[PoolingEngine]:
     engine = make_engine(ROBERTA, max_model_len=64, token_buckets=[64], seq_buckets=[1, 8])
+    yield engine
+    engine.close()
+
+
+def make_decoder_engine(model: str, *, max_model_len: int, override: str | None = None,
+                        **runner_options: Any) -> PoolingEngine:
+    """A decoder embedding engine (``load_decoder_pooling``, as ``serve --task embed`` builds
+    it) with the runner's buckets from ``runner_options``; float32, started."""
+    enable_compilation_cache(None)
+    args = SimpleNamespace(model=model, task="embed", override_pooler_config=override,
+                           attention_backend="reference")
+    runner, cfg, pooler, tokenizer, name = load_decoder_pooling(
+        args, resolve_source(model), dtype="float32", max_model_len=max_model_len,
+        runner_options=runner_options)
+    engine = PoolingEngine(runner, cfg, pooler, tokenizer, model_name=name)
+    engine.start_thread()
+    return engine
+
+
+@pytest.fixture(scope="session")
+def smollm2_embed() -> Iterator[PoolingEngine]:
+    """SmolLM2 as an embedding model (LAST + normalize), max_model_len 256: batches on T in
+    {64, 256} x S in {1, 8, 32}, compiled as packed steps of P in {64, 512, 2048} tokens."""
+    engine = make_decoder_engine(
+        "smollm2-135m-instruct", max_model_len=256, token_buckets=[64, 256],
+        seq_buckets=[1, 8, 32], max_num_batched_tokens=2048,
+        packed_token_buckets=[64, 512, 2048])
     yield engine
     engine.close()

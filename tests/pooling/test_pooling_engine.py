@@ -241,7 +241,7 @@ def test_matryoshka_dimensions(minilm: PoolingEngine) -> None:
 
 def test_task_selection() -> None:
     """``serve``'s choice of engine: --task auto picks the pooling engine for BERT-family
-    directories only; explicit tasks must fit the checkpoint."""
+    directories only, --task embed also for decoders; explicit tasks must fit the checkpoint."""
     def args(model: str, task: str) -> SimpleNamespace:
         return SimpleNamespace(model=model, task=task, cache_dir=None)
 
@@ -249,8 +249,9 @@ def test_task_selection() -> None:
     assert wants_pooling_engine(args(str(CROSS_ENCODER), "score"))
     assert not wants_pooling_engine(args("smollm2-135m-instruct", "auto"))
     assert not wants_pooling_engine(args("smollm2-135m-instruct", "generate"))
-    with pytest.raises(ModelLoadError, match="decoder models are not supported yet"):
-        wants_pooling_engine(args("smollm2-135m-instruct", "embed"))
+    assert wants_pooling_engine(args("smollm2-135m-instruct", "embed"))  # decoder embeddings
+    with pytest.raises(ModelLoadError, match="needs a BERT-family cross-encoder"):
+        wants_pooling_engine(args("smollm2-135m-instruct", "score"))
     with pytest.raises(ModelLoadError, match="is an encoder"):
         wants_pooling_engine(args("all-minilm-l6-v2", "generate"))
     cfg = read_config(CROSS_ENCODER)
