@@ -5,7 +5,9 @@
 Measures (median of repeated runs, same process): the engine's whole step (schedule + host
 prep + device + update); the compiled model step alone; the same model with attention swapped
 for identity (→ attention's share) and the KV write dropped too; the LM head alone; the greedy
-argmax and the full sampler. Host overhead = engine step - device parts.
+argmax and the full sampler. Host overhead = engine step - device parts: a difference of
+separately timed runs, so it carries their noise (tens of ms); ``bench/step_profile.py`` reads
+every part of one engine step from XLA's per-op trace instead.
 """
 
 from __future__ import annotations
