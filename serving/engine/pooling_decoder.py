@@ -249,17 +249,9 @@ class DecoderPoolingRunner(BucketedRunner):
         cu[len(lens) + 1:] = cu[len(lens)]
         return StepInputs(ids, positions, slots, page_table, kv_lens, cu, last)
 
-    def run(
-        self,
-        kind: str,
-        token_ids: Sequence[Sequence[int]],
-        token_type_ids: Sequence[Sequence[int] | None] | None = None,
-    ) -> list[np.ndarray]:
-        if kind not in self.kinds:
-            raise ValueError(f"this model does not produce {kind!r} outputs")
+    def _run(self, kind: str, token_ids: Sequence[Sequence[int]],
+             token_type_ids: Sequence[Sequence[int] | None] | None) -> list[np.ndarray]:
         n = len(token_ids)
-        if n == 0:
-            return []
         inp = self.pack(kind, token_ids)
         shape = (int(inp.kv_lens.shape[0]), int(inp.token_ids.shape[0]))
         exe = self._executable(kind, shape)

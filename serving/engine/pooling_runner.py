@@ -208,6 +208,15 @@ class BucketedRunner:
         f32[L]. Every sequence must be non-empty and at most ``max_model_len`` long, ids in
         vocab; the engine validates requests before they get here.
         """
+        if kind not in self.kinds:
+            raise ValueError(f"this model does not produce {kind!r} outputs")
+        if not token_ids:
+            return []
+        return self._run(kind, token_ids, token_type_ids)
+
+    def _run(self, kind: str, token_ids: Sequence[Sequence[int]],
+             token_type_ids: Sequence[Sequence[int] | None] | None) -> list[np.ndarray]:
+        """``run`` for a valid kind and at least one sequence."""
         raise NotImplementedError
 
 
@@ -277,17 +286,9 @@ class PoolingRunner(BucketedRunner):
         s = self.seq_bucket(len(lengths), t, kind)
         return (s, t), s * t
 
-    def run(
-        self,
-        kind: str,
-        token_ids: Sequence[Sequence[int]],
-        token_type_ids: Sequence[Sequence[int] | None] | None = None,
-    ) -> list[np.ndarray]:
-        if kind not in self.kinds:
-            raise ValueError(f"this model does not produce {kind!r} outputs")
+    def _run(self, kind: str, token_ids: Sequence[Sequence[int]],
+             token_type_ids: Sequence[Sequence[int] | None] | None) -> list[np.ndarray]:
         n = len(token_ids)
-        if n == 0:
-            return []
         lens = [len(x) for x in token_ids]
         (s, t), _ = self.step_shape(kind, lens)
         ids = np.full((s, t), self.pad_token_id, dtype=np.int32)
