@@ -27,6 +27,7 @@ Axis letters: S sequences, T tokens, D hidden dim, L labels.
 
 from __future__ import annotations
 
+import abc
 import logging
 import threading
 import time
@@ -73,12 +74,12 @@ def default_seq_buckets(max_num_seqs: int) -> list[int]:
     return buckets
 
 
-class BucketedRunner:
+class BucketedRunner(abc.ABC):
     """What ``PoolingEngine`` needs from a runner, shared by the encoder and decoder runners.
 
     The engine forms batches on the ``(S, T)`` grid below (``token_bucket``, ``max_batch``,
     ``seq_bucket``); a subclass decides which shapes it compiles (``shapes``, ``_compile``) and
-    runs a batch (``run``). ``_executable`` counts compilations; ``warmup`` compiles every shape
+    runs a batch (``_run``). ``_executable`` counts compilations; ``warmup`` compiles every shape
     of every kind, so ``num_recompiles`` stays 0 while serving.
     """
 
@@ -151,13 +152,13 @@ class BucketedRunner:
 
     # ------------------------------------------------------------------------- compile
 
+    @abc.abstractmethod
     def shapes(self, kind: str = "pooled") -> list[tuple[int, int]]:
         """Every shape compiled for ``kind``; ``warmup`` compiles them all."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _compile(self, kind: str, shape: tuple[int, int]) -> Any:
         """Lower and compile the step of ``kind`` for ``shape``."""
-        raise NotImplementedError
 
     def _executable(self, kind: str, shape: tuple[int, int]) -> Any:
         key = (kind, shape)
@@ -191,10 +192,10 @@ class BucketedRunner:
 
     # ------------------------------------------------------------------------- run
 
+    @abc.abstractmethod
     def step_shape(self, kind: str, lengths: Sequence[int]) -> tuple[tuple[int, int], int]:
         """The compiled shape a batch of sequences of ``lengths`` runs with, and how many token
         slots (real and padding) that step computes."""
-        raise NotImplementedError
 
     def run(
         self,
@@ -214,10 +215,10 @@ class BucketedRunner:
             return []
         return self._run(kind, token_ids, token_type_ids)
 
+    @abc.abstractmethod
     def _run(self, kind: str, token_ids: Sequence[Sequence[int]],
              token_type_ids: Sequence[Sequence[int] | None] | None) -> list[np.ndarray]:
         """``run`` for a valid kind and at least one sequence."""
-        raise NotImplementedError
 
 
 class PoolingRunner(BucketedRunner):
