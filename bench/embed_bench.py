@@ -13,8 +13,8 @@ What is measured, for batches of 1, 32 and 256 inputs of ~30 tokens (26..32 with
   attention-masked mean pooling, ``F.normalize``, under ``torch.inference_mode()``, with
   ``torch.set_num_threads(N)``. It runs in the reference venv as a subprocess of this script.
 Both sides get the same pre-tokenized inputs (tokenization is excluded from both) and run as
-subprocesses at the same thread counts: 1 (XLA via ``--xla_cpu_multi_thread_eigen=false
-intra_op_parallelism_threads=1``, torch via ``set_num_threads(1)``) and N (``--threads``,
+subprocesses at the same thread counts: 1 (both pinned to core 0 with ``taskset``; XLA also
+with ``--xla_cpu_multi_thread_eigen=false``, torch ``set_num_threads(1)``) and N (``--threads``,
 default the machine's cores: XLA's default pool, torch ``set_num_threads(N)``). On a shared,
 oversubscribed machine the 1-thread numbers are the fair ones: multi-threaded runtimes stall
 at every op's barrier when a thread is descheduled. Wall-clock embeddings/s and CPU ms per
@@ -30,6 +30,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -158,10 +159,13 @@ def ours_worker(payload_path: str, threads: int, seconds: float) -> None:
 
 def run_worker(python: str, kind: str, payload: Path, threads: int, seconds: float,
                env: dict[str, str]) -> dict[str, Any]:
-    proc = subprocess.run(
-        [python, __file__, f"--{kind}-worker", str(payload), "--threads", str(threads),
-         "--seconds", str(seconds)],
-        capture_output=True, text=True, env=env)
+    cmd = [python, __file__, f"--{kind}-worker", str(payload), "--threads", str(threads),
+           "--seconds", str(seconds)]
+    if threads == 1 and shutil.which("taskset"):
+        # Pinned to one core: XLA's YNNPACK dots keep a second thread whatever the XLA flags
+        # say, so only the affinity makes the 1-thread rows a like-for-like comparison.
+        cmd = ["taskset", "-c", "0", *cmd]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} worker failed:\n{proc.stderr[-3000:]}")
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
