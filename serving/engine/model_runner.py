@@ -24,7 +24,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from models.config import ModelConfig
-from models.inputs import KVCache, StepInputs
+from models.inputs import KVCache, StepInputs, pack_step_inputs
 from serving.engine.sampler import SamplerOutput, SamplingInputs, prompt_logprobs, sample
 from serving.engine.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS
 from serving.engine.scheduler import SchedulerOutput
@@ -243,34 +243,17 @@ class ModelRunner:
         n_tok = sched.num_tokens
         t = self.bucket(n_tok)
         s, w, ps = self.num_seq_rows(t), self.cfg.table_width, self.cfg.page_size
-        token_ids = np.zeros(t, np.int32)
-        positions = np.zeros(t, np.int32)
-        slots = np.full(t, -1, np.int32)
-        page_table = np.zeros((s, w), np.int32)
-        kv_lens = np.zeros(s, np.int32)
-        cu = np.zeros(s + 1, np.int32)
-        logits_idx = np.zeros(s, np.int32)
+        inp = pack_step_inputs([(c.seq.tokens[c.start:c.start + c.num_tokens], c.start,
+                                 c.seq.pages) for c in chunks], t, s, w, ps)
         plp_next = np.full(t, -1, np.int32)
         want_plp = False
-        off = 0
         rows = []
         flags = np.zeros(5, bool)
-        for i, c in enumerate(chunks):
-            seq, n = c.seq, c.num_tokens
-            end = c.start + n
-            token_ids[off:off + n] = seq.tokens[c.start:end]
-            pos = np.arange(c.start, end, dtype=np.int32)
-            positions[off:off + n] = pos
-            pages = np.asarray(seq.pages, np.int32)
-            slots[off:off + n] = pages[pos // ps] * ps + pos % ps
-            page_table[i, :len(pages)] = pages
-            kv_lens[i] = end
-            cu[i + 1] = cu[i] + n
-            logits_idx[i] = off + n - 1
-            p = seq.params
+        for c, off in zip(chunks, inp.cu_q_lens, strict=False):
+            seq, n, p = c.seq, c.num_tokens, c.seq.params
             if p.prompt_logprobs is not None and c.start < seq.prompt_len - 1:
                 want_plp = True
-                nxt = pos + 1
+                nxt = np.arange(c.start + 1, c.start + n + 1)
                 ok = nxt < seq.prompt_len
                 plp_next[off:off + n] = np.where(ok, np.asarray(seq.tokens)[
                     np.minimum(nxt, len(seq.tokens) - 1)], -1)
@@ -278,10 +261,7 @@ class ModelRunner:
                 flags[0] |= not p.greedy
                 flags[1] |= (not p.greedy) and (p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0)
                 flags[4] |= p.logprobs is not None
-            off += n
             rows.append(seq)
-        cu[len(chunks) + 1:] = cu[len(chunks)]
-        inp = StepInputs(token_ids, positions, slots, page_table, kv_lens, cu, logits_idx)
         si = self._sampling_arrays(s, rows, flags)
         greedy_only = not bool(np.asarray(si.flags).any())
         out, plp = self._run_padded((inp, si, plp_next), want_plp, greedy_only)

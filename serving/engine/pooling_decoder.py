@@ -42,7 +42,7 @@ import numpy as np
 from flax import nnx
 
 from models.config import ModelConfig
-from models.inputs import KVCache, StepInputs
+from models.inputs import KVCache, StepInputs, pack_step_inputs
 from models.loader import ModelLoadError, load_model
 from models.pooling import PoolerConfig, PoolingType, pool_packed, resolve_pooler_config
 from serving.engine.pooling_runner import (
@@ -223,31 +223,13 @@ class DecoderPoolingRunner(BucketedRunner):
         if min(lens) < 1:
             raise ValueError("every sequence must have at least one token")
         (rows, p), _ = self.step_shape(kind, lens)
-        w, b = self.width(p), self.page_size
-        ids = np.zeros(p, np.int32)
-        positions = np.zeros(p, np.int32)
-        slots = np.full(p, -1, np.int32)
-        page_table = np.zeros((rows, w), np.int32)
-        kv_lens = np.zeros(rows, np.int32)
-        cu = np.zeros(rows + 1, np.int32)
-        last = np.zeros(rows, np.int32)
-        off, first_page = 0, 1
-        for i, seq in enumerate(token_ids):
-            n = lens[i]
-            n_pages = -(-n // b)
-            pages = np.arange(first_page, first_page + n_pages, dtype=np.int32)
-            pos = np.arange(n, dtype=np.int32)
-            ids[off:off + n] = seq
-            positions[off:off + n] = pos
-            slots[off:off + n] = pages[pos // b] * b + pos % b
-            page_table[i, :n_pages] = pages
-            kv_lens[i] = n
-            cu[i + 1] = cu[i] + n
-            last[i] = off + n - 1
-            off += n
+        b = self.page_size
+        chunks, first_page = [], 1
+        for seq, n in zip(token_ids, lens, strict=True):
+            n_pages = -(-n // b)  # a run of fresh pages per sequence, after the null page
+            chunks.append((seq, 0, range(first_page, first_page + n_pages)))
             first_page += n_pages
-        cu[len(lens) + 1:] = cu[len(lens)]
-        return StepInputs(ids, positions, slots, page_table, kv_lens, cu, last)
+        return pack_step_inputs(chunks, p, rows, self.width(p), b)
 
     def _run(self, kind: str, token_ids: Sequence[Sequence[int]],
              token_type_ids: Sequence[Sequence[int] | None] | None) -> list[np.ndarray]:
