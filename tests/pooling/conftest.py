@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 
@@ -40,6 +41,14 @@ def load_golden(name: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     with np.load(GOLDEN / f"{name}.npz") as z:
         arrays = {k: z[k] for k in z.files}
     return meta, arrays
+
+
+def assert_error(r: httpx.Response, status: int, fragment: str) -> None:
+    """An OpenAI-shaped error with this status whose message contains ``fragment``."""
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert fragment in err["message"], err
+    assert err["code"] == status
 
 
 def make_engine(model_dir: Path, *, max_model_len: int, token_buckets: list[int],

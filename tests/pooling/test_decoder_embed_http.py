@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from tests.api.server_utils import ServerProcess, real_server
-from tests.pooling.conftest import load_golden
+from tests.pooling.conftest import assert_error, load_golden
 from tests.pooling.test_decoder_pooling import EMB_ATOL, STATE_ATOL
 
 NAME = "smollm2-embed"
@@ -43,13 +43,6 @@ def client(server: ServerProcess) -> openai.OpenAI:
 def http(server: ServerProcess) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.base_url, timeout=120) as c:
         yield c
-
-
-def _error(r: httpx.Response, status: int, fragment: str) -> None:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert fragment in err["message"], err
-    assert err["code"] == status
 
 
 def test_embeddings_float_match_transformers(client: openai.OpenAI) -> None:
@@ -87,10 +80,10 @@ def test_embeddings_normalize_false_and_truncation(http: httpx.Client) -> None:
                                atol=STATE_ATOL)
     r = http.post("/v1/embeddings", json={"input": "word " * 200, "truncate_prompt_tokens": 10})
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 10
-    _error(http.post("/v1/embeddings", json={"input": "word " * 200}), 400,
-           "Please reduce the length of the input")
-    _error(http.post("/v1/embeddings", json={"input": "hi", "dimensions": 64}), 400,
-           "matryoshka")
+    assert_error(http.post("/v1/embeddings", json={"input": "word " * 200}), 400,
+                 "Please reduce the length of the input")
+    assert_error(http.post("/v1/embeddings", json={"input": "hi", "dimensions": 64}), 400,
+                 "matryoshka")
 
 
 def test_embeddings_of_chat_messages_use_the_models_template(http: httpx.Client) -> None:
@@ -132,13 +125,13 @@ def test_score_is_cosine_and_rerank_orders_by_it(http: httpx.Client) -> None:
 
 
 def test_generation_routes_refused(http: httpx.Client) -> None:
-    _error(http.post("/v1/completions", json={"prompt": "hi"}), 400,
-           "The model does not support Completions API")
-    _error(http.post("/v1/chat/completions",
-                     json={"messages": [{"role": "user", "content": "hi"}]}), 400,
-           "The model does not support Chat Completions API")
-    _error(http.post("/classify", json={"input": "hi"}), 400,
-           "The model does not support Classification API")
+    assert_error(http.post("/v1/completions", json={"prompt": "hi"}), 400,
+                 "The model does not support Completions API")
+    assert_error(http.post("/v1/chat/completions",
+                           json={"messages": [{"role": "user", "content": "hi"}]}), 400,
+                 "The model does not support Chat Completions API")
+    assert_error(http.post("/classify", json={"input": "hi"}), 400,
+                 "The model does not support Classification API")
     models = http.get("/v1/models").json()
     assert models["data"][0]["id"] == NAME and models["data"][0]["max_model_len"] == 128
     assert "xlaserve:num_requests_running" in http.get("/metrics").text

@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from tests.api.server_utils import ServerProcess, fake_server, real_server
-from tests.pooling.conftest import CROSS_ENCODER, load_golden
+from tests.pooling.conftest import CROSS_ENCODER, assert_error, load_golden
 
 PAIR = ["A man is eating food.", "A man is eating a piece of bread."]
 TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -59,13 +59,6 @@ def http(minilm_server: ServerProcess) -> Iterator[httpx.Client]:
 def ce(ce_server: ServerProcess) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=ce_server.base_url, timeout=120) as c:
         yield c
-
-
-def _error(r: httpx.Response, status: int, fragment: str) -> None:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert fragment in err["message"], err
-    assert err["code"] == status
 
 
 # ------------------------------------------------------------------------------- embeddings
@@ -118,17 +111,17 @@ def test_embeddings_refusals(client: openai.OpenAI, http: httpx.Client) -> None:
     with pytest.raises(openai.NotFoundError):
         client.embeddings.create(model="no-such-model", input="hi")
     long_text = "word " * 200
-    _error(http.post("/v1/embeddings", json={"input": long_text}), 400,
-           "Please reduce the length of the input")
-    _error(http.post("/v1/embeddings", json={"input": "hi", "truncate_prompt_tokens": 129}),
-           400, "Please, select a smaller truncation size")
-    _error(http.post("/v1/embeddings", json={"input": []}), 400, "must not be empty")
-    _error(http.post("/v1/embeddings", json={"input": [[101, 999999, 102]]}), 400,
-           "out of vocabulary")
-    _error(http.post("/v1/embeddings", json={"input": "hi", "encoding_format": "int8"}), 400,
-           "encoding_format")
-    _error(http.post("/v1/embeddings", json={"input": "hi", "priority": 1}), 400, "priority")
-    _error(http.post("/v1/embeddings", json={"prompt": "hi"}), 400, "`input` or `messages`")
+    assert_error(http.post("/v1/embeddings", json={"input": long_text}), 400,
+                 "Please reduce the length of the input")
+    assert_error(http.post("/v1/embeddings", json={"input": "hi", "truncate_prompt_tokens": 129}),
+                 400, "Please, select a smaller truncation size")
+    assert_error(http.post("/v1/embeddings", json={"input": []}), 400, "must not be empty")
+    assert_error(http.post("/v1/embeddings", json={"input": [[101, 999999, 102]]}), 400,
+                 "out of vocabulary")
+    assert_error(http.post("/v1/embeddings", json={"input": "hi", "encoding_format": "int8"}), 400,
+                 "encoding_format")
+    assert_error(http.post("/v1/embeddings", json={"input": "hi", "priority": 1}), 400, "priority")
+    assert_error(http.post("/v1/embeddings", json={"prompt": "hi"}), 400, "`input` or `messages`")
 
 
 def test_embeddings_truncation(http: httpx.Client) -> None:
@@ -186,9 +179,9 @@ def test_score_with_embedding_model_is_cosine(http: httpx.Client) -> None:
     n_to_n = http.post("/v1/score", json={"text_1": PAIR, "text_2": PAIR[::-1]}).json()
     assert [round(d["score"], 4) for d in n_to_n["data"]] == [round(body["data"][0]["score"],
                                                                     4)] * 2
-    _error(http.post("/score", json={"text_1": PAIR, "text_2": [*PAIR, "x"]}), 400,
-           "1:1, 1:N or N:N")
-    _error(http.post("/score", json={"text_1": [], "text_2": "x"}), 400, "At least one")
+    assert_error(http.post("/score", json={"text_1": PAIR, "text_2": [*PAIR, "x"]}), 400,
+                 "1:1, 1:N or N:N")
+    assert_error(http.post("/score", json={"text_1": [], "text_2": "x"}), 400, "At least one")
 
 
 def test_rerank_with_embedding_model(http: httpx.Client) -> None:
@@ -204,13 +197,13 @@ def test_rerank_with_embedding_model(http: httpx.Client) -> None:
 
 
 def test_generation_routes_refused(http: httpx.Client) -> None:
-    _error(http.post("/v1/completions", json={"prompt": "hi"}), 400,
-           "The model does not support Completions API")
-    _error(http.post("/v1/chat/completions",
+    assert_error(http.post("/v1/completions", json={"prompt": "hi"}), 400,
+                 "The model does not support Completions API")
+    assert_error(http.post("/v1/chat/completions",
                      json={"messages": [{"role": "user", "content": "hi"}]}), 400,
-           "The model does not support Chat Completions API")
-    _error(http.post("/classify", json={"input": "hi"}), 400,
-           "The model does not support Classification API")
+                 "The model does not support Chat Completions API")
+    assert_error(http.post("/classify", json={"input": "hi"}), 400,
+                 "The model does not support Classification API")
     models = http.get("/v1/models").json()
     assert models["data"][0]["id"] == "minilm" and models["data"][0]["max_model_len"] == 128
     assert http.get("/health").status_code == 200
@@ -266,15 +259,16 @@ def test_cross_encoder_classify_and_refusals(ce: httpx.Client) -> None:
     assert [d["num_classes"] for d in data] == [1, 1] and data[0]["label"] == "LABEL_0"
     assert 0.0 < data[0]["probs"][0] < 1.0
     assert ce.post("/classify", json={"input": []}).json()["data"] == []
-    _error(ce.post("/classify", json={"input": ""}), 400, "empty")
-    _error(ce.post("/v1/embeddings", json={"input": "hi"}), 400,
-           "The model does not support Embeddings API")
-    _error(ce.post("/score", json={"text_1": "a", "text_2": "b", "truncate_prompt_tokens": 65}),
-           400, "Please, select a smaller truncation size")
-    _error(ce.post("/score", json={"text_1": "word " * 80, "text_2": "b"}), 400,
-           "for score. Please reduce the length of the input")
-    _error(ce.post("/v1/completions", json={"prompt": "hi"}), 400,
-           "The model does not support Completions API")
+    assert_error(ce.post("/classify", json={"input": ""}), 400, "empty")
+    assert_error(ce.post("/v1/embeddings", json={"input": "hi"}), 400,
+                 "The model does not support Embeddings API")
+    assert_error(ce.post("/score", json={"text_1": "a", "text_2": "b",
+                                         "truncate_prompt_tokens": 65}),
+                 400, "Please, select a smaller truncation size")
+    assert_error(ce.post("/score", json={"text_1": "word " * 80, "text_2": "b"}), 400,
+                 "for score. Please reduce the length of the input")
+    assert_error(ce.post("/v1/completions", json={"prompt": "hi"}), 400,
+                 "The model does not support Completions API")
     pooled = ce.post("/pooling", json={"input": "what is jax"})
     assert pooled.status_code == 200 and len(pooled.json()["data"][0]["data"]) == 1
 
@@ -292,6 +286,6 @@ def test_generation_server_refuses_pooling_routes(tmp_path: Path) -> None:
                     ("/score", {"text_1": "a", "text_2": "b"}, "Score API"),
                     ("/rerank", {"query": "a", "documents": ["b"]}, "Rerank (Score) API"),
                     ("/classify", {"input": "hi"}, "Classification API")):
-                _error(c.post(path, json=body), 400, f"The model does not support {api}")
+                assert_error(c.post(path, json=body), 400, f"The model does not support {api}")
     finally:
         assert server.stop() == 0
