@@ -10,6 +10,15 @@ Layout of one layer's cache: ``k_cache, v_cache: [K, P, B, H]`` (kv-head major, 
 kv heads is a contiguous slab and the per-(kv-head, token) attention dot has its batch axes first).
 Page 0 is the null page: padded page-table entries point at it, nothing reads it past a length.
 
+The order of the B·H values *inside* one key page belongs to the backend that writes and reads
+the cache (a cache is only ever read by the ops that wrote it): token-major ``[B, H]`` is the
+canonical order, used by the kernels and by these functions by default; ``dim_major_keys=True``
+stores each key page ``[H, B]``. That is what the CPU path runs (``ops.backend``): the q·k
+reduction then runs over a major axis and XLA:CPU vectorises it across keys, instead of a
+horizontal sum over H per key; the attention was ~30-40% faster at 128-512 tokens of context
+(docs/BENCHMARKS.md). Values stay token-major: p·v reduces over keys, a major axis already.
+``keys_dim_major`` converts a canonical cache, for tests.
+
 Contract of the metadata (built by ``serving.engine.model_runner``):
 - tokens are grouped by sequence: sequence s owns tokens ``cu_q_lens[s]:cu_q_lens[s+1]``;
 - ``cu_q_lens`` is non-decreasing, padded sequences have q_len 0 and kv_len 0, so
@@ -36,16 +45,33 @@ def write_kv(
     k: jax.Array,  # [T, K, H] this step's keys
     v: jax.Array,  # [T, K, H]
     slot_mapping: jax.Array,  # i32[T], -1 for padding
+    *,
+    dim_major_keys: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-    """Scatter this step's K/V into their slots; padding (-1) is dropped. Returns the caches."""
+    """Scatter this step's K/V into their slots; padding (-1) is dropped. Returns the caches.
+    ``dim_major_keys``: key pages are stored ``[H, B]`` (module docstring)."""
     num_k, num_pages, page, head = k_cache.shape
     # Out-of-range index (not -1, which would wrap) so that mode="drop" discards padding rows.
     slots = jnp.where(slot_mapping < 0, num_pages * page, slot_mapping)
-    k_flat = k_cache.reshape(num_k, num_pages * page, head)
     v_flat = v_cache.reshape(num_k, num_pages * page, head)
-    k_flat = k_flat.at[:, slots].set(k.swapaxes(0, 1).astype(k_cache.dtype), mode="drop")
     v_flat = v_flat.at[:, slots].set(v.swapaxes(0, 1).astype(v_cache.dtype), mode="drop")
+    if dim_major_keys:
+        # [K, P, H, B] view; the two index arrays around a slice put T first: [T, K, H] = k.
+        k_pages = k_cache.reshape(num_k, num_pages, head, page)
+        k_pages = k_pages.at[:, slots // page, :, slots % page].set(
+            k.astype(k_cache.dtype), mode="drop")
+        return k_pages.reshape(k_cache.shape), v_flat.reshape(v_cache.shape)
+    k_flat = k_cache.reshape(num_k, num_pages * page, head)
+    k_flat = k_flat.at[:, slots].set(k.swapaxes(0, 1).astype(k_cache.dtype), mode="drop")
     return k_flat.reshape(k_cache.shape), v_flat.reshape(v_cache.shape)
+
+
+def keys_dim_major(k_cache: jax.Array) -> jax.Array:
+    """A canonical (token-major pages) key cache ``[K, P, B, H]`` re-laid with each page
+    ``[H, B]``, for ``dim_major_keys=True``; same shape. Tests and tools only: the engine writes
+    its cache through ``write_kv`` of the backend that reads it."""
+    num_k, num_pages, page, head = k_cache.shape
+    return k_cache.swapaxes(2, 3).reshape(num_k, num_pages, page, head)
 
 
 def token_layout(
@@ -61,7 +87,8 @@ def token_layout(
     return seq.astype(jnp.int32), pos.astype(jnp.int32), real
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap"))
+@functools.partial(jax.jit,
+                   static_argnames=("sm_scale", "sliding_window", "soft_cap", "dim_major_keys"))
 def ragged_paged_attention_reference(
     q: jax.Array,  # [T, N, H]
     k_cache: jax.Array,  # [K, P, B, H], already holding this step's keys
@@ -73,6 +100,7 @@ def ragged_paged_attention_reference(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    dim_major_keys: bool = False,
 ) -> jax.Array:  # [T, N, H], zeros for padding tokens
     """Causal attention of each token over its own sequence's pages, online softmax over blocks.
 
@@ -80,6 +108,7 @@ def ragged_paged_attention_reference(
     or past the token's own position + 1 (so nothing past ``kv_lens`` contributes); masked values
     are zeroed before the value product, so garbage or NaN in unused slots cannot leak.
     The loop runs ``ceil(max(kv_lens) / block)`` times: one compiled shape serves any context.
+    ``dim_major_keys``: key pages are stored ``[H, B]`` (module docstring).
     """
     num_tokens, num_q, head = q.shape
     num_kv, _, page, _ = k_cache.shape
@@ -95,18 +124,26 @@ def ragged_paged_attention_reference(
     tok_pages = page_table[seq]  # [T, W']
     qg = (q.astype(jnp.float32) * sm_scale).reshape(num_tokens, num_kv, group, head)
     qg = qg.transpose(1, 0, 2, 3)  # [K, T, G, H]
+    if dim_major_keys:
+        k_pages = k_cache.reshape(num_kv, -1, head, page)  # [K, P, H, B]: a view, no copy
     lo = jnp.zeros_like(pos) if sliding_window is None else pos - sliding_window + 1
 
     def body(i: jax.Array, carry: tuple[jax.Array, jax.Array, jax.Array]) -> tuple:
         m, denom, acc = carry  # [K,T,G], [K,T,G], [K,T,G,H]
         pages = jax.lax.dynamic_slice_in_dim(tok_pages, i * pages_per_block, pages_per_block, 1)
-        kb = k_cache[:, pages].reshape(num_kv, num_tokens, block, head).astype(jnp.float32)
         vb = v_cache[:, pages].reshape(num_kv, num_tokens, block, head).astype(jnp.float32)
         kpos = i * block + jnp.arange(block, dtype=jnp.int32)
         mask = (kpos[None, :] <= pos[:, None]) & (kpos[None, :] >= lo[:, None]) & real[:, None]
         # Broadcast-multiply-reduce rather than a batched dot: with G query rows per (kv head,
         # token) the dot's batches are tiny, and XLA:CPU runs the fused elementwise form faster.
-        s = (qg[:, :, :, None, :] * kb[:, :, None, :, :]).sum(-1)  # [K,T,G,L]; NaN dropped below
+        # NaN in unread slots is dropped by the mask below.
+        if dim_major_keys:
+            kb = k_pages[:, pages].swapaxes(2, 3)  # [K,T,pages,H,B] -> [K,T,H,pages,B]
+            kb = kb.reshape(num_kv, num_tokens, head, block).astype(jnp.float32)  # [K,T,H,L]
+            s = (qg[..., None] * kb[:, :, None]).sum(-2)  # [K,T,G,L]
+        else:
+            kb = k_cache[:, pages].reshape(num_kv, num_tokens, block, head).astype(jnp.float32)
+            s = (qg[:, :, :, None, :] * kb[:, :, None, :, :]).sum(-1)  # [K,T,G,L]
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
         s = jnp.where(mask[None, :, None, :], s, -jnp.inf)

@@ -9,7 +9,8 @@ soft_cap)`` and ``write_kv(k_cache, v_cache, k, v, slot_mapping) -> (k_cache, v_
 Choices (``--attention-backend``):
 - ``auto``: the Pallas kernel of the platform (``jax.default_backend()``: gpu -> Triton-lowered
   kernel, tpu -> Mosaic kernel), the pure-jnp reference elsewhere (CPU);
-- ``reference``: the pure-jnp reference everywhere;
+- ``reference``: the pure-jnp reference everywhere; on CPU with dimension-major key pages
+  (``dim_major_keys``, faster on XLA:CPU; the two functions come as a pair and agree on it);
 - ``pallas``: the platform's kernel, compiled; an error on a platform without one (CPU);
 - ``pallas-interpret``: the platform's kernel in interpret mode (on CPU: the GPU kernel, whose
   interpret mode is the faster one); slow, for tests and debugging.
@@ -60,8 +61,12 @@ def get_attention_fn(backend: str = "auto", platform: str | None = None) -> Atte
     if backend == "auto":
         backend = "pallas" if platform in ("gpu", "tpu") else "reference"
     if backend == "reference":
-        chosen = AttentionBackend(attention.ragged_paged_attention_reference, attention.write_kv,
-                                  f"reference (pure jnp) on {platform}")
+        # On XLA:CPU the reference stores key pages dimension-major (ops.attention docstring).
+        layout = platform == "cpu"
+        chosen = AttentionBackend(
+            functools.partial(attention.ragged_paged_attention_reference, dim_major_keys=layout),
+            functools.partial(attention.write_kv, dim_major_keys=layout),
+            f"reference (pure jnp{', dim-major key pages' if layout else ''}) on {platform}")
     elif backend == "pallas":
         if platform not in ("gpu", "tpu"):
             raise ValueError(

@@ -10,6 +10,7 @@ import pytest
 
 from models.testing import tiny_loaded
 from ops.attention import ragged_paged_attention_reference, write_kv
+from ops.backend import get_attention_fn
 from serving.engine.llm import LLM
 from serving.engine.sampling_params import SamplingParams
 from tests.engine.dense import dense_attention, dense_write
@@ -32,12 +33,17 @@ def llm() -> LLM:
     return LLM(loaded=tiny_loaded(), **engine_kwargs())
 
 
+@pytest.mark.parametrize("ops_pair", ["canonical", "cpu-backend"])
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
-def test_paged_prefill_and_decode_equal_dense_forward(family: str) -> None:
+def test_paged_prefill_and_decode_equal_dense_forward(family: str, ops_pair: str) -> None:
     rng = np.random.default_rng(1)
     toks = rng.integers(0, 256, size=45).tolist()
     dense_model = tiny_loaded(family, attn_fn=dense_attention, write_fn=dense_write).model
-    paged_model = tiny_loaded(family).model
+    # canonical: the reference's token-major key pages; cpu-backend: what the engine runs on
+    # CPU (ops.backend: dimension-major key pages).
+    attn_fn, write_fn, _ = get_attention_fn("reference") if ops_pair == "cpu-backend" else \
+        (None, None, None)
+    paged_model = tiny_loaded(family, attn_fn=attn_fn, write_fn=write_fn).model
     cfg = paged_model.cfg
     h_dense, _ = dense_model([(None, None)] * cfg.num_layers,
                              single_seq_inputs(toks, 0, [1, 2, 3], 16, 4))
@@ -56,8 +62,9 @@ def test_paged_prefill_and_decode_equal_dense_forward(family: str) -> None:
     assert np.isfinite(got_all).all()
     np.testing.assert_allclose(got_all, want, atol=LOGIT_ATOL, rtol=0)
     # The reference ops are what the model used: check the ops are the reference ones.
-    assert paged_model.layers[0].attn.attn_fn is ragged_paged_attention_reference
-    assert paged_model.layers[0].attn.write_fn is write_kv
+    attn, write = paged_model.layers[0].attn.attn_fn, paged_model.layers[0].attn.write_fn
+    assert getattr(attn, "func", attn) is ragged_paged_attention_reference
+    assert getattr(write, "func", write) is write_kv
 
 
 def prompts(n: int, seed: int = 0) -> list[list[int]]:

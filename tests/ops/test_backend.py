@@ -17,9 +17,11 @@ def test_cpu_auto_is_the_reference(caplog: pytest.LogCaptureFixture) -> None:
     assert jax.default_backend() == "cpu"
     with caplog.at_level(logging.INFO, logger="xlaserve.ops"):
         attn, write, desc = backend.get_attention_fn("auto")
-    assert attn is attention.ragged_paged_attention_reference
-    assert write is attention.write_kv
-    assert "reference" in desc
+    # The reference ops, paired on the CPU key-page layout.
+    assert attn.func is attention.ragged_paged_attention_reference  # type: ignore[attr-defined]
+    assert write.func is attention.write_kv  # type: ignore[attr-defined]
+    assert attn.keywords == write.keywords == {"dim_major_keys": True}  # type: ignore[attr-defined]
+    assert "reference" in desc and "dim-major" in desc
     assert any("attention backend: reference" in r.getMessage() for r in caplog.records)
 
 
@@ -28,8 +30,9 @@ def test_auto_picks_the_platform_kernel(platform: str, module: object) -> None:
     chosen = backend.get_attention_fn("auto", platform=platform)
     assert chosen.attention is module.ragged_paged_attention  # type: ignore[attr-defined]
     assert chosen.write_kv is module.write_kv  # type: ignore[attr-defined]
-    assert backend.get_attention_fn("reference", platform=platform).attention is (
-        attention.ragged_paged_attention_reference)
+    forced = backend.get_attention_fn("reference", platform=platform).attention
+    assert forced.func is attention.ragged_paged_attention_reference  # type: ignore[attr-defined]
+    assert forced.keywords == {"dim_major_keys": False}  # type: ignore[attr-defined]
 
 
 def test_pallas_without_a_kernel_platform_and_unknown_names_are_errors() -> None:
@@ -60,10 +63,13 @@ def test_forced_kernel_in_interpret_mode_matches_reference_on_cpu() -> None:
     slot_mapping = jnp.asarray(slots)
     kw = dict(sm_scale=0.125, sliding_window=None, soft_cap=None)
 
-    rk, rv = ref_write(case.k_cache, case.v_cache, new_k, new_v, slot_mapping)
+    # The CPU reference keeps key pages dimension-major: give it the case's keys that way.
+    rk, rv = ref_write(attention.keys_dim_major(case.k_cache), case.v_cache, new_k, new_v,
+                       slot_mapping)
     ref = ref_attn(case.q, rk, rv, case.page_table, case.kv_lens, case.cu_q_lens, **kw)
     kk, kv_ = write(jnp.array(case.k_cache), jnp.array(case.v_cache), new_k, new_v,
                     slot_mapping)
     out = attn(case.q, kk, kv_, case.page_table, case.kv_lens, case.cu_q_lens, **kw)
-    np.testing.assert_array_equal(np.asarray(kk, np.float32), np.asarray(rk, np.float32))
+    np.testing.assert_array_equal(np.asarray(attention.keys_dim_major(kk), np.float32),
+                                  np.asarray(rk, np.float32))
     assert_matches_reference(out, ref, case, "pallas-interpret via ops.backend")
