@@ -86,8 +86,7 @@ def main() -> None:
         eng.step()
 
     t_bucket = runner.bucket(args.seqs)
-    inp, _, _ = runner._empty_batch(t_bucket)
-    ops = hlo_ops(runner._step.lower(runner.state, runner.kv, inp).compile().as_text() or "")
+    ops = hlo_ops(runner.step_hlo(t_bucket))
 
     with tempfile.TemporaryDirectory() as d:
         jax.profiler.start_trace(d)

@@ -164,6 +164,12 @@ class ModelRunner:
         self.warm = True
         return time.perf_counter() - t_all
 
+    def step_hlo(self, t: int) -> str:
+        """The optimized HLO of the model step for token bucket ``t`` (tools and tests: the
+        per-op profile, the in-place KV-cache check)."""
+        inp, _, _ = self._empty_batch(t)
+        return self._step.lower(self.state, self.kv, inp).compile().as_text() or ""
+
     def _empty_batch(self, t: int) -> tuple[StepInputs, SamplingInputs, np.ndarray]:
         s, w = self.num_seq_rows(t), self.cfg.table_width
         inp = StepInputs(

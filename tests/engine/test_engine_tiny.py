@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -227,3 +228,30 @@ def test_penalties_change_greedy_output(llm: LLM) -> None:
     assert toks != plain
     # A strong frequency penalty spreads the output over more distinct tokens.
     assert len(set(toks)) > len(set(plain))
+
+
+def _cache_copies(hlo: str, cache_shape: tuple[int, ...]) -> list[str]:
+    """Instructions of a compiled step that materialise a whole layer's cache anew: a copy or
+    transpose of it, under any shape of the same size (XLA may bitcast the cache first)."""
+    size = int(np.prod(cache_shape))
+    out = []
+    for line in hlo.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%\S+ = f32\[([\d,]+)\]\S* (copy|transpose)\(", line)
+        if m and int(np.prod([int(d) for d in m.group(1).split(",")])) == size:
+            out.append(line.strip()[:160])
+    return out
+
+
+@pytest.mark.parametrize("ops_pair", ["canonical", "cpu-backend"])
+def test_no_compiled_step_copies_the_kv_cache(ops_pair: str) -> None:
+    """The donated cache is updated in place in every bucket. A full-cache copy per layer per
+    step is a silent ~20x slowdown with a big pool: XLA:CPU once made one for T=1 only, when
+    the write's scatter became a dynamic-update-slice."""
+    attn_fn, write_fn, _ = get_attention_fn("reference") if ops_pair == "cpu-backend" else \
+        (None, None, None)
+    llm = LLM(loaded=tiny_loaded(attn_fn=attn_fn, write_fn=write_fn),
+              **engine_kwargs(num_kv_pages=4096, max_num_batched_tokens=64))
+    runner = llm.engine.runner
+    shape = runner.kv[0][0].shape
+    for t in runner.cfg.token_buckets:
+        assert _cache_copies(runner.step_hlo(t), shape) == [], f"bucket T={t}"

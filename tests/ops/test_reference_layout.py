@@ -42,16 +42,26 @@ def test_dim_major_keys_match_canonical(scenario: str, dtype: object, extra: dic
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("page", [16, 8])
-def test_dim_major_write_kv_matches_canonical(page: int) -> None:
+@pytest.mark.parametrize("page, tokens", [(16, 11), (8, 11), (16, 1), (16, 2)])
+def test_dim_major_write_kv_matches_canonical(page: int, tokens: int) -> None:
+    """Both layouts, both write paths (T=1 takes a scalar scatter, T>1 a row scatter)."""
     rng = np.random.default_rng(0)
-    num_kv, pages, head, tokens = 3, 6, 64, 11
+    num_kv, pages, head = 3, 6, 64
     k_cache = jnp.asarray(rng.standard_normal((num_kv, pages, page, head)), jnp.float32)
     v_cache = jnp.asarray(rng.standard_normal((num_kv, pages, page, head)), jnp.float32)
     k = jnp.asarray(rng.standard_normal((tokens, num_kv, head)), jnp.float32)
     v = jnp.asarray(rng.standard_normal((tokens, num_kv, head)), jnp.float32)
     slots = rng.choice(np.arange(page, pages * page), size=tokens, replace=False).astype(np.int32)
-    slots[[2, 7]] = -1  # padding rows: dropped, nothing written
+    slots[[2, 7] if tokens > 2 else [tokens - 1]] = -1  # padding rows: dropped, nothing written
+    if tokens == 1:  # one real write and one dropped one
+        for single in (slots.copy(), np.array([page + 5], np.int32)):
+            wk, wv = attention.write_kv(k_cache, v_cache, k, v, jnp.asarray(single))
+            gk, gv = attention.write_kv(attention.keys_dim_major(k_cache), v_cache, k, v,
+                                        jnp.asarray(single), dim_major_keys=True)
+            np.testing.assert_array_equal(np.asarray(gk), np.asarray(attention.keys_dim_major(wk)))
+            np.testing.assert_array_equal(np.asarray(gv), np.asarray(wv))
+        np.testing.assert_array_equal(np.asarray(wv[:, 1, 5]), np.asarray(v[0]))
+        return
     want_k, want_v = attention.write_kv(k_cache, v_cache, k, v, jnp.asarray(slots))
     got_k, got_v = attention.write_kv(attention.keys_dim_major(k_cache), v_cache, k, v,
                                       jnp.asarray(slots), dim_major_keys=True)
