@@ -51,6 +51,23 @@ def assert_error(r: httpx.Response, status: int, fragment: str) -> None:
     assert err["code"] == status
 
 
+def assert_pooling_only_server(http: httpx.Client, model: str, max_model_len: int) -> None:
+    """A pooling server refuses the generate and classify routes with OpenAI-shaped 400s and
+    still lists its model, reports healthy and serves metrics."""
+    assert_error(http.post("/v1/completions", json={"prompt": "hi"}), 400,
+                 "The model does not support Completions API")
+    assert_error(http.post("/v1/chat/completions",
+                           json={"messages": [{"role": "user", "content": "hi"}]}), 400,
+                 "The model does not support Chat Completions API")
+    assert_error(http.post("/classify", json={"input": "hi"}), 400,
+                 "The model does not support Classification API")
+    models = http.get("/v1/models").json()
+    assert models["data"][0]["id"] == model
+    assert models["data"][0]["max_model_len"] == max_model_len
+    assert http.get("/health").status_code == 200
+    assert "xlaserve:num_requests_running" in http.get("/metrics").text
+
+
 def make_engine(model_dir: Path, *, max_model_len: int, token_buckets: list[int],
                 seq_buckets: list[int], hidden_max_seqs: int = 8,
                 max_num_batched_tokens: int | None = None) -> PoolingEngine:

@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from tests.api.server_utils import ServerProcess, real_server
-from tests.pooling.conftest import assert_error, load_golden
+from tests.pooling.conftest import assert_error, assert_pooling_only_server, load_golden
 from tests.pooling.test_decoder_pooling import EMB_ATOL, STATE_ATOL
 
 NAME = "smollm2-embed"
@@ -125,13 +125,4 @@ def test_score_is_cosine_and_rerank_orders_by_it(http: httpx.Client) -> None:
 
 
 def test_generation_routes_refused(http: httpx.Client) -> None:
-    assert_error(http.post("/v1/completions", json={"prompt": "hi"}), 400,
-                 "The model does not support Completions API")
-    assert_error(http.post("/v1/chat/completions",
-                           json={"messages": [{"role": "user", "content": "hi"}]}), 400,
-                 "The model does not support Chat Completions API")
-    assert_error(http.post("/classify", json={"input": "hi"}), 400,
-                 "The model does not support Classification API")
-    models = http.get("/v1/models").json()
-    assert models["data"][0]["id"] == NAME and models["data"][0]["max_model_len"] == 128
-    assert "xlaserve:num_requests_running" in http.get("/metrics").text
+    assert_pooling_only_server(http, NAME, 128)

@@ -18,7 +18,12 @@ import openai
 import pytest
 
 from tests.api.server_utils import ServerProcess, fake_server, real_server
-from tests.pooling.conftest import CROSS_ENCODER, assert_error, load_golden
+from tests.pooling.conftest import (
+    CROSS_ENCODER,
+    assert_error,
+    assert_pooling_only_server,
+    load_golden,
+)
 
 PAIR = ["A man is eating food.", "A man is eating a piece of bread."]
 TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -197,18 +202,7 @@ def test_rerank_with_embedding_model(http: httpx.Client) -> None:
 
 
 def test_generation_routes_refused(http: httpx.Client) -> None:
-    assert_error(http.post("/v1/completions", json={"prompt": "hi"}), 400,
-                 "The model does not support Completions API")
-    assert_error(http.post("/v1/chat/completions",
-                     json={"messages": [{"role": "user", "content": "hi"}]}), 400,
-                 "The model does not support Chat Completions API")
-    assert_error(http.post("/classify", json={"input": "hi"}), 400,
-                 "The model does not support Classification API")
-    models = http.get("/v1/models").json()
-    assert models["data"][0]["id"] == "minilm" and models["data"][0]["max_model_len"] == 128
-    assert http.get("/health").status_code == 200
-    metrics = http.get("/metrics").text
-    assert "xlaserve:num_requests_running" in metrics
+    assert_pooling_only_server(http, "minilm", 128)
 
 
 # ------------------------------------------------------------------------------- cross-encoder
