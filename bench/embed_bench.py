@@ -5,6 +5,10 @@ A benchmark, not a test: it prints numbers and asserts nothing. Run from the rep
     PYTHONPATH=$PWD /work/main/.venv/bin/python bench/embed_bench.py \\
         [--ref-python /work/main/.venv-ref/bin/python] [--seconds 5] [--threads N]
 
+``--model smollm2`` measures decoder embeddings instead (SmolLM2-135M-Instruct, f32, last-token
+pooling + normalize, ``serve --task embed``'s engine) against transformers' ``LlamaModel`` from the
+same GGUF, right-padded, last real token, ``F.normalize``.
+
 What is measured, for batches of 1, 32 and 256 inputs of ~30 tokens (26..32 with [CLS]/[SEP]):
 - ours: ``await PoolingEngine.embed(batch)`` end to end through the engine thread: bucketing,
   the compiled step (BERT + mean pooling), host-side L2 normalisation;
@@ -91,7 +95,15 @@ def torch_worker(payload_path: str, threads: int, seconds: float) -> None:
 
     payload = json.loads(Path(payload_path).read_text())
     torch.set_num_threads(threads)
-    model = AutoModel.from_pretrained(payload["model_dir"]).eval()
+    decoder = payload.get("gguf_file") is not None
+    if decoder:
+        model = AutoModel.from_pretrained(payload["model_dir"], gguf_file=payload["gguf_file"],
+                                          dtype=torch.float32).eval()
+        with torch.no_grad():  # the GGUF loader's tensors run slowly until copied (make_golden)
+            for p in model.parameters():
+                p.data = p.data.clone()
+    else:
+        model = AutoModel.from_pretrained(payload["model_dir"]).eval()
     ids_all: list[list[int]] = payload["inputs"]
     results: dict[str, Any] = {"threads": torch.get_num_threads(), "torch": torch.__version__,
                                "attn": model.config._attn_implementation}
@@ -105,9 +117,12 @@ def torch_worker(payload_path: str, threads: int, seconds: float) -> None:
             mask[i, : len(x)] = 1
         with torch.inference_mode():
             hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
-            m = mask.unsqueeze(-1).to(hidden.dtype)
-            mean = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
-            return torch.nn.functional.normalize(mean, dim=-1)
+            if decoder:  # right padding: each input's last real token
+                pooled = hidden[torch.arange(len(batch)), mask.sum(1) - 1]
+            else:
+                m = mask.unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, dim=-1)
 
     for b in payload["batches"]:
         batch = ids_all[:b]
@@ -132,13 +147,23 @@ def ours_worker(payload_path: str, threads: int, seconds: float) -> None:
     model_dir = Path(payload["model_dir"])
     inputs: list[list[int]] = payload["inputs"]
     enable_compilation_cache(None)
-    # Buckets that cover these inputs (T 32) and batch sizes up to 256; the server's default
-    # ladder adds shapes but not the ones these steps hit.
-    pooler = resolve_pooler_config(model_dir)
-    runner = PoolingRunner(load_bert(model_dir), pooler.pooling_type, max_model_len=256,
-                           max_num_seqs=256, token_buckets=[32, 256],
-                           max_num_batched_tokens=8192)
-    engine = PoolingEngine(runner, read_config(model_dir), pooler, load_tokenizer(model_dir))
+    runner: Any
+    if payload.get("gguf_file") is not None:
+        from serving.engine.config import EngineArgs
+
+        # serve --task embed's engine; packed steps of up to 8192 tokens hold 256 inputs.
+        engine = PoolingEngine.from_args(EngineArgs(
+            model=str(model_dir / payload["gguf_file"]), task="embed", dtype="float32",
+            max_model_len=64, max_num_seqs=256, max_num_batched_tokens=8192))
+        runner = engine.runner
+    else:
+        # Buckets that cover these inputs (T 32) and batch sizes up to 256; the server's default
+        # ladder adds shapes but not the ones these steps hit.
+        pooler = resolve_pooler_config(model_dir)
+        runner = PoolingRunner(load_bert(model_dir), pooler.pooling_type, max_model_len=256,
+                               max_num_seqs=256, token_buckets=[32, 256],
+                               max_num_batched_tokens=8192)
+        engine = PoolingEngine(runner, read_config(model_dir), pooler, load_tokenizer(model_dir))
     engine.start_thread()
     loop = asyncio.new_event_loop()
     results: dict[str, Any] = {"threads": threads, "compiles": runner.num_compiles}
@@ -186,6 +211,8 @@ def main() -> int:
     ap.add_argument("--ref-python", default="/work/main/.venv-ref/bin/python")
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--model", choices=("minilm", "smollm2"), default="minilm",
+                    help="minilm: the BERT encoder; smollm2: decoder (last-token) embeddings")
     ap.add_argument("--torch-worker", help=argparse.SUPPRESS)
     ap.add_argument("--ours-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -199,13 +226,23 @@ def main() -> int:
     from models import assets
     from serving.engine.pooling_engine import load_tokenizer
 
-    model_dir = Path(assets.fetch("all-minilm-l6-v2"))
-    inputs = make_texts(load_tokenizer(model_dir), max(BATCHES))
+    gguf_file = None
+    if args.model == "smollm2":
+        from models.gguf import load_gguf
+
+        gguf = Path(assets.fetch("smollm2-135m-instruct"))
+        model_dir, gguf_file = gguf.parent, gguf.name
+        tokenizer = load_gguf(gguf, progress=False).tokenizer
+    else:
+        model_dir = Path(assets.fetch("all-minilm-l6-v2"))
+        tokenizer = load_tokenizer(model_dir)
+    inputs = make_texts(tokenizer, max(BATCHES))
     lens = [len(x) for x in inputs]
-    print(f"inputs: {len(inputs)} of {min(lens)}..{max(lens)} tokens (mean {np.mean(lens):.1f})")
+    print(f"{args.model}: {len(inputs)} inputs of {min(lens)}..{max(lens)} tokens "
+          f"(mean {np.mean(lens):.1f})")
     payload = Path(f"/tmp/embed_bench_{os.getpid()}.json")
-    payload.write_text(json.dumps({"model_dir": str(model_dir), "inputs": inputs,
-                                   "batches": list(BATCHES)}))
+    payload.write_text(json.dumps({"model_dir": str(model_dir), "gguf_file": gguf_file,
+                                   "inputs": inputs, "batches": list(BATCHES)}))
     torch_env = {**os.environ, "PYTHONPATH": ""}
     thread_counts = sorted({1, args.threads})
     load_before = os.getloadavg()
