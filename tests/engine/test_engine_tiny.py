@@ -29,6 +29,16 @@ def engine_kwargs(**kw: object) -> dict[str, object]:
     return base
 
 
+def ops_pair_kwargs(ops_pair: str) -> dict[str, object]:
+    """``tiny_loaded`` attention ops: "canonical", the reference's token-major key pages (the
+    loader's default), or "cpu-backend", what the engine runs on CPU (``ops.backend``:
+    dimension-major key pages)."""
+    if ops_pair == "canonical":
+        return {}
+    attn_fn, write_fn, _ = get_attention_fn("reference")
+    return {"attn_fn": attn_fn, "write_fn": write_fn}
+
+
 @pytest.fixture(scope="module")
 def llm() -> LLM:
     return LLM(loaded=tiny_loaded(), **engine_kwargs())
@@ -40,11 +50,7 @@ def test_paged_prefill_and_decode_equal_dense_forward(family: str, ops_pair: str
     rng = np.random.default_rng(1)
     toks = rng.integers(0, 256, size=45).tolist()
     dense_model = tiny_loaded(family, attn_fn=dense_attention, write_fn=dense_write).model
-    # canonical: the reference's token-major key pages; cpu-backend: what the engine runs on
-    # CPU (ops.backend: dimension-major key pages).
-    attn_fn, write_fn, _ = get_attention_fn("reference") if ops_pair == "cpu-backend" else \
-        (None, None, None)
-    paged_model = tiny_loaded(family, attn_fn=attn_fn, write_fn=write_fn).model
+    paged_model = tiny_loaded(family, **ops_pair_kwargs(ops_pair)).model
     cfg = paged_model.cfg
     h_dense, _ = dense_model([(None, None)] * cfg.num_layers,
                              single_seq_inputs(toks, 0, [1, 2, 3], 16, 4))
@@ -236,7 +242,7 @@ def _cache_copies(hlo: str, cache_shape: tuple[int, ...]) -> list[str]:
     size = int(np.prod(cache_shape))
     out = []
     for line in hlo.splitlines():
-        m = re.match(r"\s*(?:ROOT )?%\S+ = f32\[([\d,]+)\]\S* (copy|transpose)\(", line)
+        m = re.match(r"\s*(?:ROOT )?%\S+ = \w+\[([\d,]+)\]\S* (copy|transpose)\(", line)
         if m and int(np.prod([int(d) for d in m.group(1).split(",")])) == size:
             out.append(line.strip()[:160])
     return out
@@ -247,9 +253,7 @@ def test_no_compiled_step_copies_the_kv_cache(ops_pair: str) -> None:
     """The donated cache is updated in place in every bucket. A full-cache copy per layer per
     step is a silent ~20x slowdown with a big pool: XLA:CPU once made one for T=1 only, when
     the write's scatter became a dynamic-update-slice."""
-    attn_fn, write_fn, _ = get_attention_fn("reference") if ops_pair == "cpu-backend" else \
-        (None, None, None)
-    llm = LLM(loaded=tiny_loaded(attn_fn=attn_fn, write_fn=write_fn),
+    llm = LLM(loaded=tiny_loaded(**ops_pair_kwargs(ops_pair)),
               **engine_kwargs(num_kv_pages=4096, max_num_batched_tokens=64))
     runner = llm.engine.runner
     shape = runner.kv[0][0].shape
