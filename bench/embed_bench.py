@@ -1,4 +1,4 @@
-"""Embedding throughput: xlaserve's pooling engine vs transformers + torch on all-MiniLM-L6-v2.
+"""Embedding throughput: xlaserve's engine vs transformers + torch on all-MiniLM-L6-v2.
 
 A benchmark, not a test: it prints numbers and asserts nothing. Run from the repository root:
 
@@ -10,8 +10,9 @@ pooling + normalize, ``serve --task embed``'s engine) against transformers' ``Ll
 same GGUF, right-padded, last real token, ``F.normalize``.
 
 What is measured, for batches of 1, 32 and 256 inputs of ~30 tokens (26..32 with [CLS]/[SEP]):
-- ours: ``await PoolingEngine.embed(batch)`` end to end through the engine thread: bucketing,
-  the compiled step (BERT + mean pooling), host-side L2 normalisation;
+- ours: ``await AsyncEngineClient.encode(batch)`` end to end through the engine thread:
+  scheduling, the packed compiled step (BERT + the pooling executable), host-side L2
+  normalisation;
 - torch: the sentence-transformers recipe for this model, done by hand (sentence-transformers
   itself is not installed): ``AutoModel`` forward on the batch padded to its longest input,
   attention-masked mean pooling, ``F.normalize``, under ``torch.inference_mode()``, with
@@ -136,49 +137,40 @@ def torch_worker(payload_path: str, threads: int, seconds: float) -> None:
 
 def ours_worker(payload_path: str, threads: int, seconds: float) -> None:
     """Runs in the project venv, with XLA's CPU threads set by the parent (``XLA_FLAGS``)."""
-    from models.bert import load_bert, read_config
-    from models.pooling import resolve_pooler_config
-    from serving.engine.engine import enable_compilation_cache
-    from serving.engine.pooling_engine import PoolingEngine, load_tokenizer
-    from serving.engine.pooling_params import PoolingParams
-    from serving.engine.pooling_runner import PoolingRunner
+    from serving.engine.config import EngineArgs
+    from serving.engine.engine_client import AsyncEngineClient
+    from serving.engine.pooling_params import PoolingInput, PoolingParams
 
     payload = json.loads(Path(payload_path).read_text())
     model_dir = Path(payload["model_dir"])
     inputs: list[list[int]] = payload["inputs"]
-    enable_compilation_cache(None)
-    runner: Any
-    if payload.get("gguf_file") is not None:
-        from serving.engine.config import EngineArgs
-
-        # serve --task embed's engine; packed steps of up to 8192 tokens hold 256 inputs.
-        engine = PoolingEngine.from_args(EngineArgs(
-            model=str(model_dir / payload["gguf_file"]), task="embed", dtype="float32",
-            max_model_len=64, max_num_seqs=256, max_num_batched_tokens=8192))
-        runner = engine.runner
-    else:
-        # Buckets that cover these inputs (T 32) and batch sizes up to 256; the server's default
-        # ladder adds shapes but not the ones these steps hit.
-        pooler = resolve_pooler_config(model_dir)
-        runner = PoolingRunner(load_bert(model_dir), pooler.pooling_type, max_model_len=256,
-                               max_num_seqs=256, token_buckets=[32, 256],
-                               max_num_batched_tokens=8192)
-        engine = PoolingEngine(runner, read_config(model_dir), pooler, load_tokenizer(model_dir))
-    engine.start_thread()
+    gguf = payload.get("gguf_file")
+    # The one engine as ``serve`` builds it, with the buckets these batches hit: T 32 (one
+    # input), 1024 (32 inputs) and 8192 (256 inputs of ~30 tokens, one step of 256 rows).
+    args = EngineArgs(model=str(model_dir / gguf) if gguf else str(model_dir),
+                      task="embed" if gguf else "auto", dtype="float32", max_model_len=64,
+                      max_num_seqs=256, max_num_batched_tokens=8192, token_buckets=(32, 1024))
+    client = AsyncEngineClient.from_args(args)
     loop = asyncio.new_event_loop()
-    results: dict[str, Any] = {"threads": threads, "compiles": runner.num_compiles}
+    loop.run_until_complete(client.start())
+    results: dict[str, Any] = {"threads": threads,
+                               "compiles": client.stats().num_executables}
+
+    def embed(batch: list[list[int]]) -> list[Any]:
+        outs = loop.run_until_complete(client.encode([PoolingInput(x) for x in batch],
+                                                     PoolingParams()))
+        return [o.data for o in outs]
+
     try:
         for b in payload["batches"]:
             batch = inputs[:b]
-            results[str(b)] = rates(b, *timed(
-                lambda batch=batch: loop.run_until_complete(engine.embed(batch, PoolingParams())),
-                seconds))
-        sample = loop.run_until_complete(engine.embed(inputs[:4], PoolingParams()))
+            results[str(b)] = rates(b, *timed(lambda batch=batch: embed(batch), seconds))
+        sample = embed(inputs[:4])
+        results["recompiles"] = client.stats().num_recompiles
     finally:
+        loop.run_until_complete(client.shutdown(drain_timeout=1))
         loop.close()
     results["sample"] = np.stack(sample).tolist()
-    results["recompiles"] = engine.stats().num_recompiles
-    engine.close()
     print(json.dumps(results))
 
 
@@ -223,8 +215,9 @@ def main() -> int:
         ours_worker(args.ours_worker, args.threads, args.seconds)
         return 0
 
+    from transformers import AutoTokenizer
+
     from models import assets
-    from serving.engine.pooling_engine import load_tokenizer
 
     gguf_file = None
     if args.model == "smollm2":
@@ -235,7 +228,7 @@ def main() -> int:
         tokenizer = load_gguf(gguf, progress=False).tokenizer
     else:
         model_dir = Path(assets.fetch("all-minilm-l6-v2"))
-        tokenizer = load_tokenizer(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     inputs = make_texts(tokenizer, max(BATCHES))
     lens = [len(x) for x in inputs]
     print(f"{args.model}: {len(inputs)} inputs of {min(lens)}..{max(lens)} tokens "

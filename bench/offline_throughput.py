@@ -66,7 +66,9 @@ def run_xlaserve(args: argparse.Namespace, levels: list[int]) -> list[dict[str, 
     for c in levels:
         batch = ids[:c] if not args.num_prompts else ids
         for i, x in enumerate(batch):
-            eng.add_request(f"b{c}-{i}", x, p)
+            spec = llm.processor.sampling_request(f"b{c}-{i}", x, p)
+            llm.outputs.add(spec)
+            eng.add_request(spec)
         decode_times: list[float] = []
         n_out = 0
         t0 = time.perf_counter()
@@ -74,8 +76,10 @@ def run_xlaserve(args: argparse.Namespace, levels: list[int]) -> list[dict[str, 
             ts = time.perf_counter()
             sched_all_decode = all(len(s.tokens) - s.num_computed == 1
                                    for s in eng.scheduler.running) and not eng.scheduler.waiting
-            outs = eng.step()
-            if sched_all_decode and len(eng.scheduler.running) == min(c, len(batch)):
+            running = len(eng.scheduler.running)
+            # The step and its text (detokenization), as a request sees them.
+            outs = llm.outputs.process(eng.step()).outputs
+            if sched_all_decode and running == min(c, len(batch)):
                 decode_times.append(time.perf_counter() - ts)
             n_out += sum(len(d.token_ids) for o in outs for d in o.outputs)
         dt = time.perf_counter() - t0

@@ -41,16 +41,19 @@ def one(model: str, tp: int, concurrency: int, output_len: int) -> dict[str, Any
     llm.generate(ids[:1], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
     p = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     for i, x in enumerate(ids):
-        eng.add_request(f"b{i}", x, p)
+        spec = llm.processor.sampling_request(f"b{i}", x, p)
+        llm.outputs.add(spec)
+        eng.add_request(spec)
     steps: list[float] = []
     n_out = 0
     t0 = time.perf_counter()
     while eng.has_work:
         all_decode = not eng.scheduler.waiting and all(
             len(s.tokens) - s.num_computed == 1 for s in eng.scheduler.running)
+        running = len(eng.scheduler.running)
         ts = time.perf_counter()
-        outs = eng.step()
-        if all_decode and len(eng.scheduler.running) == concurrency:
+        outs = llm.outputs.process(eng.step()).outputs
+        if all_decode and running == concurrency:
             steps.append(time.perf_counter() - ts)
         n_out += sum(len(d.token_ids) for o in outs for d in o.outputs)
     dt = time.perf_counter() - t0

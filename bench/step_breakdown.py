@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.inputs import StepInputs
+from models.inputs import Inputs, StepInputs
 from models.loader import load_model
 from ops.attention import ragged_paged_attention_reference, write_kv
 
@@ -46,9 +46,11 @@ def measure_model(name: str, attn: Any, write: Any, s: int, ctx: int, width: int
     box: list[Any] = [[(jnp.zeros(shape), jnp.zeros(shape)) for _ in range(cfg.num_layers)]]
     pt = (1 + np.arange(s * width, dtype=np.int32)).reshape(s, width)
     pos = np.full(s, ctx, np.int32)
-    inp = StepInputs(np.arange(s, dtype=np.int32), pos,
-                     (pt[np.arange(s), pos // ps] * ps + pos % ps).astype(np.int32), pt,
-                     pos + 1, np.arange(s + 1, dtype=np.int32), np.arange(s, dtype=np.int32))
+    inp = Inputs(token_ids=np.arange(s, dtype=np.int32), positions=pos,
+                 slot_mapping=(pt[np.arange(s), pos // ps] * ps + pos % ps).astype(np.int32),
+                 page_table=pt, kv_lens=pos + 1, cu_q_lens=np.arange(s + 1, dtype=np.int32),
+                 logits_indices=np.arange(s, dtype=np.int32),
+                 token_type_ids=np.zeros(s, np.int32))
     g, st = nnx.split(ld.model)
 
     def f(state: Any, kv: Any, inp: StepInputs) -> Any:

@@ -75,10 +75,11 @@ def main() -> None:
     llm = LLM(args.model, dtype="float32", max_model_len=1024, max_num_seqs=args.seqs)
     eng = llm.engine
     runner = eng.runner
-    vocab = runner.vocab_size
+    vocab = eng.model_config.vocab_size
     for i in range(args.seqs):
-        eng.add_request(f"p{i}", [1 + (i * 7 + j) % 1000 for j in range(args.prompt_len)],
-                        SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True))
+        eng.add_request(llm.processor.sampling_request(
+            f"p{i}", [1 + (i * 7 + j) % 1000 for j in range(args.prompt_len)],
+            SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)))
     while eng.scheduler.waiting or any(s.num_computed < s.prompt_len
                                        for s in eng.scheduler.running):
         eng.step()
@@ -106,16 +107,18 @@ def main() -> None:
         name = e["name"]
         if name in ops:
             parts[classify(name, ops[name], vocab)] += e["dur"] / 1e3 / args.steps
-    logits = jax.numpy.zeros((runner.num_seq_rows(t_bucket), vocab), jax.numpy.float32)
-    jax.block_until_ready(runner._argmax(logits))
+    rows = runner.cfg.num_seq_rows(t_bucket)
+    argmax = runner._exe[("argmax", rows)]
+    logits = jax.numpy.zeros((rows, vocab), jax.numpy.float32)
+    jax.block_until_ready(argmax(logits))
     times = []
     for _ in range(10):
         t = time.perf_counter()
-        jax.block_until_ready(runner._argmax(logits))
+        jax.block_until_ready(argmax(logits))
         times.append((time.perf_counter() - t) * 1e3)
     parts["sampler (greedy argmax)"] = sorted(times)[len(times) // 2]
     device = sum(parts.values())
-    parts["host (schedule, pad inputs, dispatch, detokenize)"] = max(0.0, wall - device)
+    parts["host (schedule, pad inputs, dispatch, update)"] = max(0.0, wall - device)
     print(f"\nengine decode step, {args.seqs} sequences, context ~{args.prompt_len + 5}-"
           f"{args.prompt_len + 5 + args.steps}, T bucket {t_bucket} "
           f"(jax {jax.__version__}, {jax.devices()[0].platform}): {wall:.1f} ms")

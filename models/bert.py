@@ -4,12 +4,14 @@ Used by ``serving.engine.pooling_runner`` for embeddings (``BertModel`` + a pool
 ``models.pooling``) and cross-encoder scores (``BertForSequenceClassification`` and the RoBERTa
 equivalent). Loaded from a Hugging Face directory: ``config.json`` + ``model.safetensors``.
 
-Batch layout: a padded batch ``[S, T]`` of right-padded token ids with a length per row. Every row
-attends to its own first ``lengths[s]`` tokens only, so what a row computes does not depend on its
-neighbours or on how far it was padded (up to float summation order). Rows of length 0 are batch
-padding; they produce finite garbage that the caller drops.
+Step layout: the decoders' packed ``StepInputs`` (``models.inputs``): whole prompts back to back
+on one token axis, grouped by ``cu_q_lens``; attention is the non-causal, pageless path of the ops
+contract (``ops.attention.ragged_encoder_attention_reference``), so a token attends to every token
+of its own sequence and nothing else, and what a sequence computes does not depend on its
+neighbours (up to float summation order). Padding tokens produce finite garbage the runner drops.
+Parameters carry logical axes (``sharding.rules``), as the decoders' do.
 
-Axis letters: S sequences, T tokens (padded), D model dim, N heads, H head dim, F MLP dim,
+Axis letters: S sequences, T tokens (packed, padded), D model dim, N heads, H head dim, F MLP dim,
 V vocab, L labels.
 
 Differences between the family members that matter here:
@@ -31,6 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from models.inputs import EncoderAttentionFn, KVCache, StepInputs
+from ops.attention import ragged_encoder_attention_reference
 
 # model_type -> family; "roberta" means RoBERTa-style positions and classification head.
 _FAMILIES = {
@@ -58,10 +63,6 @@ _ACTIVATIONS = {
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
 }
-
-# Added to the scores of masked keys. Finite (not -inf) so that a fully masked row (a padding
-# sequence of length 0) gives a uniform softmax instead of NaN.
-_MASKED = -1e30
 
 
 class UnsupportedModelError(ValueError):
@@ -164,8 +165,8 @@ class BertConfig:
 
 class LayerNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, dtype: jnp.dtype):
-        self.scale = nnx.Param(jnp.ones((dim,), dtype))
-        self.bias = nnx.Param(jnp.zeros((dim,), dtype))
+        self.scale = nnx.Param(jnp.ones((dim,), dtype), logical_axes=("norm",))
+        self.bias = nnx.Param(jnp.zeros((dim,), dtype), logical_axes=("norm",))
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -178,116 +179,130 @@ class LayerNorm(nnx.Module):
         return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
 
 
-def _init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
-    return (0.02 * jax.random.normal(rngs.params(), shape)).astype(dtype)
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: jnp.dtype,
+           axes: tuple[str | None, ...], zeros: bool = False) -> nnx.Param:
+    """A parameter with logical axes (``sharding.rules``); loaders overwrite the value."""
+    value = jnp.zeros(shape, dtype) if zeros else \
+        (0.02 * jax.random.normal(rngs.params(), shape)).astype(dtype)
+    return nnx.Param(value, logical_axes=axes)
 
 
 class BertLayer(nnx.Module):
     """One post-LayerNorm transformer block: self-attention, then the MLP."""
 
-    def __init__(self, cfg: BertConfig, dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: BertConfig, dtype: jnp.dtype, rngs: nnx.Rngs,
+                 attn_fn: EncoderAttentionFn):
         d, n, h, f = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim, cfg.intermediate_size
         # Q, K and V in one weight so the projection is a single matmul.
-        self.w_qkv = nnx.Param(_init(rngs, (d, 3, n, h), dtype))  # [D, 3, N, H]
-        self.b_qkv = nnx.Param(jnp.zeros((3, n, h), dtype))
-        self.w_o = nnx.Param(_init(rngs, (n, h, d), dtype))  # [N, H, D]
-        self.b_o = nnx.Param(jnp.zeros((d,), dtype))
+        self.w_qkv = _param(rngs, (d, 3, n, h), dtype, ("embed", None, "heads", "head_dim"))
+        self.b_qkv = _param(rngs, (3, n, h), dtype, (None, "heads", "head_dim"), zeros=True)
+        self.w_o = _param(rngs, (n, h, d), dtype, ("heads", "head_dim", "embed"))
+        self.b_o = _param(rngs, (d,), dtype, ("norm",), zeros=True)
         self.ln_attn = LayerNorm(d, cfg.layer_norm_eps, dtype)
-        self.w_in = nnx.Param(_init(rngs, (d, f), dtype))  # [D, F]
-        self.b_in = nnx.Param(jnp.zeros((f,), dtype))
-        self.w_out = nnx.Param(_init(rngs, (f, d), dtype))  # [F, D]
-        self.b_out = nnx.Param(jnp.zeros((d,), dtype))
+        self.w_in = _param(rngs, (d, f), dtype, ("embed", "mlp"))
+        self.b_in = _param(rngs, (f,), dtype, ("mlp",), zeros=True)
+        self.w_out = _param(rngs, (f, d), dtype, ("mlp", "embed"))
+        self.b_out = _param(rngs, (d,), dtype, ("norm",), zeros=True)
         self.ln_mlp = LayerNorm(d, cfg.layer_norm_eps, dtype)
         self.act = _ACTIVATIONS[cfg.hidden_act]
         self.scale = 1.0 / float(np.sqrt(h))
+        self.attn_fn = attn_fn
 
-    def __call__(self, x: jax.Array, key_mask: jax.Array) -> jax.Array:
-        # x: [S, T, D]; key_mask: bool[S, T], True for a real token
-        # Projections as plain [S*T, in] @ [in, out] matmuls (the weights' row-major layouts
-        # make these reshapes free): as 3-D einsums XLA:CPU transposed weights and activations
-        # on every step (~15% of the layer at S=256, T=32).
-        s, t, d = x.shape
+    def __call__(self, x: jax.Array, inp: StepInputs) -> jax.Array:
+        # x: [T, D], tokens packed by sequence (inp.cu_q_lens). Projections are plain
+        # [T, in] @ [in, out] matmuls (the weights' row-major layouts make the reshapes free):
+        # as 3-D einsums XLA:CPU transposed weights and activations on every step.
+        t, d = x.shape
         n, h = self.w_o.shape[0], self.w_o.shape[1]
-        rows = x.reshape(s * t, d)
-        qkv = rows @ self.w_qkv[...].reshape(d, -1) + self.b_qkv[...].reshape(-1)
-        qkv = qkv.reshape(s, t, 3, n, h)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [S, T, N, H] each
-        scores = jnp.einsum("sqnh,sknh->snqk", q, k).astype(jnp.float32) * self.scale
-        scores = jnp.where(key_mask[:, None, None, :], scores, _MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)  # [S, N, T, T]
-        ctx = jnp.einsum("snqk,sknh->sqnh", probs, v)  # [S, T, N, H]
-        attn = ctx.reshape(s * t, n * h) @ self.w_o[...].reshape(n * h, d) + self.b_o[...]
-        rows = self.ln_attn(rows + attn)
-        mlp = self.act(rows @ self.w_in[...] + self.b_in[...]) @ self.w_out[...] + self.b_out[...]
-        return self.ln_mlp(rows + mlp).reshape(s, t, d)
+        qkv = x @ self.w_qkv[...].reshape(d, -1) + self.b_qkv[...].reshape(-1)
+        qkv = qkv.reshape(t, 3, n, h)
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [T, N, H] each
+        ctx = self.attn_fn(q, k, v, inp.cu_q_lens, sm_scale=self.scale)  # [T, N, H]
+        attn = ctx.reshape(t, n * h) @ self.w_o[...].reshape(n * h, d) + self.b_o[...]
+        x = self.ln_attn(x + attn)
+        mlp = self.act(x @ self.w_in[...] + self.b_in[...]) @ self.w_out[...] + self.b_out[...]
+        return self.ln_mlp(x + mlp)
 
 
 class BertModel(nnx.Module):
-    """Embeddings + encoder stack; ``__call__`` returns the last hidden states ``[S, T, D]``."""
+    """Embeddings + encoder stack over a packed step (``models.inputs.StepInputs``).
+
+    ``__call__(kv_caches, inp)`` has the decoders' signature so one runner drives both; an
+    encoder keeps no KV cache (``kv_caches`` is ``[]`` and comes back unchanged) and every
+    sequence of a step is a whole prompt starting at position 0.
+    """
 
     def __init__(self, cfg: BertConfig, dtype: jnp.dtype = jnp.float32,
-                 rngs: nnx.Rngs | None = None):
+                 rngs: nnx.Rngs | None = None, attn_fn: EncoderAttentionFn | None = None):
         rngs = rngs or nnx.Rngs(0)
+        attn_fn = attn_fn or ragged_encoder_attention_reference
         self.cfg = cfg
         d = cfg.hidden_size
-        self.word_embeddings = nnx.Param(_init(rngs, (cfg.vocab_size, d), dtype))  # [V, D]
-        self.position_embeddings = nnx.Param(_init(rngs, (cfg.max_position_embeddings, d), dtype))
+        self.word_embeddings = _param(rngs, (cfg.vocab_size, d), dtype, ("vocab", "embed"))
+        self.position_embeddings = _param(rngs, (cfg.max_position_embeddings, d), dtype,
+                                          (None, "embed"))
         # A model without token types (type_vocab_size 0) gets one all-zero row.
         n_types = cfg.type_vocab_size
-        self.token_type_embeddings = nnx.Param(
-            _init(rngs, (n_types, d), dtype) if n_types else jnp.zeros((1, d), dtype))
+        self.token_type_embeddings = _param(rngs, (max(n_types, 1), d), dtype, (None, "embed"),
+                                            zeros=not n_types)
         self.ln_emb = LayerNorm(d, cfg.layer_norm_eps, dtype)
-        self.layers = nnx.List([BertLayer(cfg, dtype, rngs) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nnx.List([BertLayer(cfg, dtype, rngs, attn_fn)
+                                for _ in range(cfg.num_hidden_layers)])
 
-    def positions(self, input_ids: jax.Array, key_mask: jax.Array) -> jax.Array:
-        """Position ids ``i32[S, T]``; RoBERTa-style models count only non-pad tokens."""
-        if self.cfg.family == "roberta":
-            pad = self.cfg.pad_token_id
-            counted = (key_mask & (input_ids != pad)).astype(jnp.int32)
-            return jnp.cumsum(counted, axis=1) * counted + pad
-        t = input_ids.shape[1]
-        return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), input_ids.shape)
+    def positions(self, inp: StepInputs) -> jax.Array:
+        """Position ids ``i32[T]``; RoBERTa-style models count only non-pad tokens, from
+        ``pad_token_id + 1`` (HF's ``create_position_ids_from_input_ids``), per sequence."""
+        if self.cfg.family != "roberta":
+            return jnp.asarray(inp.positions)
+        pad = self.cfg.pad_token_id
+        ids, cu = jnp.asarray(inp.token_ids), jnp.asarray(inp.cu_q_lens)
+        t = jnp.arange(ids.shape[0], dtype=jnp.int32)
+        counted = ((ids != pad) & (t < cu[-1])).astype(jnp.int32)
+        total = jnp.cumsum(counted)
+        seq = jnp.clip(jnp.searchsorted(cu[1:], t, side="right"), 0, cu.shape[0] - 2)
+        before = (total - counted)[jnp.minimum(cu[seq], ids.shape[0] - 1)]  # at the seq start
+        return (total - before) * counted + pad
 
-    def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array,
-                 lengths: jax.Array) -> jax.Array:
-        """input_ids, token_type_ids: i32[S, T] right-padded; lengths: i32[S] -> [S, T, D]."""
-        t = input_ids.shape[1]
-        key_mask = jnp.arange(t, dtype=jnp.int32)[None, :] < lengths[:, None]  # [S, T]
+    def __call__(self, kv_caches: KVCache, inp: StepInputs) -> tuple[jax.Array, KVCache]:
+        """Last hidden states ``[T, D]`` (padding rows are finite garbage) and ``kv_caches``."""
         x = (
-            self.word_embeddings[...][input_ids]
-            + self.position_embeddings[...][self.positions(input_ids, key_mask)]
-            + self.token_type_embeddings[...][token_type_ids]
+            self.word_embeddings[...][inp.token_ids]
+            + self.position_embeddings[...][self.positions(inp)]
+            + self.token_type_embeddings[...][inp.token_type_ids]
         )
         x = self.ln_emb(x)
         for layer in self.layers:
-            x = layer(x, key_mask)
-        return x
+            x = layer(x, inp)
+        return x, kv_caches
 
 
 class BertForSequenceClassification(nnx.Module):
-    """Encoder + classification head; ``__call__`` returns raw logits ``f32[S, L]``.
+    """Encoder + classification head: ``__call__`` as ``BertModel``, ``classify`` on the first
+    token of each sequence returns raw logits ``f32[S, L]``.
 
     The activation (sigmoid/softmax/identity) is not applied here: ``models.pooling`` resolves
     it from the config and applies it per request, because the API can ask for raw logits.
     """
 
     def __init__(self, cfg: BertConfig, dtype: jnp.dtype = jnp.float32,
-                 rngs: nnx.Rngs | None = None):
+                 rngs: nnx.Rngs | None = None, attn_fn: EncoderAttentionFn | None = None):
         rngs = rngs or nnx.Rngs(0)
         self.cfg = cfg
-        self.encoder = BertModel(cfg, dtype, rngs)
+        self.encoder = BertModel(cfg, dtype, rngs, attn_fn)
         d, n_labels = cfg.hidden_size, cfg.num_labels
         # BERT: pooler dense; RoBERTa: classifier.dense. Both are dense + tanh on token 0.
-        self.w_pool = nnx.Param(_init(rngs, (d, d), dtype))  # [D, D]
-        self.b_pool = nnx.Param(jnp.zeros((d,), dtype))
-        self.w_cls = nnx.Param(_init(rngs, (d, n_labels), dtype))  # [D, L]
-        self.b_cls = nnx.Param(jnp.zeros((n_labels,), dtype))
+        self.w_pool = _param(rngs, (d, d), dtype, ("embed", None))
+        self.b_pool = _param(rngs, (d,), dtype, ("norm",), zeros=True)
+        self.w_cls = _param(rngs, (d, n_labels), dtype, ("embed", None))
+        self.b_cls = _param(rngs, (n_labels,), dtype, (None,), zeros=True)
 
-    def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array,
-                 lengths: jax.Array) -> jax.Array:
-        hidden = self.encoder(input_ids, token_type_ids, lengths)  # [S, T, D]
-        first = jnp.tanh(hidden[:, 0] @ self.w_pool[...] + self.b_pool[...])  # [S, D]
-        return (first @ self.w_cls[...] + self.b_cls[...]).astype(jnp.float32)  # [S, L]
+    def __call__(self, kv_caches: KVCache, inp: StepInputs) -> tuple[jax.Array, KVCache]:
+        return self.encoder(kv_caches, inp)
+
+    def classify(self, first: jax.Array) -> jax.Array:
+        """[S, D] hidden states of each sequence's first token -> f32[S, L] logits."""
+        pooled = jnp.tanh(first @ self.w_pool[...] + self.b_pool[...])
+        return (pooled @ self.w_cls[...] + self.b_cls[...]).astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------- loading

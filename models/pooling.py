@@ -1,8 +1,9 @@
 """Poolers: from per-token hidden states to one output per sequence.
 
-Model-agnostic. ``pool`` works on a padded batch ``[S, T, D]`` (the BERT runner's layout),
-``pool_packed`` on a packed, ragged token axis ``[T, D]`` grouped by sequence (the layout of the
-decoder model runner's prefill). Both are pure jnp and are traced inside compiled steps.
+Model-agnostic. ``pool_chunks`` reduces a packed, ragged token axis ``[T, D]`` grouped by
+sequence (the layout of every model step, ``models.inputs.StepInputs``); it is pure jnp, traced
+inside the runner's compiled pooling executable. Normalisation and activations are host-side,
+per request (``l2_normalize_np``, ``apply_activation``).
 
 Where the pooler configuration comes from, highest priority first:
 1. ``--override-pooler-config`` (``{"pooling_type": "MEAN", "normalize": true}``);
@@ -12,7 +13,7 @@ Where the pooler configuration comes from, highest priority first:
 3. defaults by kind: encoders CLS + normalize (vLLM's default for BERT embedding models),
    decoders LAST + normalize, classifiers CLS (their head reads token 0 itself).
 
-Axis letters: S sequences, T tokens, D hidden dim, L labels.
+Axis letters: S sequences, T tokens (packed), D hidden dim, L labels.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ class PoolingType(enum.StrEnum):
     MEAN = "MEAN"  # average over the sequence's tokens
     CLS = "CLS"  # the first token
     LAST = "LAST"  # the last token (decoder embedding models)
-    ALL = "ALL"  # every token's hidden state (the /pooling endpoint's per-token output)
 
 
 class PoolerConfigError(ValueError):
@@ -153,65 +153,27 @@ def resolve_pooler_config(
 # ----------------------------------------------------------------------------- pooling math
 
 
-def pool(hidden: jax.Array, lengths: jax.Array, pooling_type: PoolingType,
-         normalize: bool = False) -> jax.Array:
-    """Pool a right-padded batch. hidden: [S, T, D]; lengths: i32[S] (0 for padding rows).
+def pool_chunks(hidden: jax.Array, cu_lens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-sequence reductions of a packed step. hidden: [T, D], tokens grouped by sequence;
+    cu_lens: i32[S+1] (sequence s owns tokens ``cu_lens[s]:cu_lens[s+1]``; tokens past
+    ``cu_lens[S]`` are padding).
 
-    Returns [S, D] (or [S, T, D] for ALL, padded positions zeroed) in float32. Rows of length 0
-    yield zeros, never NaN. Mean pooling divides by the true length, as sentence-transformers
-    does; nothing past a row's length contributes.
+    Returns float32 ``(first, last, total)``, each [S, D]: the first and last token's state and
+    the sum over the sequence's tokens; rows of empty sequences are zero. A prompt that spans
+    several steps (chunked prefill) pools from these per chunk: CLS is the first chunk's
+    ``first``, LAST the final chunk's ``last``, MEAN the sum of ``total`` over the chunks divided
+    by the prompt's length (``serving.engine.request.PoolAccumulator``).
     """
-    s, t, _ = hidden.shape
-    h = hidden.astype(jnp.float32)
-    valid = jnp.arange(t, dtype=jnp.int32)[None, :] < lengths[:, None]  # [S, T]
-    if pooling_type == PoolingType.MEAN:
-        total = jnp.einsum("std,st->sd", h, valid.astype(jnp.float32))
-        out = total / jnp.maximum(lengths, 1).astype(jnp.float32)[:, None]
-    elif pooling_type == PoolingType.CLS:
-        out = jnp.where((lengths > 0)[:, None], h[:, 0], 0.0)
-    elif pooling_type == PoolingType.LAST:
-        last = jnp.clip(lengths - 1, 0, t - 1)
-        out = jnp.where((lengths > 0)[:, None], h[jnp.arange(s), last], 0.0)
-    elif pooling_type == PoolingType.ALL:
-        out = jnp.where(valid[..., None], h, 0.0)
-    else:  # pragma: no cover - enum is closed
-        raise ValueError(pooling_type)
-    return l2_normalize(out) if normalize else out
-
-
-def pool_packed(hidden: jax.Array, cu_lens: jax.Array, pooling_type: PoolingType,
-                normalize: bool = False) -> jax.Array:
-    """Pool a packed token axis. hidden: [T, D], tokens grouped by sequence; cu_lens: i32[S+1].
-
-    Sequence s owns tokens ``cu_lens[s]:cu_lens[s+1]``; tokens past ``cu_lens[S]`` are padding.
-    Every token of a sequence must be present (pooling a chunk of a longer prompt would be
-    wrong). Returns [S, D] float32; ALL is not defined here (the caller slices ``hidden``).
-    """
-    if pooling_type == PoolingType.ALL:
-        raise ValueError("ALL pooling on a packed batch: slice hidden by cu_lens instead")
     t = hidden.shape[0]
-    num_seqs = cu_lens.shape[0] - 1
+    s = cu_lens.shape[0] - 1
     h = hidden.astype(jnp.float32)
     lens = cu_lens[1:] - cu_lens[:-1]  # [S]
-    if pooling_type == PoolingType.MEAN:
-        tok = jnp.arange(t, dtype=jnp.int32)
-        seq = jnp.searchsorted(cu_lens[1:], tok, side="right")  # [T]; == S for padding
-        total = jax.ops.segment_sum(h, seq, num_segments=num_seqs + 1)[:num_seqs]
-        out = total / jnp.maximum(lens, 1).astype(jnp.float32)[:, None]
-    elif pooling_type == PoolingType.CLS:
-        out = h[jnp.clip(cu_lens[:-1], 0, t - 1)]
-    elif pooling_type == PoolingType.LAST:
-        out = h[jnp.clip(cu_lens[1:] - 1, 0, t - 1)]
-    else:  # pragma: no cover
-        raise ValueError(pooling_type)
-    out = jnp.where((lens > 0)[:, None], out, 0.0)
-    return l2_normalize(out) if normalize else out
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """x / max(||x||, eps) along the last axis (torch ``F.normalize`` semantics)."""
-    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
-    return x / jnp.maximum(norm, eps)
+    seq = jnp.searchsorted(cu_lens[1:], jnp.arange(t, dtype=jnp.int32), side="right")  # S: pad
+    total = jax.ops.segment_sum(h, seq, num_segments=s + 1)[:s]
+    present = (lens > 0)[:, None]
+    first = jnp.where(present, h[jnp.clip(cu_lens[:-1], 0, t - 1)], 0.0)
+    last = jnp.where(present, h[jnp.clip(cu_lens[1:] - 1, 0, t - 1)], 0.0)
+    return first, last, total
 
 
 def l2_normalize_np(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:

@@ -4,7 +4,8 @@ This is the CPU path and the reference every kernel is tested against. Kernels i
 exactly these signatures; ``ops.backend`` picks one per backend.
 
 Axis letters: T tokens (padded to a bucket), S sequences (padded), W page-table width,
-P pages, B page size, K kv heads, N q heads (N = K * G), H head dim.
+P pages, B page size, K kv heads, N q heads (N = K * G), H head dim; inside the loops, O keys of
+one block (or tile), and for the encoder path A query tiles of Q rows.
 
 Layout of one layer's cache: ``k_cache, v_cache: [K, P, B, H]`` (kv-head major, so a shard over
 kv heads is a contiguous slab and the per-(kv-head, token) attention dot has its batch axes first).
@@ -163,11 +164,11 @@ def ragged_paged_attention_reference(
         # NaN in unread slots is dropped by the mask below.
         if dim_major_keys:
             kb = k_pages[:, pages].swapaxes(2, 3)  # [K,T,pages,H,B] -> [K,T,H,pages,B]
-            kb = kb.reshape(num_kv, num_tokens, head, block).astype(jnp.float32)  # [K,T,H,L]
-            s = (qg[..., None] * kb[:, :, None]).sum(-2)  # [K,T,G,L]
+            kb = kb.reshape(num_kv, num_tokens, head, block).astype(jnp.float32)  # [K,T,H,O]
+            s = (qg[..., None] * kb[:, :, None]).sum(-2)  # [K,T,G,O]
         else:
             kb = k_cache[:, pages].reshape(num_kv, num_tokens, block, head).astype(jnp.float32)
-            s = (qg[:, :, :, None, :] * kb[:, :, None, :, :]).sum(-1)  # [K,T,G,L]
+            s = (qg[:, :, :, None, :] * kb[:, :, None, :, :]).sum(-1)  # [K,T,G,O]
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
         s = jnp.where(mask[None, :, None, :], s, -jnp.inf)
@@ -189,3 +190,85 @@ def ragged_paged_attention_reference(
     _, denom, acc = jax.lax.fori_loop(0, num_blocks, body, init)
     out = acc / jnp.where(denom > 0, denom, 1.0)[..., None]
     return out.transpose(1, 0, 2, 3).reshape(num_tokens, num_q, head).astype(q.dtype)
+
+
+# Query rows per tile of the encoder attention: each sequence starts on a tile boundary.
+ENCODER_TILE = 32
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "tile"))
+def ragged_encoder_attention_reference(
+    q: jax.Array,  # [T, N, H]
+    k: jax.Array,  # [T, K, H] this step's keys (no cache)
+    v: jax.Array,  # [T, K, H]
+    cu_q_lens: jax.Array,  # i32[S + 1]
+    *,
+    sm_scale: float,
+    tile: int = ENCODER_TILE,
+) -> jax.Array:  # [T, N, H], zeros for padding tokens
+    """Bidirectional attention of each token over every token of its own sequence in this step.
+
+    The non-causal path of the ops contract, for encoders (BERT-family): whole prompts packed back
+    to back as in ``ragged_paged_attention_reference``'s metadata, with no KV pages (nothing is
+    cached; ``kv_lens``, ``page_table`` and ``slot_mapping`` play no part).
+
+    Sequences are re-laid so that each starts on a tile boundary (``tile`` rows; the aligned axis
+    has the static bound ``T + (S + 1) * tile``); every query tile then belongs to one sequence
+    and reads that sequence's key tiles only, one per loop iteration with an online softmax. The
+    loop runs ``ceil(max(len) / tile)`` times, so a step costs what its longest sequence needs,
+    not what the token bucket could hold. Masked keys are zeroed before the value product, so
+    NaN in padding rows cannot leak.
+    """
+    num_tokens, num_q, head = q.shape
+    num_kv = k.shape[1]
+    group = num_q // num_kv
+    num_seqs = cu_q_lens.shape[0] - 1
+    lens = cu_q_lens[1:] - cu_q_lens[:-1]  # [S]
+    seq_tiles = (lens + tile - 1) // tile  # [S]
+    first_tile = jnp.cumsum(seq_tiles) - seq_tiles  # [S]
+    num_tiles = -(-num_tokens // tile) + num_seqs  # static: >= sum(ceil(len / tile))
+    size = num_tiles * tile
+
+    t = jnp.arange(num_tokens, dtype=jnp.int32)
+    seq = jnp.clip(jnp.searchsorted(cu_q_lens[1:], t, side="right"), 0, num_seqs - 1)
+    real = t < cu_q_lens[num_seqs]
+    dest = jnp.where(real, first_tile[seq] * tile + t - cu_q_lens[seq], size)  # [T]
+
+    def aligned(x: jax.Array) -> jax.Array:  # [T, ...] -> [size, ...], padding rows dropped
+        out = jnp.zeros((size, *x.shape[1:]), jnp.float32)
+        return out.at[dest].set(x.astype(jnp.float32), mode="drop")
+
+    qa = aligned(q * sm_scale).reshape(num_tiles, tile, num_kv, group, head)
+    ka = aligned(k).reshape(num_tiles, tile, num_kv, head)
+    va = aligned(v).reshape(num_tiles, tile, num_kv, head)
+    tiles = jnp.arange(num_tiles, dtype=jnp.int32)
+    tile_seq = jnp.clip(jnp.searchsorted(first_tile + seq_tiles, tiles, side="right"), 0,
+                        num_seqs - 1)
+    tile_first, tile_len = first_tile[tile_seq], lens[tile_seq]  # [A] (A: tiles)
+
+    def body(j: jax.Array, carry: tuple[jax.Array, jax.Array, jax.Array]) -> tuple:
+        m, denom, acc = carry  # [A,K,G,Q], [A,K,G,Q], [A,K,G,Q,H]
+        src = jnp.minimum(tile_first + j, num_tiles - 1)
+        kb, vb = ka[src], va[src]  # [A, O, K, H] (O: key rows of the tile)
+        valid = (j * tile + jnp.arange(tile, dtype=jnp.int32))[None, :] < tile_len[:, None]
+        s = jnp.einsum("aqkgh,aokh->akgqo", qa, kb)  # [A, K, G, Q, O]
+        s = jnp.where(valid[:, None, None, None, :], s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.exp(s - m_safe[..., None])
+        corr = jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf))
+        denom = denom * corr + p.sum(axis=-1)
+        vb = jnp.where(valid[:, :, None, None], vb, 0.0)
+        acc = acc * corr[..., None] + jnp.einsum("akgqo,aokh->akgqh", p, vb)
+        return m_new, denom, acc
+
+    init = (
+        jnp.full((num_tiles, num_kv, group, tile), -jnp.inf, jnp.float32),
+        jnp.zeros((num_tiles, num_kv, group, tile), jnp.float32),
+        jnp.zeros((num_tiles, num_kv, group, tile, head), jnp.float32),
+    )
+    _, denom, acc = jax.lax.fori_loop(0, jnp.max(seq_tiles), body, init)
+    out = acc / jnp.where(denom > 0, denom, 1.0)[..., None]  # [A, K, G, Q, H]
+    out = out.transpose(0, 3, 1, 2, 4).reshape(size, num_q, head)
+    out = jnp.where(real[:, None, None], out[jnp.minimum(dest, size - 1)], 0.0)
+    return out.astype(q.dtype)

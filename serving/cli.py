@@ -406,15 +406,10 @@ def _log_non_defaults(engine_args: EngineArgs, server_args: ServerArgs) -> None:
 
 
 def make_engine(engine_args: EngineArgs) -> Any:
-    """The engine for ``--task``, the model and the parallelism options: a pooling engine for
-    BERT-family encoders and for decoders with ``--task embed``, data-parallel replicas when
-    asked for, else one generation engine.
-    Runs in the server's loader thread (it loads and compiles)."""
+    """The engine for the model, ``--task`` and the parallelism options: data-parallel
+    replicas when asked for, else one engine (generation or pooling, as the model and ``--task``
+    say). Runs in the server's loader thread (it loads and compiles)."""
     from serving.engine.data_parallel import DataParallelClient
-    from serving.engine.pooling_engine import PoolingEngine, wants_pooling_engine
-
-    if wants_pooling_engine(engine_args):
-        return PoolingEngine.from_args(engine_args)
     from serving.engine.engine_client import AsyncEngineClient
 
     if engine_args.data_parallel_size > 1 or engine_args.mesh:
@@ -424,7 +419,7 @@ def make_engine(engine_args: EngineArgs) -> Any:
 
 def run_server(engine_args: EngineArgs, server_args: ServerArgs) -> int:
     """Start the server with the real engine and block until it stops; returns an exit code."""
-    from serving.engine.sharded import maybe_run_follower
+    from serving.engine.engine import maybe_run_follower
 
     if maybe_run_follower(engine_args):  # multi-host: processes > 0 replay process 0's steps
         return 0

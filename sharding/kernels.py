@@ -46,6 +46,20 @@ class ShardedAttention:
             q, k_cache, v_cache, page_table, kv_lens, cu_q_lens)
 
 
+class ShardedEncoderAttention:
+    """``ops.attention.ragged_encoder_attention_reference``'s signature (the non-causal,
+    pageless path), run per head shard: q/k/v/out ``[T, heads, H]`` split on heads."""
+
+    def __init__(self, base: Any, mesh: Mesh, axis: str = MODEL) -> None:
+        self.base, self.mesh, self.axis = base, mesh, axis
+
+    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, cu_q_lens: jax.Array, *,
+                 sm_scale: float) -> jax.Array:
+        f = functools.partial(self.base, sm_scale=sm_scale)
+        heads = P(None, self.axis, None)
+        return _shard_map(f, self.mesh, (heads, heads, heads, P()), heads)(q, k, v, cu_q_lens)
+
+
 class ShardedWriteKV:
     """``ops.attention.write_kv``'s signature: each shard scatters its own heads' keys/values."""
 
@@ -63,6 +77,6 @@ class ShardedWriteKV:
 
 def unwrap(fn: Any) -> Any:
     """The single-device op behind a wrapper (itself if it is not one)."""
-    while isinstance(fn, ShardedAttention | ShardedWriteKV):
+    while isinstance(fn, ShardedAttention | ShardedWriteKV | ShardedEncoderAttention):
         fn = fn.base
     return fn

@@ -1,9 +1,9 @@
 """The engine interface the HTTP layer is written against (``serving.engine.engine_client``).
 
 A structural ``Protocol``, so that ``serving.api`` type-checks against the contract rather than
-one implementation. ``AsyncEngineClient`` in ``serving/engine/engine_client.py`` satisfies
-``EngineClient``; ``PoolingEngine`` in ``serving/engine/pooling_engine.py`` satisfies
-``PoolingEngineClient``.
+one implementation. ``AsyncEngineClient`` in ``serving/engine/engine_client.py`` (and the
+data-parallel client over several of them) satisfies ``EngineClient`` for a generation model and
+``PoolingEngineClient`` for a pooling one: it is one engine either way.
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ class EngineClient(ServingEngine, Protocol):
 
 
 class PoolingEngineClient(ServingEngine, Protocol):
-    """A pooling engine (``serving.engine.pooling_engine.PoolingEngine``): embeddings,
-    per-token states, classifier and cross-encoder scores."""
+    """An engine serving a pooling model: embeddings, per-token states, classifier and
+    cross-encoder scores."""
 
     info: PoolingModelInfo
 

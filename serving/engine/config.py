@@ -19,6 +19,9 @@ class EngineArgs:
     max_model_len: int | None = None  # None: the model's context length
     max_num_seqs: int = 32
     max_num_batched_tokens: int | None = None  # None: chosen from max_num_seqs and the backend
+    # Compiled token buckets (each step is padded to the smallest that holds it); None: powers
+    # of two from 1 (16 for pooling models) up to max_num_batched_tokens, which is always one.
+    token_buckets: tuple[int, ...] | None = None
     block_size: int = 16  # tokens per KV page
     num_kv_pages: int | None = None  # None: sized from kv_cache_memory_fraction / kv_cache_gb
     kv_cache_gb: float | None = None  # explicit KV pool size in GiB
@@ -30,10 +33,10 @@ class EngineArgs:
     compilation_cache: bool = True  # JAX persistent compilation cache under cache_dir
     attention_backend: str = "auto"  # auto | reference | pallas | pallas-interpret
     max_logprobs: int = 20
-    # Pooling models (serving.engine.pooling_engine). "auto": generate for decoders, the
-    # architecture's pooling tasks for BERT-family encoders; embed/embedding, classify, score
-    # ask for a pooling engine explicitly (embed on a decoder: last-token embeddings from the
-    # decoder runner, serving.engine.pooling_decoder); generate refuses encoders.
+    # What the engine serves (serving.engine.engine.serving_tasks). "auto": generate for
+    # decoders, the architecture's pooling tasks for BERT-family encoders; embed/embedding,
+    # classify, score ask for pooling explicitly (embed on a decoder: last-token embeddings of
+    # its final hidden states); generate refuses encoders.
     task: str = "auto"
     override_pooler_config: str | None = None  # JSON: {"pooling_type": "MEAN", "normalize": true}
     # ---- parallelism (sharding/, serving/engine/sharded.py; docs/SHARDING.md) ----

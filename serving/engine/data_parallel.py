@@ -11,8 +11,9 @@ docs/SHARDING.md.
 
 The HTTP layer can use this class wherever it uses ``AsyncEngineClient``: same attributes
 (``model_name``, ``max_model_len``, ``vocab_size``, ``tokenizer``, ``generation_defaults``,
-``engine``, ``error``), same coroutines (``start``, ``generate``, ``abort``, ``shutdown``), same
-``is_healthy`` / ``stats`` / ``num_in_flight``. ``stats()`` sums the replicas.
+``supported_tasks``, ``info``, ``labels``, ``engine``, ``error``), same coroutines (``start``,
+``generate``, ``encode``, ``abort``, ``shutdown``), same ``is_healthy`` / ``stats`` /
+``num_in_flight`` / ``tokenize`` / ``tokenize_pairs``. ``stats()`` sums the replicas.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from serving.engine.config import EngineArgs
 from serving.engine.engine import EngineStats, LLMEngine
 from serving.engine.engine_client import AsyncEngineClient
 from serving.engine.outputs import RequestOutput
+from serving.engine.pooling_params import PoolingInput, PoolingOutput, PoolingParams
 from serving.engine.sampling_params import SamplingParams
 from serving.engine.sharded import shard_loaded
 from sharding.mesh import MeshError, make_mesh, replica_meshes, resolve_shape
@@ -50,6 +52,7 @@ class DataParallelClient:
         self.vocab_size: int = first.vocab_size
         self.tokenizer: Any = first.tokenizer
         self.generation_defaults: dict[str, Any] = first.generation_defaults
+        self.supported_tasks: tuple[str, ...] = first.supported_tasks
         self._owner: dict[str, AsyncEngineClient] = {}
         self._rr = itertools.count()
 
@@ -96,11 +99,27 @@ class DataParallelClient:
         return all(r.is_healthy() for r in self.replicas)
 
     def stats(self) -> EngineStats:
-        total = EngineStats()
-        for r in self.replicas:
-            for f in dataclasses.fields(EngineStats):
-                setattr(total, f.name, getattr(total, f.name) + getattr(r.stats(), f.name))
-        return total
+        each = [r.stats() for r in self.replicas]
+        return EngineStats(**{f.name: sum(getattr(st, f.name) for st in each)
+                              for f in dataclasses.fields(EngineStats)})
+
+    @property
+    def info(self) -> Any:
+        return self.replicas[0].info
+
+    @property
+    def labels(self) -> list[str]:
+        return self.replicas[0].labels
+
+    def tokenize(self, texts: list[str], *, add_special_tokens: bool = True,
+                 truncate_prompt_tokens: int | None = None) -> list[PoolingInput]:
+        return self.replicas[0].tokenize(texts, add_special_tokens=add_special_tokens,
+                                         truncate_prompt_tokens=truncate_prompt_tokens)
+
+    def tokenize_pairs(self, texts_1: list[str], texts_2: list[str], *,
+                       truncate_prompt_tokens: int | None = None) -> list[PoolingInput]:
+        return self.replicas[0].tokenize_pairs(texts_1, texts_2,
+                                               truncate_prompt_tokens=truncate_prompt_tokens)
 
     @property
     def num_in_flight(self) -> int:
@@ -113,17 +132,24 @@ class DataParallelClient:
         return ties[next(self._rr) % len(ties)]
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+                       request_id: str, *, cache_salt: str | None = None
+                       ) -> AsyncIterator[RequestOutput]:
         """As ``AsyncEngineClient.generate``, on the least-loaded replica."""
         if request_id in self._owner:
             raise ValueError(f"request id {request_id!r} is already in flight")
         replica = self._pick()
         self._owner[request_id] = replica
         try:
-            async for out in replica.generate(prompt_token_ids, params, request_id):
+            async for out in replica.generate(prompt_token_ids, params, request_id,
+                                              cache_salt=cache_salt):
                 yield out
         finally:
             self._owner.pop(request_id, None)
+
+    async def encode(self, inputs: list[PoolingInput],
+                     params: PoolingParams) -> list[PoolingOutput]:
+        """As ``AsyncEngineClient.encode``, on the least-loaded replica."""
+        return await self._pick().encode(inputs, params)
 
     async def abort(self, request_id: str) -> None:
         replica = self._owner.get(request_id)

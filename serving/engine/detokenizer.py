@@ -1,50 +1,63 @@
-"""Incremental detokenization and stop strings, per sequence, on the host.
+"""Incremental detokenization and stop strings, per sequence, off the engine thread.
 
-Text is decoded with the prefix/read-offset method: decode a short window of trailing tokens and
-emit only what the newest token added, holding back while the window ends in an incomplete UTF-8
-sequence (U+FFFD). Stop strings are matched on the accumulated text; any tail that could still
-grow into a stop string is held back, so a partial stop string is never emitted, and on a match
-the text is cut exactly at the stop (or just after it with ``include_stop_str_in_output``).
+Text comes from ``tokenizers``' ``DecodeStream``, which buffers the tokens of an incomplete
+UTF-8 character until it can emit it whole. The stream is primed with the tail of the prompt so
+that the first output token decodes in context (a leading space of "▁word" pieces depends on
+what precedes it); the tail is one that decodes to whole characters, so that no byte of the
+prompt is ever emitted as output text. Stop strings are matched on the accumulated text; any
+tail that could still grow into a stop string is held back, so a partial stop string is never
+emitted, and on a match the text is cut exactly at the stop (or just after it with
+``include_stop_str_in_output``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
+
+from tokenizers.decoders import DecodeStream
+
+# Prompt tokens fed to the stream before the first output token (enough for any merge context),
+# and the longest tail tried when the shorter ones start or end inside a character.
+PRIME_TOKENS = 6
+MAX_PRIME_TOKENS = 24
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Any, prompt_ids: list[int], *, skip_special_tokens: bool,
-                 spaces_between_special_tokens: bool, stop: list[str],
-                 include_stop_str_in_output: bool) -> None:
-        self.tok = tokenizer
+    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], *, skip_special_tokens: bool,
+                 stop: Sequence[str], include_stop_str_in_output: bool) -> None:
+        self.tok = tokenizer  # transformers PreTrainedTokenizerFast
+        self.backend = tokenizer.backend_tokenizer
         self.skip = skip_special_tokens
-        self.spaces = spaces_between_special_tokens
-        self.stop = stop
+        self.stop = tuple(stop)
         self.include_stop = include_stop_str_in_output
-        # Seed the window with the prompt's tail so the first output token decodes in context
-        # (a leading space of "▁word" pieces depends on what precedes it).
-        self.ids: list[int] = list(prompt_ids[-6:])
-        self.prefix_offset = 0
-        self.read_offset = len(self.ids)
+        self.stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        prime = self._clean_tail(prompt_ids)
+        if prime:
+            self.stream.step(self.backend, prime)
+        self.pending: list[int] = []  # tokens the stream holds back (an incomplete character)
         self.text = ""  # all output text decoded so far
         self.emitted = 0  # chars of self.text already handed out
-        self.max_stop = max((len(s) for s in stop), default=0)
+        self.max_stop = max((len(s) for s in self.stop), default=0)
 
-    def _decode(self, ids: list[int]) -> str:
-        return str(self.tok.decode(ids, skip_special_tokens=self.skip,
-                                   spaces_between_special_tokens=self.spaces))
+    def _clean_tail(self, prompt_ids: Sequence[int]) -> list[int]:
+        """The shortest prompt tail of at least PRIME_TOKENS tokens (or a shorter one) that
+        decodes without U+FFFD; [] when none does (random bytes)."""
+        n = len(prompt_ids)
+        for k in [*range(PRIME_TOKENS, min(n, MAX_PRIME_TOKENS) + 1),
+                  *range(min(n, PRIME_TOKENS - 1), 0, -1)]:
+            tail = list(prompt_ids[-k:])
+            if "\ufffd" not in self.tok.decode(tail, skip_special_tokens=self.skip):
+                return tail
+        return []
 
     def add(self, token_id: int) -> None:
-        self.ids.append(token_id)
-        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        full = self._decode(self.ids[self.prefix_offset:])
-        # Wait while the window ends inside a UTF-8 sequence; a character spans at most 4 byte
-        # tokens, so past that the bytes are invalid and are emitted as U+FFFD like decode() does.
-        pending = len(self.ids) - self.read_offset
-        if len(full) > len(prefix) and (not full.endswith("\ufffd") or pending >= 4):
-            self.text += full[len(prefix):]
-            self.prefix_offset = self.read_offset
-            self.read_offset = len(self.ids)
+        chunk = self.stream.step(self.backend, token_id)
+        if chunk is None:
+            self.pending.append(token_id)
+        else:
+            self.text += chunk
+            self.pending.clear()
 
     def check_stop(self, new_from: int) -> str | None:
         """Return the stop string found in text added since char ``new_from``, cutting text."""
@@ -63,12 +76,11 @@ class IncrementalDetokenizer:
         return s
 
     def flush(self) -> None:
-        """At the end of a sequence: decode whatever is still pending."""
-        if self.read_offset < len(self.ids):
-            prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
-            full = self._decode(self.ids[self.prefix_offset:])
-            self.text += full[len(prefix):]
-            self.prefix_offset = self.read_offset = len(self.ids)
+        """At the end of a sequence: whatever the stream still holds, as ``decode`` shows it
+        (an incomplete character becomes U+FFFD)."""
+        if self.pending:
+            self.text += str(self.tok.decode(self.pending, skip_special_tokens=self.skip))
+            self.pending.clear()
 
     def take(self, final: bool) -> str:
         """Text that is safe to emit now (everything, when the sequence has finished)."""

@@ -1,38 +1,61 @@
-"""LLMEngine: owns the model runner, scheduler and KV manager; one ``step()`` at a time.
+"""LLMEngine: one engine for generation and pooling; one ``step()`` at a time.
 
-Single-threaded by contract: the async client drives it from its own engine thread, the offline
-``LLM`` API from the caller's thread. ``step`` is schedule → execute → update.
+Owns the model runner, the scheduler and the KV-cache manager. Single-threaded by contract: the
+async client drives it from its own engine thread, the offline ``LLM`` API from the caller's
+thread. ``step`` is schedule -> execute -> update. Requests come in validated
+(``serving.engine.input_processor``) and results go out as token ids (``SeqOutput``); text and
+stop strings are the output processor's, off this thread.
+
+What the engine serves follows from the model and ``--task``: a decoder generates (``auto`` /
+``generate``) or serves embeddings of its final hidden states (``embed``); a BERT-family encoder
+serves embeddings or, with a classification head, scores. Either way it is the same loop: a
+pooling request is a prompt that finishes when it is computed, with its pooled result.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import random
-import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jax
 
-from models.loader import LoadedModel, load_model, resolve_dtype
+from models.bert import BertConfig, is_encoder_dir, load_bert, read_config
+from models.config import ModelConfig
+from models.loader import LoadedModel, ModelLoadError, load_model, resolve_dtype, resolve_source
+from models.pooling import (
+    PoolerConfig,
+    classify_activation,
+    resolve_pooler_config,
+    score_activation,
+)
 from models.weights import default_place
 from ops.backend import get_attention_fn
+from serving.engine.compilation import enable_compilation_cache
 from serving.engine.config import EngineArgs
-from serving.engine.detokenizer import IncrementalDetokenizer
+from serving.engine.input_processor import InputProcessor, ModelFacts
 from serving.engine.kv_cache_manager import KVCacheManager
-from serving.engine.model_runner import ModelRunner, RunnerConfig, RunnerOutput, num_pages_for
-from serving.engine.outputs import CompletionDelta, RequestOutput, TokenLogprob
-from serving.engine.request import Request, SeqStatus, Sequence
-from serving.engine.sampling_params import SamplingParams
-from serving.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from serving.engine.model_runner import KVLayout, ModelRunner, RunnerConfig, num_pages_for
+from serving.engine.output_processor import PoolingPost
+from serving.engine.outputs import SeqOutput
+from serving.engine.pooling_params import PoolingModelInfo
+from serving.engine.request import EngineRequest
+from serving.engine.scheduler import Scheduler, SchedulerConfig
 from serving.engine.sharded import log_layout, make_sharder, shard_loaded
 
 log = logging.getLogger("xlaserve.engine")
 
+EMBED_TASKS = ("embed", "encode")
+SCORE_TASKS = ("classify", "score")
 
-@dataclass
+
+@dataclass(frozen=True)
 class EngineStats:
+    """The engine's counters: one source for the server's metrics and the benchmarks."""
+
     num_running: int = 0
     num_waiting: int = 0
     kv_pages_used: int = 0
@@ -41,19 +64,113 @@ class EngineStats:
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     num_steps: int = 0
-    num_recompiles: int = 0
+    num_recompiles: int = 0  # traces / compiles JAX performed while serving (should stay 0)
+    num_executables: int = 0  # built ahead of time at warm-up
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
+    num_padded_tokens: int = 0  # token slots computed (the T bucket of every step), summed
 
 
-def enable_compilation_cache(cache_root: str | None) -> str:
-    from models.assets import cache_dir
-    path = os.path.join(str(cache_dir(cache_root)), "jax_compilation_cache")
-    os.makedirs(path, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return path
+def serving_tasks(task: str, config: ModelConfig | BertConfig) -> tuple[str, ...]:
+    """What an engine on a model of ``config`` serves for ``--task`` (raises
+    ``ModelLoadError``)."""
+    if isinstance(config, BertConfig):
+        cfg = config
+        mine = SCORE_TASKS if cfg.is_classifier else EMBED_TASKS
+        if task == "auto" or (task in ("embed", "embedding") and not cfg.is_classifier) or \
+                (task in SCORE_TASKS and cfg.is_classifier):
+            return mine
+        if task == "generate":
+            raise ModelLoadError(f"--task generate: {cfg.architecture} is an encoder; it "
+                                 "serves embeddings or scores, not text generation")
+        if task in ("embed", "embedding"):
+            raise ModelLoadError(f"--task {task}: {cfg.architecture} is a cross-encoder; use "
+                                 "--task score (or auto)")
+        if task in SCORE_TASKS:
+            raise ModelLoadError(f"--task {task}: {cfg.architecture} has no classification "
+                                 "head; use --task embed (or auto)")
+        raise ModelLoadError(f"unknown task {task!r}")
+    if task in ("auto", "generate"):
+        return ("generate",)
+    if task in ("embed", "embedding"):
+        return EMBED_TASKS
+    if task in SCORE_TASKS:
+        raise ModelLoadError(f"--task {task} needs a BERT-family cross-encoder "
+                             "(…ForSequenceClassification) in a Hugging Face directory; decoder "
+                             "models serve --task embed or generate")
+    raise ModelLoadError(f"unknown task {task!r}")
+
+
+def check_decoder_embedding_source(path: Path) -> None:
+    """Refuse, before any weights are read, HF checkpoints of a family the loader does not know,
+    and those the causal decoder path would embed wrongly: bidirectional decoders
+    (EmbeddingGemma-style ``use_bidirectional_attention``, ``is_causal: false``) and
+    sequence-classification heads."""
+    cfg_path = path / "config.json" if path.is_dir() else None
+    if cfg_path is None or not cfg_path.exists():
+        return
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{cfg_path} is not valid JSON: {e}") from None
+    try:
+        ModelConfig.from_hf(cfg)
+    except (ValueError, KeyError) as e:
+        raise ModelLoadError(f"--task embed: {path}: {e}") from None
+    text = cfg.get("text_config") or cfg
+    if text.get("use_bidirectional_attention") or text.get("is_causal") is False:
+        raise ModelLoadError(f"{path}: this decoder uses bidirectional attention, which the "
+                             "decoder embedding path (causal) does not support")
+    arch = (cfg.get("architectures") or [""])[0]
+    if arch.endswith("ForSequenceClassification"):
+        raise ModelLoadError(f"{path}: {arch} (a classification head on a decoder) is not "
+                             "supported; decoder models serve --task embed only")
+
+
+def _load(args: EngineArgs, place: Any) -> LoadedModel:
+    path = resolve_source(args.model, args.cache_dir)
+    if is_encoder_dir(path):
+        return _load_encoder(args, path)
+    if args.task in SCORE_TASKS:  # refused before any weight is read
+        serving_tasks(args.task, ModelConfig(model_type="llama", vocab_size=1, hidden_size=1,
+                                             intermediate_size=1, num_layers=1, num_heads=1,
+                                             num_kv_heads=1, head_dim=1))
+    if args.task in ("embed", "embedding"):
+        check_decoder_embedding_source(path)
+    attn_fn, write_fn, _ = get_attention_fn(args.attention_backend)
+    return load_model(args.model, dtype=args.dtype, attn_fn=attn_fn, write_fn=write_fn,
+                      cache_dir=args.cache_dir, tokenizer_path=args.tokenizer, place=place)
+
+
+def _load_encoder(args: EngineArgs, path: Path) -> LoadedModel:
+    import jax.numpy as jnp
+    from transformers import AutoTokenizer
+    try:
+        cfg = read_config(path)
+        dtype = jnp.float32 if args.dtype == "auto" else resolve_dtype(args.dtype)
+        model = load_bert(path, dtype)
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None
+    tok_dir = Path(args.tokenizer or path)
+    tokenizer = None
+    if any((tok_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
+                                             "vocab.txt")):
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), truncation_side="left")
+    else:
+        log.warning("no tokenizer next to %s: only token-id inputs will work", path)
+    return LoadedModel(cfg, model, tokenizer, {}, str(args.model or path), str(path), dtype)  # type: ignore[arg-type]
+
+
+def _default_max_model_len(loaded: LoadedModel) -> int:
+    cfg = loaded.config
+    if isinstance(cfg, BertConfig):
+        st = Path(loaded.source) / "sentence_bert_config.json"
+        if st.exists():
+            n = json.loads(st.read_text()).get("max_seq_length")
+            if isinstance(n, int) and n > 0:
+                return min(n, cfg.max_input_len)
+        return cfg.max_input_len
+    return int(cfg.max_position_embeddings)
 
 
 class LLMEngine:
@@ -65,217 +182,176 @@ class LLMEngine:
         if sharder is None:
             sharder = make_sharder(args, loaded)  # None: one device (tp = dp = 1)
         if loaded is None:
-            attn_fn, write_fn, _ = get_attention_fn(args.attention_backend)
-            loaded = load_model(args.model, dtype=args.dtype, attn_fn=attn_fn, write_fn=write_fn,
-                                cache_dir=args.cache_dir, tokenizer_path=args.tokenizer,
-                                place=default_place if sharder is None else sharder.place)
+            loaded = _load(args, default_place if sharder is None else sharder.place)
+        self.tasks = serving_tasks(args.task, loaded.config)
         if sharder is not None:
             loaded = shard_loaded(loaded, sharder)
         self.sharder = sharder
         self.loaded = loaded
-        cfg = loaded.config
-        self.model_config = cfg
         self.tokenizer = loaded.tokenizer
-        self.max_model_len = int(args.max_model_len or cfg.max_position_embeddings)
-        if self.max_model_len > cfg.max_position_embeddings:
+        cfg = loaded.config
+        encoder = isinstance(cfg, BertConfig)
+        generates = "generate" in self.tasks
+        limit = cfg.max_input_len if isinstance(cfg, BertConfig) else cfg.max_position_embeddings
+        self.max_model_len = int(args.max_model_len or _default_max_model_len(loaded))
+        if self.max_model_len > limit:
+            if encoder:
+                raise ModelLoadError(f"max_model_len {self.max_model_len} exceeds the model's "
+                                     f"{limit} positions")
             log.warning("max_model_len %d exceeds the model's %d positions",
-                        self.max_model_len, cfg.max_position_embeddings)
+                        self.max_model_len, limit)
         on_cpu = jax.default_backend() == "cpu"
-        mnbt = args.max_num_batched_tokens or max(args.max_num_seqs, 256 if on_cpu else 2048)
-        kv_dtype = resolve_dtype(args.dtype) if loaded.dtype is None else loaded.dtype
-        weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(loaded.model))
-        num_pages = num_pages_for(
-            cfg, args.block_size, kv_dtype, max_num_seqs=args.max_num_seqs,
-            max_model_len=self.max_model_len, num_kv_pages=args.num_kv_pages,
-            kv_cache_gb=args.kv_cache_gb, memory_fraction=args.kv_cache_memory_fraction,
-            weight_bytes=weight_bytes,
-            kv_shards=1 if sharder is None else sharder.kv_shards(cfg.num_kv_heads),
-            devices=None if sharder is None else sharder.local_devices)
-        if sharder is not None:  # all processes of a multi-host mesh allocate the same pool
-            num_pages = sharder.agree_min("kv_pages", num_pages)
-        self.sched_cfg = SchedulerConfig(args.max_num_seqs, mnbt, self.max_model_len)
+        if args.max_num_batched_tokens:
+            mnbt = args.max_num_batched_tokens
+        elif generates:
+            mnbt = max(args.max_num_seqs, 256 if on_cpu else 2048)
+        else:  # pooling prompts run whole (encoders) or in long chunks: a large budget
+            mnbt = max(args.max_num_seqs, self.max_model_len,
+                       min(8192, args.max_num_seqs * self.max_model_len))
+        self.sched_cfg = SchedulerConfig(args.max_num_seqs, mnbt, self.max_model_len,
+                                         chunked_prefill=not encoder)
+        kv_layout = None
+        num_pages = 0
+        if not encoder:
+            assert isinstance(cfg, ModelConfig)
+            kv_dtype = resolve_dtype(args.dtype) if loaded.dtype is None else loaded.dtype
+            kv_layout = KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
+            num_pages = num_pages_for(
+                kv_layout, args.block_size, max_num_seqs=args.max_num_seqs,
+                max_model_len=self.max_model_len, num_kv_pages=args.num_kv_pages,
+                kv_cache_gb=args.kv_cache_gb, memory_fraction=args.kv_cache_memory_fraction,
+                kv_shards=1 if sharder is None else sharder.kv_shards(cfg.num_kv_heads),
+                devices=None if sharder is None else sharder.local_devices)
+            if sharder is not None:  # all processes of a multi-host mesh allocate the same pool
+                num_pages = sharder.agree_min("kv_pages", num_pages)
         self.runner = ModelRunner(
-            loaded.model, cfg,
-            RunnerConfig(args.block_size, num_pages, args.max_num_seqs, mnbt, self.max_model_len),
-            kv_dtype, sharder)
+            loaded.model,
+            RunnerConfig(args.block_size, num_pages, args.max_num_seqs, mnbt, self.max_model_len,
+                         generates=generates, pools=not generates,
+                         # pooling prompts are rarely a handful of tokens: no tiny buckets
+                         min_token_bucket=1 if generates else 16,
+                         buckets=args.token_buckets),
+            kv_layout, sharder)
         self.kv = KVCacheManager(num_pages, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.sched_cfg, self.kv)
+        weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(self.runner.state))
         log.info("KV cache: %d pages x %d tokens = %d tokens, %.1f MiB (weights %.1f MiB)",
-                 num_pages, args.block_size, (num_pages - 1) * args.block_size,
+                 num_pages, args.block_size, self.kv.num_usable * args.block_size,
                  self.runner.kv_bytes / 2**20, weight_bytes / 2**20)
-        if sharder is not None:
+        if sharder is not None and kv_layout is not None:
             log_layout(sharder, loaded.model, self.runner.kv, num_pages, args.block_size)
+        self.pooler: PoolerConfig | None = None
+        pooling_info = None
+        if not generates:
+            if self.tokenizer is not None:  # truncation keeps a prompt's end, as vLLM does
+                self.tokenizer.truncation_side = "left"
+            self.pooler = resolve_pooler_config(
+                Path(loaded.source) if Path(loaded.source).is_dir() else None,
+                is_decoder=not encoder, override=args.override_pooler_config)
+            pooling_info = PoolingModelInfo(
+                tasks=self.tasks, hidden_size=cfg.hidden_size, max_model_len=self.max_model_len,
+                num_labels=getattr(cfg, "num_labels", 0),
+                is_matryoshka=getattr(cfg, "is_matryoshka", False),
+                matryoshka_dimensions=getattr(cfg, "matryoshka_dimensions", None))
+        self.facts = ModelFacts(
+            vocab_size=cfg.vocab_size, max_model_len=self.max_model_len,
+            page_size=args.block_size, usable_pages=self.kv.num_usable,
+            eos_ids=self._eos_ids() if generates else frozenset(), tasks=self.tasks,
+            pooling=pooling_info,
+            pooling_type=None if self.pooler is None else self.pooler.pooling_type,
+            type_vocab_size=getattr(cfg, "type_vocab_size", 0), has_kv_cache=not encoder)
         self.compile_seconds = self.runner.warmup() if warmup else 0.0
-        self.requests: dict[str, Request] = {}
-        self._rng = random.Random(args.seed)
-        self.stats = EngineStats(kv_pages_total=num_pages - 1)
-        gen = loaded.generation_config
+        self._prompt_tokens = 0
+
+    def _eos_ids(self) -> frozenset[int]:
+        cfg = self.loaded.config
+        assert isinstance(cfg, ModelConfig)
         eos = set(cfg.eos_token_ids)
-        for key in ("eos_token_id",):
-            v = gen.get(key)
-            eos |= set(v) if isinstance(v, list) else ({v} if v is not None else set())
+        v = self.loaded.generation_config.get("eos_token_id")
+        eos |= set(v) if isinstance(v, list) else ({v} if v is not None else set())
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.add(int(self.tokenizer.eos_token_id))
-        self.eos_ids = frozenset(int(e) for e in eos)
+        return frozenset(int(e) for e in eos)
 
-    # ---- requests ----------------------------------------------------------------------------
+    # ---- what callers build around the engine ------------------------------------------------
+    @property
+    def model_config(self) -> Any:
+        return self.loaded.config
+
+    def input_processor(self) -> InputProcessor:
+        """A validator for this engine's requests, for the caller's thread."""
+        return InputProcessor(self.facts, self.tokenizer, self.args.seed)
+
+    def pooling_post(self) -> PoolingPost | None:
+        if self.pooler is None:
+            return None
+        cfg = self.loaded.config
+        labels = getattr(cfg, "num_labels", 0)
+        problem = getattr(cfg, "problem_type", None)
+        return PoolingPost(self.pooler, classify_activation(labels, problem),
+                           score_activation(labels, problem,
+                                            getattr(cfg, "cross_encoder_activation", None)))
+
     def generation_defaults(self) -> dict[str, Any]:
-        if self.args.generation_config == "vllm":
+        if self.args.generation_config == "vllm" or "generate" not in self.tasks:
             return {}
         from models.loader import generation_defaults
         gen = self.loaded.generation_config
         if self.args.generation_config not in ("auto", ""):
-            import json
             path = os.path.join(self.args.generation_config, "generation_config.json")
             with open(path) as f:
                 gen = json.load(f)
         return generation_defaults(gen)
 
-    def validate(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
-        """Check a request before it is queued; returns the (possibly truncated) prompt."""
-        params.validate(self.model_config.vocab_size)
-        if params.truncate_prompt_tokens is not None:
-            if params.truncate_prompt_tokens > self.max_model_len:
-                raise ValueError(
-                    f"truncate_prompt_tokens ({params.truncate_prompt_tokens}) cannot be greater "
-                    f"than max_model_len ({self.max_model_len}).")
-            prompt_ids = prompt_ids[-params.truncate_prompt_tokens:]
-        if not prompt_ids:
-            raise ValueError("The prompt cannot be empty.")
-        v = self.model_config.vocab_size
-        if any(not 0 <= t < v for t in prompt_ids):
-            raise ValueError(f"Token id out of vocabulary (size {v}) in prompt.")
-        n = len(prompt_ids)
-        want = params.max_tokens or 0
-        if n + want > self.max_model_len or n >= self.max_model_len:
-            raise ValueError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, "
-                f"you requested {n + want} tokens ({n} in the prompt, {want} for the "
-                f"completion). Please reduce the prompt or max_tokens.")
-        total = n + (params.max_tokens or self.max_model_len - n)
-        if self.kv.pages_for(total) > self.kv.num_pages - 1:
-            raise ValueError(
-                f"The request needs {self.kv.pages_for(total)} KV pages but the cache holds "
-                f"{self.kv.num_pages - 1}; reduce max_tokens or the prompt.")
-        return prompt_ids
+    # ---- requests ----------------------------------------------------------------------------
+    def add_request(self, spec: EngineRequest) -> None:
+        self.scheduler.add(spec)
+        self._prompt_tokens += spec.prompt_len
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        if request_id in self.requests:
-            raise ValueError(f"duplicate request id {request_id!r}")
-        prompt_ids = self.validate(list(prompt_ids), params)
-        seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
-        max_tokens = params.max_tokens or (self.max_model_len - len(prompt_ids))
-        req = Request(request_id, prompt_ids, params, int(seed) & 0xFFFFFFFF, time.time(),
-                      self.eos_ids, max_tokens)
-        for i in range(params.n):
-            seq = Sequence(req, i, list(prompt_ids))
-            seq.detok = IncrementalDetokenizer(
-                self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens,
-                spaces_between_special_tokens=params.spaces_between_special_tokens,
-                stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output)
-            req.seqs.append(seq)
-            self.scheduler.add(seq)
-        if params.prompt_logprobs is not None:
-            req.prompt_logprobs = [None] * len(prompt_ids)
-        self.requests[request_id] = req
-        self.stats.prompt_tokens_total += len(prompt_ids)
+    def abort(self, request_id: str) -> list[SeqOutput]:
+        return self.scheduler.abort(request_id)
 
-    def abort(self, request_id: str) -> RequestOutput | None:
-        req = self.requests.pop(request_id, None)
-        if req is None:
-            return None
-        deltas = []
-        for seq in req.seqs:
-            if seq.status != SeqStatus.FINISHED:
-                self.scheduler.finish(seq)
-                seq.finish_reason = "abort"
-                deltas.append(CompletionDelta(seq.index, [], "", None, "abort", None,
-                                              seq.num_output))
-        return RequestOutput(req.request_id, req.prompt_ids, deltas, finished=True)
+    def finish_sequence(self, request_id: str, index: int) -> None:
+        """Release a choice the output processor ended (a stop string)."""
+        req = self.scheduler.requests.get(request_id)
+        if req is not None:
+            self.scheduler.finish_sequence(req.seqs[index])
 
     @property
     def has_work(self) -> bool:
         return self.scheduler.has_work
 
     # ---- the step ----------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[SeqOutput]:
         sched = self.scheduler.schedule()
-        result = self.runner.execute(sched) if not sched.empty else RunnerOutput()
-        return self._update(sched, result)
-
-    def _update(self, sched: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:
-        self.stats.num_steps += 1
-        by_req: dict[str, RequestOutput] = {}
-        for c in sched.chunks:
-            seq, req = c.seq, c.seq.request
-            seq.num_computed += c.num_tokens
-            self.kv.commit(seq)
-            if req.prompt_logprobs is not None and seq.index == 0:
-                for pos, (lp, rank, ids, lps) in result.prompt_logprobs.get(
-                        seq.seq_id, {}).items():
-                    k = req.params.prompt_logprobs or 0
-                    req.prompt_logprobs[pos] = TokenLogprob(
-                        seq.tokens[pos], lp, rank,
-                        [(int(i), float(x)) for i, x in zip(ids[:k], lps[:k], strict=True)])
-            if not c.sample:
-                continue
-            r = result.sampled[seq.seq_id]
-            delta = self._append(seq, r)
-            out = by_req.get(req.request_id)
-            if out is None:
-                out = by_req[req.request_id] = RequestOutput(
-                    req.request_id, req.prompt_ids, [], num_cached_tokens=seq.num_cached_tokens)
-                if req.prompt_logprobs is not None and not req.prompt_logprobs_sent:
-                    out.prompt_logprobs = list(req.prompt_logprobs)
-                    req.prompt_logprobs_sent = True
-            out.outputs.append(delta)
-        for out in by_req.values():
-            req = self.requests[out.request_id]
-            out.finished = req.finished
-            if out.finished:
-                del self.requests[out.request_id]
-        self.stats.num_preemptions = self.scheduler.num_preemptions
-        return list(by_req.values())
-
-    def _append(self, seq: Sequence, r: Any) -> CompletionDelta:
-        p = seq.params
-        tok = r.token
-        seq.tokens.append(tok)
-        self.stats.generation_tokens_total += 1
-        lp = None
-        if p.logprobs is not None:
-            lp = [TokenLogprob(tok, r.logprob, r.rank, [
-                (int(i), float(x)) for i, x in zip(r.top_ids[:p.logprobs],
-                                                   r.top_logprobs[:p.logprobs], strict=True)])]
-        finish: str | None = None
-        stop_reason: int | str | None = None
-        text_from = len(seq.detok.text)
-        if tok in p.stop_token_ids:
-            finish, stop_reason = "stop", tok
-            if p.include_stop_str_in_output:
-                seq.detok.add(tok)
-        elif not p.ignore_eos and tok in seq.request.eos_ids:
-            finish = "stop"
-        else:
-            seq.detok.add(tok)
-            if (s := seq.detok.check_stop(text_from)) is not None:
-                finish, stop_reason = "stop", s
-        if finish is None and (seq.num_output >= seq.request.max_tokens
-                               or len(seq.tokens) >= self.max_model_len):
-            finish = "length"
-            seq.detok.flush()
-        text = seq.detok.take(final=finish is not None)
-        if finish is not None:
-            seq.finish_reason, seq.stop_reason = finish, stop_reason
-            self.scheduler.finish(seq)
-        return CompletionDelta(seq.index, [tok], text, lp, finish, stop_reason, seq.num_output)
+        result = self.runner.execute(sched)
+        return self.scheduler.update_from_output(sched, result)
 
     def get_stats(self) -> EngineStats:
-        st = self.stats
-        st.num_running = len(self.scheduler.running)
-        st.num_waiting = len(self.scheduler.waiting)
-        st.kv_pages_used = self.kv.num_used
-        st.prefix_cache_queries = self.kv.prefix_queries
-        st.prefix_cache_hits = self.kv.prefix_hits
-        st.num_recompiles = self.runner.num_recompiles
-        return EngineStats(**vars(st))
+        s, r = self.scheduler, self.runner
+        return EngineStats(
+            num_running=len(s.running), num_waiting=len(s.waiting),
+            kv_pages_used=self.kv.num_used, kv_pages_total=self.kv.num_usable,
+            num_preemptions=s.num_preemptions, prefix_cache_queries=self.kv.prefix_queries,
+            prefix_cache_hits=self.kv.prefix_hits, num_steps=r.num_steps,
+            num_recompiles=r.num_recompiles, num_executables=r.num_executables,
+            prompt_tokens_total=self._prompt_tokens,
+            generation_tokens_total=s.num_generated, num_padded_tokens=r.num_padded_tokens)
+
+
+def maybe_run_follower(args: EngineArgs, load: Any = None) -> bool:
+    """Multi-host entry for the ``serve`` CLI, called before anything else touches JAX.
+
+    Starts ``jax.distributed`` when ``args`` (or JAX's environment variables) ask for several
+    processes. On process 0 it then returns False and the caller serves HTTP as usual (its engine
+    becomes the lockstep leader). On any other process it builds the same engine and replays the
+    leader's steps until the leader stops, then returns True: the caller should exit.
+    ``load`` builds the model instead of ``args.model`` (tests: an in-memory model).
+    """
+    from sharding.distributed import initialize
+    multi = initialize(args.distributed_coordinator, args.num_processes, args.process_id)
+    if not multi or jax.process_index() == 0:
+        return False
+    engine = LLMEngine(args, loaded=None if load is None else load(), warmup=True)
+    engine.runner.follow()
+    return True

@@ -1,15 +1,21 @@
-"""AsyncEngineClient: the asyncio face of the engine, for the HTTP layer.
+"""AsyncEngineClient: the asyncio face of the one engine, for the HTTP layer.
+
+``generate`` streams a generation request's outputs; ``encode`` pools a batch of inputs (each one
+an engine request, so they share steps with whatever else is running). Both validate on the
+caller's thread (``InputProcessor``: a ``ValueError`` is a 400 before anything is queued).
 
 The engine runs in one dedicated thread (XLA releases the GIL while a step computes, so the event
-loop stays responsive). Requests cross into that thread through a locked command list; outputs
-come back once per step through ``loop.call_soon_threadsafe`` into per-request asyncio queues.
-If the engine thread crashes, every in-flight request ends with finish_reason "error",
-``is_healthy()`` turns False, and new requests are refused: nothing hangs.
+loop stays responsive). Requests cross into that thread through a locked command list; each
+step's ``SeqOutput``s come back through ``loop.call_soon_threadsafe`` and are turned into text and
+results on the event loop (``OutputProcessor``: detokenization and stop strings never run on the
+engine thread). If the engine thread crashes, every in-flight request ends with finish_reason
+"error", ``is_healthy()`` turns False, and new requests are refused: nothing hangs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
@@ -19,7 +25,10 @@ from typing import Any
 
 from serving.engine.config import EngineArgs
 from serving.engine.engine import EngineStats, LLMEngine
-from serving.engine.outputs import CompletionDelta, RequestOutput
+from serving.engine.output_processor import OutputProcessor
+from serving.engine.outputs import CompletionDelta, RequestOutput, SeqOutput
+from serving.engine.pooling_params import PoolingInput, PoolingOutput, PoolingParams
+from serving.engine.request import EngineRequest
 from serving.engine.sampling_params import SamplingParams
 
 log = logging.getLogger("xlaserve.client")
@@ -37,8 +46,14 @@ class AsyncEngineClient:
         self.vocab_size: int = engine.model_config.vocab_size
         self.tokenizer: Any = engine.tokenizer
         self.generation_defaults: dict[str, Any] = engine.generation_defaults()
+        self.supported_tasks: tuple[str, ...] = engine.tasks
+        self.processor = engine.input_processor()
+        self.outputs = OutputProcessor(engine.tokenizer, engine.pooling_post())
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._pooling: dict[str, asyncio.Future[PoolingOutput]] = {}
+        self._pool_ids = itertools.count()
+        self._encodes = 0  # encode() calls in flight
         self._commands: list[tuple[str, Any]] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -64,24 +79,53 @@ class AsyncEngineClient:
 
     @property
     def num_in_flight(self) -> int:
-        return len(self._queues)
+        return len(self._queues) + self._encodes
+
+    # ---- pooling models ----------------------------------------------------------------------
+    @property
+    def info(self) -> Any:
+        """``PoolingModelInfo`` of a pooling model (None for a generation model)."""
+        return self.engine.facts.pooling
+
+    @property
+    def labels(self) -> list[str]:
+        """Class names of a classifier, by class index ("LABEL_i" where the config has none)."""
+        cfg = self.engine.model_config
+        names = dict(getattr(cfg, "id2label", ()))
+        return [names.get(i, f"LABEL_{i}") for i in range(getattr(cfg, "num_labels", 0))]
+
+    def tokenize(self, texts: list[str], *, add_special_tokens: bool = True,
+                 truncate_prompt_tokens: int | None = None) -> list[PoolingInput]:
+        return self.processor.tokenize(texts, add_special_tokens=add_special_tokens,
+                                       truncate_prompt_tokens=truncate_prompt_tokens)
+
+    def tokenize_pairs(self, texts_1: list[str], texts_2: list[str], *,
+                       truncate_prompt_tokens: int | None = None) -> list[PoolingInput]:
+        return self.processor.tokenize_pairs(texts_1, texts_2,
+                                             truncate_prompt_tokens=truncate_prompt_tokens)
 
     # ---- requests ----------------------------------------------------------------------------
+    def _check_health(self) -> None:
+        if not self.is_healthy():
+            raise EngineDeadError(self.error or "the engine is not running")
+
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+                       request_id: str, *, cache_salt: str | None = None
+                       ) -> AsyncIterator[RequestOutput]:
         """Stream outputs; leaving the loop early (break, cancel, disconnect) aborts the request.
 
         Raises ValueError (a 400 for the server) before anything is queued if the request is
         invalid, and EngineDeadError if the engine is down.
         """
-        if not self.is_healthy():
-            raise EngineDeadError(self.error or "the engine is not running")
-        prompt_token_ids = self.engine.validate(list(prompt_token_ids), params)
+        self._check_health()
+        spec = self.processor.sampling_request(request_id, prompt_token_ids, params,
+                                               cache_salt=cache_salt)
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in flight")
         q: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._queues[request_id] = q
-        self._submit("add", (request_id, prompt_token_ids, params))
+        self.outputs.add(spec)
+        self._submit("add", [spec])
         finished = False
         try:
             while True:
@@ -94,23 +138,103 @@ class AsyncEngineClient:
                     return
         finally:
             self._queues.pop(request_id, None)
+            self.outputs.drop(request_id)
             if not finished:
-                self._submit("abort", request_id)
+                self._submit("abort", [request_id])
+
+    async def encode(self, inputs: list[PoolingInput],
+                     params: PoolingParams) -> list[PoolingOutput]:
+        """Validate, truncate and pool ``inputs``; results in input order.
+
+        Raises ``ValueError`` (a 400) for invalid params or inputs, before anything is queued;
+        ``EngineDeadError`` when the engine is not running. Cancelling aborts every input.
+        """
+        self.processor.check_pooling(params)
+        base = f"pool-{next(self._pool_ids)}"
+        specs = [self.processor.pooling_request(f"{base}-{i}", x, params)
+                 for i, x in enumerate(inputs)]
+        if not specs:
+            return []
+        self._check_health()
+        loop = asyncio.get_running_loop()
+        futures = []
+        for spec in specs:
+            fut: asyncio.Future[PoolingOutput] = loop.create_future()
+            self._pooling[spec.request_id] = fut
+            self.outputs.add(spec)
+            futures.append(fut)
+        self._submit("add", specs)
+        self._encodes += 1
+        try:
+            return list(await asyncio.gather(*futures))
+        finally:
+            self._encodes -= 1
+            pending = [s.request_id for s, f in zip(specs, futures, strict=True) if not f.done()]
+            for spec in specs:
+                self._pooling.pop(spec.request_id, None)
+                self.outputs.drop(spec.request_id)
+            if pending:
+                self._submit("abort", pending)
 
     async def abort(self, request_id: str) -> None:
-        self._submit("abort", request_id)
+        self._submit("abort", [request_id])
 
     def _submit(self, kind: str, payload: Any) -> None:
         with self._lock:
             self._commands.append((kind, payload))
         self._wake.set()
 
-    # ---- the engine thread -------------------------------------------------------------------
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
+    # ---- the event loop's side ---------------------------------------------------------------
+    def _on_outputs(self, outs: list[SeqOutput]) -> None:
+        res = self.outputs.process(outs)
+        for out in res.outputs:
             q = self._queues.get(out.request_id)
             if q is not None:
                 q.put_nowait(out)
+        if res.stopped:
+            self._submit("finish", res.stopped)
+        for rid, pooled in res.pooled:
+            fut = self._pooling.get(rid)
+            if fut is not None and not fut.done():
+                fut.set_result(pooled)
+        for rid in res.failed:
+            fut = self._pooling.get(rid)
+            if fut is not None and not fut.done():
+                fut.set_exception(EngineDeadError(f"pooling request {rid} was aborted"))
+
+    def _fail(self, rids: list[str], exc: BaseException) -> None:
+        for rid in rids:
+            q = self._queues.get(rid)
+            if q is not None:
+                q.put_nowait(exc)
+            fut = self._pooling.get(rid)
+            if fut is not None and not fut.done():
+                fut.set_exception(exc)
+
+    def _fail_all(self) -> None:
+        for rid, q in list(self._queues.items()):
+            deltas = [CompletionDelta(0, [], "", None, "error")]
+            q.put_nowait(RequestOutput(rid, [], deltas, finished=True, error=self.error))
+        for fut in list(self._pooling.values()):
+            if not fut.done():
+                fut.set_exception(EngineDeadError(self.error or "the engine died"))
+
+    # ---- the engine thread -------------------------------------------------------------------
+    def _apply(self, eng: LLMEngine, kind: str, payload: Any) -> None:
+        assert self._loop is not None
+        if kind == "add":
+            for spec in payload:
+                assert isinstance(spec, EngineRequest)
+                try:
+                    eng.add_request(spec)
+                except ValueError as e:
+                    self._loop.call_soon_threadsafe(self._fail, [spec.request_id], e)
+        elif kind == "abort":
+            for rid in payload:
+                eng.abort(rid)
+        elif kind == "finish":
+            for rid, index in payload:
+                eng.finish_sequence(rid, index)
 
     def _run(self) -> None:
         eng = self.engine
@@ -120,19 +244,12 @@ class AsyncEngineClient:
                 with self._lock:
                     cmds, self._commands = self._commands, []
                 for kind, payload in cmds:
-                    if kind == "add":
-                        rid, ids, params = payload
-                        try:
-                            eng.add_request(rid, ids, params)
-                        except ValueError as e:
-                            self._loop.call_soon_threadsafe(self._fail, rid, e)
-                    elif kind == "abort":
-                        eng.abort(payload)
+                    self._apply(eng, kind, payload)
                 if eng.has_work:
                     outs = eng.step()
                     self._stats = eng.get_stats()
                     if outs:
-                        self._loop.call_soon_threadsafe(self._deliver, outs)
+                        self._loop.call_soon_threadsafe(self._on_outputs, outs)
                 else:
                     self._stats = eng.get_stats()
                     self._wake.wait(timeout=0.5)
@@ -142,23 +259,20 @@ class AsyncEngineClient:
             log.error("%s\n%s", self.error, traceback.format_exc())
             self._loop.call_soon_threadsafe(self._fail_all)
 
-    def _fail(self, rid: str, exc: BaseException) -> None:
-        q = self._queues.get(rid)
-        if q is not None:
-            q.put_nowait(exc)
-
-    def _fail_all(self) -> None:
-        for rid, q in list(self._queues.items()):
-            deltas = [CompletionDelta(0, [], "", None, "error")]
-            q.put_nowait(RequestOutput(rid, [], deltas, finished=True, error=self.error))
-
     async def shutdown(self, drain_timeout: float = 30.0) -> None:
         """Let in-flight requests finish for up to ``drain_timeout`` seconds, then stop."""
         deadline = time.monotonic() + drain_timeout
-        while self._queues and time.monotonic() < deadline and self.is_healthy():
+        while (self._queues or self._pooling) and time.monotonic() < deadline \
+                and self.is_healthy():
             await asyncio.sleep(0.05)
         for rid in list(self._queues):
             await self.abort(rid)
+        if self._pooling:
+            self._submit("abort", list(self._pooling))
+            exc = EngineDeadError("the engine was shut down")
+            for fut in list(self._pooling.values()):
+                if not fut.done():
+                    fut.set_exception(exc)
         self._stop = True
         self._wake.set()
         if self._thread is not None:

@@ -1,6 +1,9 @@
 """KV page manager: free list, reference counts, prefix cache. Pure Python, no JAX.
 
-Called by the scheduler only. Invariants (checked by ``check``):
+Called by the scheduler only. A model that keeps no KV cache (an encoder) gets a manager with
+``num_pages=0``: every allocation succeeds with no pages and nothing is ever cached.
+
+Invariants (checked by ``check``):
 - page 0 is the null page, never allocated, pinned with one reference;
 - every other page is exactly one of: referenced (ref > 0), free (never hashed or its hash
   dropped), or evictable (ref == 0, still hashed, in LRU order);
@@ -22,13 +25,16 @@ from serving.engine.request import Sequence
 
 class KVCacheManager:
     def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool) -> None:
-        if num_pages < 2:
-            raise ValueError(f"num_pages must be at least 2 (page 0 is the null page): {num_pages}")
+        if num_pages == 1 or num_pages < 0:
+            raise ValueError(f"num_pages must be 0 (no KV cache) or at least 2 (page 0 is the "
+                             f"null page): {num_pages}")
         self.num_pages = num_pages
         self.page_size = page_size
-        self.enable_prefix_caching = enable_prefix_caching
+        self.has_cache = num_pages > 0
+        self.enable_prefix_caching = enable_prefix_caching and self.has_cache
         self.ref = [0] * num_pages
-        self.ref[0] = 1
+        if self.has_cache:
+            self.ref[0] = 1
         self.free: deque[int] = deque(range(1, num_pages))
         self.evictable: OrderedDict[int, None] = OrderedDict()
         self.page_hash: dict[int, bytes] = {}
@@ -41,14 +47,19 @@ class KVCacheManager:
         return len(self.free) + len(self.evictable)
 
     @property
+    def num_usable(self) -> int:
+        """Pages a sequence can ever hold (all but the null page)."""
+        return max(self.num_pages - 1, 0)
+
+    @property
     def num_used(self) -> int:
-        return self.num_pages - 1 - self.num_free
+        return self.num_usable - self.num_free
 
     def pages_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.page_size)
+        return -(-num_tokens // self.page_size) if self.has_cache else 0
 
     def _salt(self, seq: Sequence) -> bytes:
-        salt = seq.request.cache_salt if self.enable_prefix_caching else seq.request.request_id
+        salt = seq.spec.cache_salt if self.enable_prefix_caching else seq.spec.request_id
         return hashlib.sha256(("xlaserve:" + salt).encode()).digest()
 
     def _chain(self, prev: bytes, tokens: list[int]) -> bytes:
@@ -104,6 +115,8 @@ class KVCacheManager:
 
     def commit(self, seq: Sequence) -> None:
         """Register the hashes of pages that became full and computed (after a step)."""
+        if not self.has_cache:
+            return
         ps = self.page_size
         if seq.num_hashed_pages == 0:
             seq.last_hash = self._salt(seq)
@@ -139,6 +152,9 @@ class KVCacheManager:
 
     def check(self) -> None:
         """Assert the invariants (tests and debug runs)."""
+        if not self.has_cache:
+            assert not self.free and not self.evictable and not self.page_hash
+            return
         assert self.ref[0] >= 1
         free, evict = set(self.free), set(self.evictable)
         assert not free & evict and 0 not in free | evict

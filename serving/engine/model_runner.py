@@ -1,33 +1,66 @@
-"""Model runner: SchedulerOutput → padded device inputs → one compiled step → RunnerOutput.
+"""Model runner: SchedulerOutput -> padded device inputs -> precompiled executables -> RunnerOutput.
 
 Owns the parameters, the KV cache (explicit state: passed into the step, returned, donated) and
-the compiled step variants. Shapes are padded to a short bucket list so that every variant is
-compiled once at start-up (``warmup``) and the serving loop never compiles: T (tokens) is a
-power of two from ``min_token_bucket`` to ``max_num_batched_tokens`` (from 1: on XLA:CPU an
-8-row step costs about twice a 1-row one, so a lone sequence must not be padded to 8), S is
-min(T, max_num_seqs), and W (page-table width) is fixed by max_model_len. Context length is not a
-compiled dimension: the attention loops over as many KV blocks as the longest sequence needs.
+one XLA executable per compiled variant, all built ahead of time by ``warmup`` with
+``jax.jit(...).lower(...).compile()``. ``execute`` dispatches to those executables only: a shape
+outside them is an error (the executable refuses it), never a silent compile, and every step runs
+under a ``CompileCounter`` so that anything that does make JAX trace or compile is counted
+(``num_recompiles``, from JAX's own events).
+
+Variants (axis letters: T tokens, S sequences, W page-table width, V vocab, D model dim):
+- ``step[T]``: the model over ``StepInputs`` padded to T tokens, S = min(T, max_num_seqs) rows;
+  returns the cache, and (generation) the LM-head logits ``f32[S, V]`` of each row's last token,
+  and the hidden states ``[T, D]``. T is a power of two from ``min_token_bucket`` to
+  ``max_num_batched_tokens`` (from 1: on XLA:CPU an 8-row step costs about twice a 1-row one);
+  W is fixed by max_model_len (0 without a KV cache). Context length is not a compiled dimension:
+  the attention loops over as many KV blocks as the longest sequence needs.
+- ``sample[S]`` / ``argmax[S]``: the on-device sampler, or a plain argmax for all-greedy steps.
+- ``prompt_lp[T]``: prompt logprobs from the hidden states (rare; built when generating).
+- ``pool[T]``: per-row first / last / summed hidden states and the classifier head's scores, for
+  pooling requests (built when the engine serves pooling).
+Separate executables rather than one: the model step varies with T only, the sampler with S only,
+so compile time grows with the sum of the bucket counts instead of their product.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.stages import Compiled
 from tqdm import tqdm
 
-from models.config import ModelConfig
-from models.inputs import KVCache, StepInputs, pack_step_inputs
-from serving.engine.sampler import SamplerOutput, SamplingInputs, prompt_logprobs, sample
-from serving.engine.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS
-from serving.engine.scheduler import SchedulerOutput
+from models.inputs import HostStepInputs, KVCache, PackedChunk, StepInputs, pack_step_inputs
+from models.pooling import pool_chunks
+from serving.engine.compilation import CompileCounter
+from serving.engine.pooling_params import PoolingKind
+from serving.engine.records import (
+    PooledChunk,
+    PositionLogprob,
+    RowResult,
+    RunnerOutput,
+    SampledToken,
+    ScheduledRow,
+    SchedulerOutput,
+)
+from serving.engine.sampler import (
+    HostSamplingInputs,
+    SamplerOutput,
+    Sampling,
+    SamplingFlags,
+    prompt_logprobs,
+    sample,
+)
+from serving.engine.sampling_params import MAX_LOGIT_BIAS
 
 log = logging.getLogger("xlaserve.runner")
 
@@ -35,152 +68,220 @@ BIAS_WIDTH = MAX_LOGIT_BIAS + 32  # logit_bias entries plus min_tokens bans (eos
 
 
 @dataclass(frozen=True)
+class KVLayout:
+    """One layer's cache is two ``[K, P, B, H]`` arrays; ``num_layers`` of them."""
+
+    num_layers: int
+    num_kv_heads: int  # K
+    head_dim: int  # H
+    dtype: Any
+
+    def bytes_per_page(self, page_size: int) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * page_size * self.head_dim * \
+            jnp.dtype(self.dtype).itemsize
+
+
+@dataclass(frozen=True)
 class RunnerConfig:
-    page_size: int
-    num_pages: int
+    page_size: int  # B
+    num_pages: int  # P; 0: the model keeps no KV cache (encoders)
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
+    generates: bool = True  # the LM head, the sampler and prompt logprobs are compiled
+    pools: bool = False  # the pooled-row outputs are compiled
     min_token_bucket: int = 1
+    buckets: tuple[int, ...] | None = None  # explicit token buckets (max_num_batched_tokens
+    # is added); None: powers of two from min_token_bucket
+
+    def __post_init__(self) -> None:
+        if self.buckets is not None and any(
+                not 1 <= b <= self.max_num_batched_tokens for b in self.buckets):
+            raise ValueError(f"token buckets must be in [1, max_num_batched_tokens="
+                             f"{self.max_num_batched_tokens}], got {list(self.buckets)}")
 
     @property
     def table_width(self) -> int:  # W
-        return -(-self.max_model_len // self.page_size)
+        return -(-self.max_model_len // self.page_size) if self.num_pages else 0
 
     @property
     def token_buckets(self) -> list[int]:
+        if self.buckets is not None:
+            return sorted(set(self.buckets) | {self.max_num_batched_tokens})
         out, b = [], self.min_token_bucket
         while b < self.max_num_batched_tokens:
             out.append(b)
             b *= 2
         return [*out, self.max_num_batched_tokens]
 
-
-@dataclass
-class SeqResult:
-    token: int
-    logprob: float
-    rank: int
-    top_ids: np.ndarray  # i32[MAX_LOGPROBS]
-    top_logprobs: np.ndarray  # f32[MAX_LOGPROBS]
+    def num_seq_rows(self, t: int) -> int:
+        return min(t, self.max_num_seqs)
 
 
-@dataclass
-class RunnerOutput:
-    sampled: dict[str, SeqResult] = field(default_factory=dict)  # seq_id → result
-    # seq_id → {position: (logprob, rank, top_ids, top_lps)} for prompt positions
-    prompt_logprobs: dict[str, dict[int, tuple[float, int, np.ndarray, np.ndarray]]] = field(
-        default_factory=dict)
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class PooledRows:
+    first: jax.Array  # f32[S, D]: each row's first token this step
+    last: jax.Array  # f32[S, D]: each row's last token this step
+    total: jax.Array  # f32[S, D]: the sum over each row's tokens this step
+    scores: jax.Array  # f32[S, L]: the classifier head on ``first`` (L = 0 without one)
 
 
-def kv_bytes_per_page(cfg: ModelConfig, page_size: int, dtype: Any) -> int:
-    return 2 * cfg.num_layers * cfg.num_kv_heads * page_size * cfg.head_dim * \
-        jnp.dtype(dtype).itemsize
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["inputs", "sampling", "prompt_next_ids"],
+                   meta_fields=["greedy_only", "pool"])
+@dataclass(frozen=True)
+class DeviceBatch:
+    """A step's host-side inputs, and which executables run: what the multi-host leader shares
+    with its followers before running it."""
+
+    inputs: HostStepInputs
+    sampling: HostSamplingInputs | None  # None: no row draws a token this step
+    greedy_only: bool  # every drawing row is greedy with nothing to adjust: argmax
+    prompt_next_ids: np.ndarray | None  # i32[T]: next prompt token per position (-1: none)
+    pool: bool
 
 
 class ModelRunner:
-    def __init__(self, model: nnx.Module, model_cfg: ModelConfig, cfg: RunnerConfig,
-                 kv_dtype: Any, sharder: Any = None) -> None:
+    def __init__(self, model: nnx.Module, cfg: RunnerConfig, kv: KVLayout | None,
+                 sharder: Any = None) -> None:
+        if (kv is None) != (cfg.num_pages == 0):
+            raise ValueError("a KV layout needs KV pages, and pages need a KV layout")
         self.cfg = cfg
-        self.model_cfg = model_cfg
         self.graphdef, state = nnx.split(model)
         # Plain nested dicts of arrays: jit flattens these in C++, while nnx Variables flatten in
         # Python on every call (~10 ms per step for a 30-layer model).
         self._state_template = state
         self.state = nnx.to_pure_dict(state)
         self.sharder = sharder  # sharding.Sharder or None (single device)
-        shape = (model_cfg.num_kv_heads, cfg.num_pages, cfg.page_size, model_cfg.head_dim)
-        make = (lambda: jnp.zeros(shape, kv_dtype)) if sharder is None else \
-            (lambda: sharder.zeros_kv(shape, kv_dtype))
-        self.kv: KVCache = [(make(), make()) for _ in range(model_cfg.num_layers)]
-        self.kv_bytes = kv_bytes_per_page(model_cfg, cfg.page_size, kv_dtype) * cfg.num_pages
-        self._step = jax.jit(self._step_fn, donate_argnums=(1,))
-        self._sample = jax.jit(sample)
-        # All-greedy steps with nothing to adjust skip the sampler (and its lax.conds, which
-        # copy the [S, V] logits on XLA:CPU): an argmax is all they need.
-        self._argmax = jax.jit(lambda lg: jnp.argmax(lg, axis=-1).astype(jnp.int32))
-        self._prompt_lp = jax.jit(self._prompt_lp_fn)
-        self.compiled: set[tuple[str, int]] = set()
-        self.warm = False
-        self.num_recompiles = 0
-        self.compile_seconds: dict[tuple[str, int], float] = {}
-        v = model_cfg.vocab_size
-        self._dummy: dict[tuple[str, int], jax.Array] = {}
-        self.vocab_size = v
+        self.kv_layout = kv
+        self.kv: KVCache = []
+        self.kv_bytes = 0
+        if kv is not None:
+            shape = (kv.num_kv_heads, cfg.num_pages, cfg.page_size, kv.head_dim)
+            make = (lambda: jnp.zeros(shape, kv.dtype)) if sharder is None else \
+                (lambda: sharder.zeros_kv(shape, kv.dtype))
+            self.kv = [(make(), make()) for _ in range(kv.num_layers)]
+            self.kv_bytes = kv.bytes_per_page(cfg.page_size) * cfg.num_pages
+        self.num_labels = int(getattr(getattr(model, "cfg", None), "num_labels", 0) or 0) \
+            if hasattr(model, "classify") else 0
+        self._exe: dict[tuple[str, int], Compiled] = {}
+        self.compile_seconds: dict[int, float] = {}
+        self.compiles = CompileCounter()
+        self._consts: dict[tuple[str, int], jax.Array] = {}
+        self.num_steps = 0
+        self.num_padded_tokens = 0  # the T bucket of every step, summed
 
-    # ---- the compiled functions --------------------------------------------------------------
-    # Three jitted functions rather than one: the model step varies with T only, the sampler
-    # with S only, and prompt logprobs are rare, so compile time grows with the sum of the
-    # bucket counts instead of their product.
+    @property
+    def num_recompiles(self) -> int:
+        """Traces and compiles JAX performed while executing steps (0 unless something is off
+        the precompiled set)."""
+        return self.compiles.count
+
+    @property
+    def num_executables(self) -> int:
+        return len(self._exe)
+
+    # ---- the functions that are compiled -----------------------------------------------------
     def _model(self, pure: dict[str, Any]) -> Any:
         state = jax.tree_util.tree_map(lambda x: x, self._state_template)
         nnx.replace_by_pure_dict(state, pure)
         return nnx.merge(self.graphdef, state)
 
-    def _step_fn(self, state: dict[str, Any], kv: KVCache, inp: StepInputs
-                 ) -> tuple[KVCache, jax.Array, jax.Array]:
+    def _step_fn(self, state: dict[str, Any], kv: KVCache, inp: StepInputs) -> tuple[Any, ...]:
         model = self._model(state)
         h, kv = model(kv, inp)  # [T, D]
+        if not self.cfg.generates:
+            return kv, h
         logits = model.logits(h[inp.logits_indices])  # f32[S, V]
         if self.sharder is not None:  # whole vocab rows: the sampler is the same on any mesh
             logits = self.sharder.gather_logits(logits)
-        return kv, logits, h  # f32[S, V], [T, D]
+        return kv, logits, h
 
     def _prompt_lp_fn(self, state: dict[str, Any], h: jax.Array, next_ids: jax.Array
                       ) -> tuple[jax.Array, ...]:
-        model = self._model(state)
-        return prompt_logprobs(model.logits(h), next_ids)
+        return prompt_logprobs(self._model(state).logits(h), next_ids)
 
-    # ---- host side ---------------------------------------------------------------------------
+    def _pool_fn(self, state: dict[str, Any], h: jax.Array, inp: StepInputs) -> PooledRows:
+        first, last, total = pool_chunks(h, inp.cu_q_lens)
+        if self.num_labels:
+            scores = self._model(state).classify(first)
+        else:
+            scores = jnp.zeros((first.shape[0], 0), jnp.float32)
+        return PooledRows(first, last, total, scores)
+
+    # ---- building the executables ------------------------------------------------------------
     def bucket(self, num_tokens: int) -> int:
         for b in self.cfg.token_buckets:
             if num_tokens <= b:
                 return b
         raise ValueError(f"{num_tokens} tokens exceed max_num_batched_tokens")
 
-    def num_seq_rows(self, t: int) -> int:
-        return min(t, self.cfg.max_num_seqs)
+    def _spec(self, shape: tuple[int, ...], dtype: Any, sharding: Any = None
+              ) -> jax.ShapeDtypeStruct:
+        if sharding is None and self.sharder is not None:
+            sharding = self.sharder.replicated
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
-    def _const(self, name: str, rows: int, make: Any) -> jax.Array:
-        key = (name, rows)
-        if key not in self._dummy:
-            self._dummy[key] = self._put(make())
-        return self._dummy[key]
+    def _abstract(self, tree: Any) -> Any:
+        return jax.tree_util.tree_map(lambda x: self._spec(np.shape(x), np.asarray(x).dtype),
+                                      tree)
 
-    def _put(self, x: Any) -> Any:
-        return jax.device_put(x) if self.sharder is None else self.sharder.put_replicated(x)
+    def _compile(self, key: tuple[str, int], fn: Callable[..., Any], *args: Any,
+                 donate: tuple[int, ...] = ()) -> Compiled:
+        exe = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+        self._exe[key] = exe
+        return exe
 
     def warmup(self) -> float:
-        """Compile every variant (progress bar; each compile time logged). Returns seconds."""
+        """Build every executable ahead of time (progress bar; each bucket's time logged)."""
         t_all = time.perf_counter()
         for t in tqdm(self.cfg.token_buckets, desc="compiling step buckets", unit="bucket"):
             t0 = time.perf_counter()
-            self._run_padded(self._empty_batch(t), want_plp=True)
-            self._run_padded(self._empty_batch(t), want_plp=False, greedy_only=True)
-            dt = time.perf_counter() - t0
-            self.compile_seconds[("step", t)] = dt
-            log.info("compiled bucket T=%d S=%d (step, sampler, prompt logprobs) in %.2fs", t,
-                     self.num_seq_rows(t), dt)
-        self.warm = True
+            s = self.cfg.num_seq_rows(t)
+            inp = self._abstract(self.empty_inputs(t))
+            step = self._compile(("step", t), self._step_fn, self.state, self.kv, inp,
+                                 donate=(1,))
+            out = step.out_info
+            h_spec = self._spec(out[-1].shape, out[-1].dtype, step.output_shardings[-1])
+            if self.cfg.generates:
+                lg = self._spec(out[1].shape, out[1].dtype, step.output_shardings[1])
+                ids = self._spec((t,), jnp.int32)
+                self._compile(("prompt_lp", t), self._prompt_lp_fn, self.state, h_spec, ids)
+                if ("sample", s) not in self._exe:
+                    si = self._abstract(self._sampling_inputs(s, [], all_flags=True))
+                    self._compile(("sample", s), sample, lg, si)
+                    self._compile(("argmax", s),
+                                  lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32), lg)
+            if self.cfg.pools:
+                self._compile(("pool", t), self._pool_fn, self.state, h_spec, inp)
+            self.compile_seconds[t] = dt = time.perf_counter() - t0
+            log.info("compiled bucket T=%d S=%d in %.2fs", t, s, dt)
         return time.perf_counter() - t_all
 
     def step_hlo(self, t: int) -> str:
         """The optimized HLO of the model step for token bucket ``t`` (tools and tests: the
         per-op profile, the in-place KV-cache check)."""
-        inp, _, _ = self._empty_batch(t)
-        return self._step.lower(self.state, self.kv, inp).compile().as_text() or ""
+        return self._exe[("step", t)].as_text() or ""
 
-    def _empty_batch(self, t: int) -> tuple[StepInputs, SamplingInputs, np.ndarray]:
-        s, w = self.num_seq_rows(t), self.cfg.table_width
-        inp = StepInputs(
-            token_ids=np.zeros(t, np.int32), positions=np.zeros(t, np.int32),
-            slot_mapping=np.full(t, -1, np.int32), page_table=np.zeros((s, w), np.int32),
-            kv_lens=np.zeros(s, np.int32), cu_q_lens=np.zeros(s + 1, np.int32),
-            logits_indices=np.zeros(s, np.int32))
-        si = self._sampling_arrays(s, [], flags=np.ones(5, bool))
-        return inp, si, np.full(t, -1, np.int32)
+    def empty_inputs(self, t: int) -> HostStepInputs:
+        """Host ``StepInputs`` of bucket ``t`` with no real token (warm-up shapes)."""
+        return pack_step_inputs([], t, self.cfg.num_seq_rows(t), self.cfg.table_width,
+                                self.cfg.page_size)
 
-    def _sampling_arrays(self, s: int, rows: list[Any], flags: np.ndarray) -> SamplingInputs:
+    # ---- host side ---------------------------------------------------------------------------
+    def _const(self, name: str, rows: int, make: Callable[[], np.ndarray]) -> jax.Array:
+        key = (name, rows)
+        if key not in self._consts:
+            self._consts[key] = self._put(make())
+        return self._consts[key]
+
+    def _put(self, x: Any) -> Any:
+        return jax.device_put(x) if self.sharder is None else self.sharder.put_replicated(x)
+
+    def _sampling_inputs(self, s: int, rows: list[ScheduledRow],
+                         all_flags: bool = False) -> HostSamplingInputs:
+        """Per-row sampling arrays for the rows that draw (others stay neutral)."""
         temp = np.zeros(s, np.float32)
         top_k = np.zeros(s, np.int32)
         top_p = np.ones(s, np.float32)
@@ -191,152 +292,199 @@ class ModelRunner:
         seeds = np.zeros(s, np.uint32)
         counters = np.zeros(s, np.int32)
         prompt_lens = np.zeros(s, np.int32)
-        any_bias = any_pen = False
-        for i, seq in enumerate(rows):
-            p = seq.params
+        any_sample = any_filter = any_pen = any_bias = any_lp = all_flags
+        for i, row in enumerate(rows):
+            sr = row.sampling
+            if sr is None:
+                continue
+            p = sr.params
             temp[i], top_k[i], top_p[i], min_p[i] = p.temperature, p.top_k, p.top_p, p.min_p
             pres[i], freq[i], rep[i] = (p.presence_penalty, p.frequency_penalty,
                                         p.repetition_penalty)
-            seeds[i] = (seq.request.seed + 1_000_003 * seq.index) & 0xFFFFFFFF
-            counters[i] = seq.num_output
-            prompt_lens[i] = seq.prompt_len
+            seeds[i], counters[i], prompt_lens[i] = sr.seed, sr.num_output, sr.prompt_len
+            any_sample |= not p.greedy
+            any_filter |= (not p.greedy) and (p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0)
             any_pen |= p.uses_penalties
-            any_bias |= bool(p.logit_bias) or self._bans(seq) is not None
-        if any_bias:
+            any_bias |= bool(p.logit_bias) or bool(sr.banned)
+            any_lp |= p.logprobs is not None
+        if any_bias and rows:
             bias_ids = np.full((s, BIAS_WIDTH), -1, np.int32)
             bias_vals = np.zeros((s, BIAS_WIDTH), np.float32)
-            for i, seq in enumerate(rows):
-                entries = list(seq.params.logit_bias.items())
-                if (bans := self._bans(seq)) is not None:
-                    entries += [(b, -np.inf) for b in bans]
+            for i, row in enumerate(rows):
+                if row.sampling is None:
+                    continue
+                entries = [(int(k), float(v)) for k, v in row.sampling.params.logit_bias.items()]
+                entries += [(b, -np.inf) for b in row.sampling.banned]
                 entries = entries[:BIAS_WIDTH]
                 if entries:
-                    bias_ids[i, :len(entries)] = [int(e[0]) for e in entries]
-                    bias_vals[i, :len(entries)] = [float(e[1]) for e in entries]
+                    bias_ids[i, :len(entries)] = [e[0] for e in entries]
+                    bias_vals[i, :len(entries)] = [e[1] for e in entries]
             b_ids, b_vals = self._put(bias_ids), self._put(bias_vals)
         else:
             b_ids = self._const("bias_ids", s, lambda: np.full((s, BIAS_WIDTH), -1, np.int32))
             b_vals = self._const("bias_vals", s, lambda: np.zeros((s, BIAS_WIDTH), np.float32))
         hw = self.cfg.max_model_len
-        if any_pen:
+        if any_pen and rows:
             hist = np.full((s, hw), -1, np.int32)
-            for i, seq in enumerate(rows):
-                if seq.params.uses_penalties:
-                    hist[i, :len(seq.tokens)] = seq.tokens[:hw]
+            for i, row in enumerate(rows):
+                if row.sampling is not None and row.sampling.history is not None:
+                    h = row.sampling.history
+                    hist[i, :len(h)] = h
             history = self._put(hist)
         else:
             history = self._const("history", s, lambda: np.full((s, hw), -1, np.int32))
-        flags = flags.copy()
-        flags[2], flags[3] = flags[2] or any_pen, flags[3] or any_bias
-        return SamplingInputs(
+        flags = SamplingFlags(*(np.asarray(f, np.bool_) for f in (
+            any_sample, any_filter, any_pen, any_bias, any_lp)))
+        return Sampling(
             temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, presence=pres,
             frequency=freq, repetition=rep, seeds=seeds, counters=counters, bias_ids=b_ids,
             bias_vals=b_vals, history=history, prompt_lens=prompt_lens, flags=flags)
 
-    @staticmethod
-    def _bans(seq: Any) -> list[int] | None:
-        """Token ids banned while the sequence is below min_tokens (eos and stop ids)."""
-        p = seq.params
-        if seq.num_output >= p.min_tokens:
-            return None
-        bans = set(p.stop_token_ids)
-        if not p.ignore_eos:
-            bans |= seq.request.eos_ids
-        return sorted(bans) or None
+    def _batch(self, sched: SchedulerOutput) -> tuple[DeviceBatch, np.ndarray]:
+        """The step's device batch, and each row's first token offset (i32[len(rows)])."""
+        rows = list(sched.rows)
+        t = self.bucket(sched.num_tokens)
+        s = self.cfg.num_seq_rows(t)
+        if len(rows) > s:
+            raise ValueError(f"{len(rows)} sequences exceed the {s} rows of bucket T={t}")
+        inp = pack_step_inputs(
+            [PackedChunk(r.token_ids, r.start, r.pages, r.token_type_ids) for r in rows],
+            t, s, self.cfg.table_width, self.cfg.page_size)
+        offsets = np.asarray(inp.cu_q_lens[:len(rows)])
+        sampling = None
+        greedy_only = True
+        if any(r.sampling is not None for r in rows):
+            sampling = self._sampling_inputs(s, rows)
+            f = sampling.flags
+            greedy_only = not any(bool(x) for x in (f.sample, f.penalties, f.bias, f.logprobs))
+        next_ids = None
+        if any(r.prompt_logprobs is not None for r in rows):
+            next_ids = np.full(t, -1, np.int32)
+            for r, off in zip(rows, offsets, strict=True):
+                if r.prompt_logprobs is not None:
+                    next_ids[off:off + r.num_tokens] = r.prompt_logprobs.next_ids
+        pool = any(r.pooling is not None for r in rows)
+        return DeviceBatch(inp, sampling, greedy_only, next_ids, pool), offsets
+
+    def _run(self, batch: DeviceBatch) -> tuple[Any, ...]:
+        """Run a batch's executables; returns (sampler output, prompt logprobs, pooled rows,
+        hidden states), each None when not run. Leader and followers both come through here."""
+        if self.sharder is not None:
+            batch = self.sharder.share_step(batch)  # multi-host leader: followers replay it
+        inp = batch.inputs
+        t = int(inp.token_ids.shape[0])
+        s = int(inp.kv_lens.shape[0])
+        if self.sharder is not None:
+            inp = self.sharder.put_inputs(inp)
+        outs = self._exe[("step", t)](self.state, self.kv, inp)
+        self.kv, h = outs[0], outs[-1]
+        sampled = plp = pooled = None
+        if batch.sampling is not None:
+            logits = outs[1]
+            if batch.greedy_only:
+                sampled = self._exe[("argmax", s)](logits)
+            else:
+                si = batch.sampling
+                if self.sharder is not None:
+                    si = self.sharder.put_inputs(si)
+                sampled = self._exe[("sample", s)](logits, si)
+        if batch.prompt_next_ids is not None:
+            ids = batch.prompt_next_ids
+            if self.sharder is not None:
+                ids = self.sharder.put_inputs(ids)
+            plp = self._exe[("prompt_lp", t)](self.state, h, ids)
+        if batch.pool:
+            pooled = self._exe[("pool", t)](self.state, h, inp)
+        return sampled, plp, pooled, h
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        chunks = sched.chunks
-        n_tok = sched.num_tokens
-        t = self.bucket(n_tok)
-        s, w, ps = self.num_seq_rows(t), self.cfg.table_width, self.cfg.page_size
-        inp = pack_step_inputs([(c.seq.tokens[c.start:c.start + c.num_tokens], c.start,
-                                 c.seq.pages) for c in chunks], t, s, w, ps)
-        plp_next = np.full(t, -1, np.int32)
-        want_plp = False
-        rows = []
-        flags = np.zeros(5, bool)
-        for c, off in zip(chunks, inp.cu_q_lens, strict=False):
-            seq, n, p = c.seq, c.num_tokens, c.seq.params
-            if p.prompt_logprobs is not None and c.start < seq.prompt_len - 1:
-                want_plp = True
-                nxt = np.arange(c.start + 1, c.start + n + 1)
-                ok = nxt < seq.prompt_len
-                plp_next[off:off + n] = np.where(ok, np.asarray(seq.tokens)[
-                    np.minimum(nxt, len(seq.tokens) - 1)], -1)
-            if c.sample:
-                flags[0] |= not p.greedy
-                flags[1] |= (not p.greedy) and (p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0)
-                flags[4] |= p.logprobs is not None
-            rows.append(seq)
-        si = self._sampling_arrays(s, rows, flags)
-        greedy_only = not bool(np.asarray(si.flags).any())
-        out, plp = self._run_padded((inp, si, plp_next), want_plp, greedy_only)
-        tokens, lp, rank, top_ids, top_lp = jax.device_get(
-            (out.tokens, out.logprob, out.rank, out.top_ids, out.top_logprobs))
-        res = RunnerOutput()
-        for i, c in enumerate(chunks):
-            if c.sample:
-                res.sampled[c.seq.seq_id] = SeqResult(int(tokens[i]), float(lp[i]), int(rank[i]),
-                                                      top_ids[i], top_lp[i])
+        """Run one step; ``RunnerOutput.rows[i]`` belongs to ``sched.rows[i]``."""
+        if sched.empty:
+            return RunnerOutput()
+        with self.compiles.watching():
+            batch, offsets = self._batch(sched)
+            self.num_steps += 1
+            self.num_padded_tokens += int(batch.inputs.token_ids.shape[0])
+            sampled, plp, pooled, h = self._run(batch)
+            return self._results(sched, batch, offsets, sampled, plp, pooled, h)
+
+    def _results(self, sched: SchedulerOutput, batch: DeviceBatch, offsets: np.ndarray,
+                 sampled: Any, plp: Any, pooled: PooledRows | None, h: jax.Array
+                 ) -> RunnerOutput:
+        rows = sched.rows
+        tokens = lp = rank = top_ids = top_lp = None
+        if isinstance(sampled, SamplerOutput):
+            tokens, lp, rank, top_ids, top_lp = jax.device_get(
+                (sampled.tokens, sampled.logprob, sampled.rank, sampled.top_ids,
+                 sampled.top_logprobs))
+        elif sampled is not None:
+            tokens = np.asarray(jax.device_get(sampled))
+        p_lp = p_rank = p_ids = p_top = None
         if plp is not None:
             p_lp, p_rank, p_ids, p_top = jax.device_get(plp)
-            off = 0
-            for c in chunks:
-                n = c.num_tokens
-                if c.seq.params.prompt_logprobs is not None:
-                    d = res.prompt_logprobs.setdefault(c.seq.seq_id, {})
-                    for j in range(n):
-                        if plp_next[off + j] >= 0:
-                            d[c.start + j + 1] = (float(p_lp[off + j]), int(p_rank[off + j]),
-                                                  p_ids[off + j], p_top[off + j])
-                off += n
-        return res
-
-    def _run_padded(self, batch: tuple[StepInputs, SamplingInputs, np.ndarray],
-                    want_plp: bool, greedy_only: bool = False) -> tuple[SamplerOutput, Any]:
-        if self.sharder is not None:  # multi-host leader: followers replay this step
-            batch, want_plp, greedy_only = self.sharder.share_step((batch, want_plp, greedy_only))
-        inp, si, plp_next = batch
-        t, s = int(inp.token_ids.shape[0]), int(inp.kv_lens.shape[0])
-        keys = (("step", t), ("argmax" if greedy_only else "sample", s)) + (
-            (("prompt_lp", t),) if want_plp else ())
-        for key in keys:
-            if key not in self.compiled:
-                if self.warm:
-                    self.num_recompiles += 1
-                    log.warning("compiling %s variant %d after warm-up", *key)
-                self.compiled.add(key)
-        if self.sharder is not None:
-            inp, si, plp_next = self.sharder.put_inputs((inp, si, plp_next))
-        self.kv, logits, h = self._step(self.state, self.kv, inp)
-        if greedy_only:
-            tokens = self._argmax(logits)
-            zeros = np.zeros(tokens.shape, np.float32)
-            top = np.zeros((tokens.shape[0], MAX_LOGPROBS), np.float32)
-            out = SamplerOutput(tokens, zeros, zeros.astype(np.int32),
-                                top.astype(np.int32), top)
-        else:
-            out = self._sample(logits, si)
-        plp = self._prompt_lp(self.state, h, plp_next) if want_plp else None
-        return out, plp
+        pool_host: dict[str, np.ndarray] | None = None
+        if pooled is not None:
+            pool_host = {k: np.asarray(v) for k, v in
+                         vars(jax.device_get(pooled)).items()}
+        h_host = None
+        if any(r.pooling == PoolingKind.TOKENS for r in rows):
+            h_host = np.asarray(jax.device_get(h), np.float32)
+        out: list[RowResult] = []
+        for i, (r, off) in enumerate(zip(rows, offsets, strict=True)):
+            token = None
+            if r.sampling is not None and tokens is not None:
+                k = r.sampling.params.logprobs
+                if k is None or lp is None:
+                    token = SampledToken(int(tokens[i]))
+                else:
+                    assert rank is not None and top_ids is not None and top_lp is not None
+                    token = SampledToken(int(tokens[i]), float(lp[i]), int(rank[i]),
+                                         tuple(int(x) for x in top_ids[i, :k]),
+                                         tuple(float(x) for x in top_lp[i, :k]))
+            positions: tuple[PositionLogprob, ...] = ()
+            if r.prompt_logprobs is not None and p_lp is not None:
+                assert p_rank is not None and p_ids is not None and p_top is not None
+                k = r.prompt_logprobs.num_top
+                positions = tuple(
+                    PositionLogprob(r.start + j + 1, nxt, float(p_lp[off + j]),
+                                    int(p_rank[off + j]),
+                                    tuple(int(x) for x in p_ids[off + j, :k]),
+                                    tuple(float(x) for x in p_top[off + j, :k]))
+                    for j, nxt in enumerate(r.prompt_logprobs.next_ids) if nxt >= 0)
+            chunk = None
+            if r.pooling is not None and pool_host is not None:
+                chunk = PooledChunk(
+                    _frozen(pool_host["first"][i]), _frozen(pool_host["last"][i]),
+                    _frozen(pool_host["total"][i]),
+                    tokens=_frozen(h_host[off:off + r.num_tokens]) if h_host is not None
+                    and r.pooling == PoolingKind.TOKENS else None,
+                    scores=_frozen(pool_host["scores"][i]) if r.pooling == PoolingKind.SCORES
+                    else None)
+            out.append(RowResult(token, positions, chunk))
+        return RunnerOutput(tuple(out))
 
     def follow(self) -> None:
         """Multi-host follower: run the leader's steps (``sharding.distributed``) until it stops."""
         assert self.sharder is not None
-        for batch, want_plp, greedy_only in self.sharder.follow_steps():
-            self._run_padded(batch, want_plp, greedy_only)
+        for batch in self.sharder.follow_steps():
+            self._run(batch)
 
 
-def num_pages_for(model_cfg: ModelConfig, page_size: int, kv_dtype: Any, *, max_num_seqs: int,
-                  max_model_len: int, num_kv_pages: int | None, kv_cache_gb: float | None,
-                  memory_fraction: float, weight_bytes: int, kv_shards: int = 1,
-                  devices: list[Any] | None = None) -> int:
+def _frozen(x: np.ndarray) -> np.ndarray:
+    out = np.array(x, np.float32)
+    out.setflags(write=False)
+    return out
+
+
+def num_pages_for(kv: KVLayout, page_size: int, *, max_num_seqs: int, max_model_len: int,
+                  num_kv_pages: int | None, kv_cache_gb: float | None, memory_fraction: float,
+                  kv_shards: int = 1, devices: list[Any] | None = None) -> int:
     """Size the KV pool: explicit pages, explicit GiB, or (accelerators) a memory fraction.
 
     Sharded (``kv_shards`` > 1): each of ``devices`` holds 1/kv_shards of every page, and the
     pool is sized from the device with the least memory left after its weight shards.
     """
-    per_page = kv_bytes_per_page(model_cfg, page_size, kv_dtype)
+    per_page = kv.bytes_per_page(page_size)
     useful = max_num_seqs * math.ceil(max_model_len / page_size) + 1
     if num_kv_pages:
         return int(num_kv_pages)

@@ -1,13 +1,35 @@
-"""Outputs the engine streams back to its callers (the HTTP layer and the offline API).
+"""What the engine hands back: per-sequence records from the engine thread, and the request
+outputs its callers (the HTTP layer, the offline API) consume.
 
-One ``RequestOutput`` is yielded per engine step in which a request made progress. Each carries
-*deltas* for the choices that advanced: the new token ids, the new text, and the logprobs of the new
-tokens. ``finish_reason`` is set exactly once per choice, on its last delta.
+- ``SeqOutput``: one per sequence that made progress in a step, built by
+  ``Scheduler.update_from_output`` on the engine thread: new token ids (no text), their logprobs,
+  prompt logprobs computed this step, the finish, or a pooling request's raw result.
+- ``RequestOutput``: built from those by ``serving.engine.output_processor`` off the engine thread.
+  One per engine step in which a request made progress, carrying *deltas* for the choices that
+  advanced: the new token ids, the new text, and the logprobs of the new tokens.
+  ``finish_reason`` is set exactly once per choice, on its last delta.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import numpy as np
+
+from serving.engine.records import PositionLogprob, SampledToken
+
+
+@dataclass(frozen=True)
+class SeqOutput:
+    request_id: str
+    index: int  # choice index in [0, n)
+    new_token_ids: tuple[int, ...] = ()
+    logprobs: tuple[SampledToken, ...] = ()  # one per new token when the request wants them
+    prompt_logprobs: tuple[PositionLogprob, ...] = ()  # prompt positions computed this step
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    stop_reason: int | None = None  # the stop token id that matched
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    pooled: np.ndarray | None = None  # a pooling request's raw result, on its finish
 
 
 @dataclass

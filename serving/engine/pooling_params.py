@@ -1,11 +1,12 @@
 """PoolingParams: the per-request contract between the HTTP layer and the pooling engine.
 
 Built by ``serving.api`` from an Embeddings / Pooling / Score / Rerank request (after schema
-validation), consumed by ``serving.engine.pooling_engine``. Field meanings follow vLLM's
+validation), consumed by the engine (``AsyncEngineClient.encode``): a pooling request is a prompt
+with no output tokens that finishes when its prompt is computed. Field meanings follow vLLM's
 ``PoolingParams``. ``validate()`` raises ``ValueError`` with vLLM's wording where the HTTP layer's
 tests expect it; the server turns it into a 400.
 
-Tasks and what one input yields (see ``PoolingEngine.encode``):
+Tasks and what one input yields:
 - ``embed``: one vector ``f32[D']`` from the model's pooler (``D' = dimensions or D``),
   L2-normalised when ``normalize`` (default: the model's pooler config);
 - ``encode``: per-token hidden states ``f32[n, D]`` (the ``/pooling`` endpoint's output); raw
@@ -18,6 +19,8 @@ Tasks and what one input yields (see ``PoolingEngine.encode``):
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,15 +28,27 @@ import numpy as np
 TASKS = ("embed", "encode", "classify", "score")
 
 
-@dataclass
+class PoolingKind(enum.Enum):
+    """What the runner computes for a pooling request's prompt."""
+
+    POOLED = "pooled"  # one vector from the model's pooler (MEAN / CLS / LAST)
+    TOKENS = "tokens"  # every token's hidden state
+    SCORES = "scores"  # the sequence-classification head's logits
+
+
+_KIND_OF_TASK = {"embed": PoolingKind.POOLED, "encode": PoolingKind.TOKENS,
+                 "classify": PoolingKind.SCORES, "score": PoolingKind.SCORES}
+
+
+@dataclass(frozen=True)
 class PoolingInput:
     """One sequence to pool: token ids and, for BERT pair inputs, their segment ids."""
 
-    token_ids: list[int]
-    token_type_ids: list[int] | None = None
+    token_ids: Sequence[int]
+    token_type_ids: Sequence[int] | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class PoolingOutput:
     data: np.ndarray  # per task: embed f32[D'], encode f32[n, D], classify/score f32[L]
     num_prompt_tokens: int  # tokens actually pooled (after truncation), for usage
@@ -51,7 +66,7 @@ class PoolingModelInfo:
     matryoshka_dimensions: tuple[int, ...] | None = None  # None with is_matryoshka: any size
 
 
-@dataclass
+@dataclass(frozen=True)
 class PoolingParams:
     task: str = "embed"
     normalize: bool | None = None  # embed / encode; None: the model's default (encode: False)
@@ -60,6 +75,10 @@ class PoolingParams:
     # None: inputs over max_model_len are an error; -1: truncate to max_model_len;
     # k >= 1: keep the last k tokens (vLLM's left truncation).
     truncate_prompt_tokens: int | None = None
+
+    @property
+    def kind(self) -> PoolingKind:
+        return _KIND_OF_TASK[self.task]
 
     def validate(self, info: PoolingModelInfo) -> None:
         """Raise ``ValueError`` for a field the task or the model cannot honour."""

@@ -3,48 +3,69 @@
 Every row is processed independently of the others, and its randomness comes only from its own
 ``(seed, counter)`` key, so a request samples the same tokens whatever else shares the batch.
 Optional work (penalties, logit bias, top-k/top-p/min-p filtering, logprobs) sits behind
-``lax.cond`` on flags the host computes per step: XLA runs only the branch taken, so a greedy batch
-pays for an argmax and nothing else.
+``lax.cond`` on ``SamplingFlags`` the runner computes per step: XLA runs only the branch taken.
+A step whose rows are all greedy with nothing to adjust skips the sampler for a plain argmax.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Generic
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from models.inputs import HostOrDevice
+from models.inputs import A
 from serving.engine.sampling_params import MAX_LOGPROBS
 
 
 @jax.tree_util.register_dataclass
-@dataclass
-class SamplingInputs:
-    temperature: HostOrDevice  # f32[S]; 0: greedy
-    top_k: HostOrDevice  # i32[S]; 0: off
-    top_p: HostOrDevice  # f32[S]; 1: off
-    min_p: HostOrDevice  # f32[S]; 0: off
-    presence: HostOrDevice  # f32[S]
-    frequency: HostOrDevice  # f32[S]
-    repetition: HostOrDevice  # f32[S]; 1: off
-    seeds: HostOrDevice  # u32[S]
-    counters: HostOrDevice  # i32[S]; output index of the token being sampled
-    bias_ids: HostOrDevice  # i32[S, L]; -1 padding (logit_bias, and -inf bans for min_tokens)
-    bias_vals: HostOrDevice  # f32[S, L]
-    history: HostOrDevice  # i32[S, Hh]; prompt then output token ids, -1 padding (penalties only)
-    prompt_lens: HostOrDevice  # i32[S]; how many leading history entries are prompt tokens
-    flags: HostOrDevice  # bool[5]: any_sample, any_filter, any_penalty, any_bias, any_logprobs
+@dataclass(frozen=True)
+class SamplingFlags(Generic[A]):
+    """Which optional stages any row of the step needs (bool[] scalars, traced)."""
+
+    sample: A  # some row draws at temperature > 0
+    filter: A  # some drawing row uses top-k, top-p or min-p
+    penalties: A  # some row has presence / frequency / repetition penalties
+    bias: A  # some row has logit_bias entries or min_tokens bans
+    logprobs: A  # some row wants logprobs
 
 
 @jax.tree_util.register_dataclass
-@dataclass
+@dataclass(frozen=True)
+class Sampling(Generic[A]):
+    """Per-row sampling arrays: numpy on the host (``HostSamplingInputs``; large constant
+    arrays may already be on device), jax.Array in the compiled sampler (``SamplingInputs``)."""
+
+    temperature: A  # f32[S]; 0: greedy
+    top_k: A  # i32[S]; 0: off
+    top_p: A  # f32[S]; 1: off
+    min_p: A  # f32[S]; 0: off
+    presence: A  # f32[S]
+    frequency: A  # f32[S]
+    repetition: A  # f32[S]; 1: off
+    seeds: A  # u32[S]
+    counters: A  # i32[S]; output index of the token being sampled
+    bias_ids: jax.Array | np.ndarray  # i32[S, E]; -1 padding (logit_bias, min_tokens bans)
+    bias_vals: jax.Array | np.ndarray  # f32[S, E]
+    history: jax.Array | np.ndarray  # i32[S, C]; prompt then output ids, -1 padding
+    prompt_lens: A  # i32[S]; how many leading history entries are prompt tokens
+    flags: SamplingFlags[A]
+
+
+SamplingInputs = Sampling[jax.Array]
+HostSamplingInputs = Sampling[np.ndarray]
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
 class SamplerOutput:
-    tokens: HostOrDevice  # i32[S]
-    logprob: HostOrDevice  # f32[S]; raw-model logprob of the sampled token
-    rank: HostOrDevice  # i32[S]; 1-based rank of the sampled token
-    top_ids: HostOrDevice  # i32[S, MAX_LOGPROBS]
-    top_logprobs: HostOrDevice  # f32[S, MAX_LOGPROBS]
+    tokens: jax.Array  # i32[S]
+    logprob: jax.Array  # f32[S]; raw-model logprob of the sampled token
+    rank: jax.Array  # i32[S]; 1-based rank of the sampled token
+    top_ids: jax.Array  # i32[S, MAX_LOGPROBS]
+    top_logprobs: jax.Array  # f32[S, MAX_LOGPROBS]
 
 
 def _apply_penalties(logits: jax.Array, si: SamplingInputs) -> jax.Array:
@@ -102,22 +123,22 @@ def _gumbel(seeds: jax.Array, counters: jax.Array, v: int) -> jax.Array:
 
 
 def sample(logits: jax.Array, si: SamplingInputs) -> SamplerOutput:
-    """logits: f32[S, V] straight from the LM head."""
+    """logits: f32[S, V] straight from the LM head; rows the step does not sample are ignored."""
     s, v = logits.shape
-    any_sample, any_filter, any_penalty, any_bias, any_logprobs = (si.flags[i] for i in range(5))
+    flags = si.flags
     raw = logits
-    x = jax.lax.cond(any_penalty, _apply_penalties, lambda lg, _: lg, logits, si)
-    x = jax.lax.cond(any_bias, _apply_bias, lambda lg, _: lg, x, si)
+    x = jax.lax.cond(flags.penalties, _apply_penalties, lambda lg, _: lg, logits, si)
+    x = jax.lax.cond(flags.bias, _apply_bias, lambda lg, _: lg, x, si)
     greedy_tok = jnp.argmax(x, axis=-1).astype(jnp.int32)
 
     def sampled(x: jax.Array) -> jax.Array:
         t = jnp.where(si.temperature > 0, si.temperature, 1.0)[:, None]
         y = x / t
-        y = jax.lax.cond(any_filter, _filter, lambda lg, _: lg, y, si)
+        y = jax.lax.cond(flags.filter, _filter, lambda lg, _: lg, y, si)
         tok = jnp.argmax(y + _gumbel(si.seeds, si.counters, v), axis=-1).astype(jnp.int32)
         return jnp.where(si.temperature > 0, tok, greedy_tok)
 
-    tokens = jax.lax.cond(any_sample, sampled, lambda _: greedy_tok, x)
+    tokens = jax.lax.cond(flags.sample, sampled, lambda _: greedy_tok, x)
 
     def logprobs(raw: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         lp = jax.nn.log_softmax(raw, axis=-1)
@@ -130,7 +151,7 @@ def sample(logits: jax.Array, si: SamplingInputs) -> SamplerOutput:
         return (jnp.zeros((s,), jnp.float32), jnp.zeros((s,), jnp.int32),
                 jnp.zeros((s, MAX_LOGPROBS), jnp.int32), jnp.zeros((s, MAX_LOGPROBS), jnp.float32))
 
-    chosen, rank, top_ids, top_lp = jax.lax.cond(any_logprobs, logprobs, no_logprobs, raw)
+    chosen, rank, top_ids, top_lp = jax.lax.cond(flags.logprobs, logprobs, no_logprobs, raw)
     return SamplerOutput(tokens, chosen, rank, top_ids, top_lp)
 
 

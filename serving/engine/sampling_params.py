@@ -3,12 +3,14 @@
 Built by ``serving.api`` from an OpenAI request (after validation) or by users of the offline
 ``LLM`` API; consumed by the scheduler (stop conditions, ``n``, ``max_tokens``), the model runner
 (per-row device arrays) and the detokenizer (stop strings, special-token handling).
-Field meanings follow vLLM's ``SamplingParams``. ``validate()`` raises ``ValueError`` whose message
-names the field; the server turns it into a 400.
+Field meanings follow vLLM's ``SamplingParams``. A frozen value: built once, never mutated.
+``validate()`` raises ``ValueError`` whose message names the field; it runs once per request, in
+``serving.engine.input_processor`` (the server turns the error into a 400).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 # Largest top-k logprobs a request may ask for; the compiled step always returns this many.
@@ -17,7 +19,7 @@ MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 300
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplingParams:
     n: int = 1
     temperature: float = 1.0
@@ -30,23 +32,26 @@ class SamplingParams:
     seed: int | None = None
     max_tokens: int | None = 16  # None: up to max_model_len
     min_tokens: int = 0
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
+    stop: Sequence[str] = ()  # a str or a sequence of them; stored as a tuple
+    stop_token_ids: Sequence[int] = ()
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     logprobs: int | None = None  # top-k alternatives for each generated token (0: chosen only)
     prompt_logprobs: int | None = None
-    logit_bias: dict[int, float] = field(default_factory=dict)
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     truncate_prompt_tokens: int | None = None
     detokenize: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
+        # Frozen: normalised once here, so every stage reads the same immutable value.
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "logit_bias", dict(self.logit_bias))
         if self.top_k == -1:
-            self.top_k = 0
+            object.__setattr__(self, "top_k", 0)
 
     @property
     def greedy(self) -> bool:

@@ -1,21 +1,39 @@
-"""Continuous-batching scheduler: token budget, chunked prefill, recompute preemption. No JAX.
+"""Continuous-batching scheduler: token budget, chunked prefill, recompute preemption, and the
+update after each step. Pure Python (no JAX); it owns every live ``Request`` and ``Sequence``.
 
-``schedule()`` is called once per engine step and returns a ``SchedulerOutput``: which sequences
-run this step and how many of their tokens. Running sequences go first (in admission order), each
-taking min(remaining tokens, budget), so decodes and prompt chunks share one step; then waiting
-sequences are admitted while budget, ``max_num_seqs`` and free pages allow. When a running sequence
-needs a page and none is free, the newest running sequence is preempted: its pages are freed and it
-goes back to the front of the queue to be recomputed later (its tokens are kept). The engine
-calls ``finish``/``abort`` to release a sequence; pages never leak (see KVCacheManager.check).
+``schedule()`` is called once per engine step and returns a frozen ``SchedulerOutput``: which
+sequences run this step and which of their tokens. Running sequences go first (in admission
+order), each taking min(remaining tokens, budget), so decodes and prompt chunks share one step;
+then waiting sequences are admitted while budget, ``max_num_seqs`` and free pages allow. When a
+running sequence needs a page and none is free, the newest running sequence is preempted: its
+pages are freed and it goes back to the front of the queue to be recomputed later (its tokens are
+kept). Without chunked prefill (encoders) a prompt is scheduled whole or not at all.
+
+``update_from_output(scheduler_output, runner_output)`` applies a step's results: progress, page
+commits, appended tokens, and the stop checks that need no text (stop token ids, EOS, length);
+it returns one ``SeqOutput`` per sequence that produced something. Stop *strings* need text and
+are checked off the engine thread (``serving.engine.output_processor``), which then finishes the
+sequence through ``finish_sequence``. Pooling requests are prompts with no output tokens: they
+finish, with their pooled result, in the update of the step that computes their last prompt token.
+Pages never leak (see ``KVCacheManager.check``).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from serving.engine.kv_cache_manager import KVCacheManager
-from serving.engine.request import SeqStatus, Sequence
+from serving.engine.outputs import SeqOutput
+from serving.engine.records import (
+    PromptLogprobRow,
+    RunnerOutput,
+    SamplingRow,
+    ScheduledRow,
+    SchedulerOutput,
+)
+from serving.engine.request import EngineRequest, PoolAccumulator, Request, SeqStatus, Sequence
 
 
 @dataclass(frozen=True)
@@ -23,34 +41,17 @@ class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
+    chunked_prefill: bool = True  # False: every prompt runs whole in one step (encoders)
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be at least max_num_seqs")
-
-
-@dataclass(frozen=True)
-class ScheduledChunk:
-    seq: Sequence
-    start: int  # first token position computed this step (== seq.num_computed before the step)
-    num_tokens: int  # tokens computed this step
-    sample: bool  # this chunk ends at the last known token, so a new token is sampled
-
-
-@dataclass
-class SchedulerOutput:
-    chunks: list[ScheduledChunk] = field(default_factory=list)
-    preempted: list[Sequence] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.chunks)
-
-    @property
-    def empty(self) -> bool:
-        return not self.chunks
+        if not self.chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at "
+                             f"least max_model_len ({self.max_model_len}) when prompts are not "
+                             f"chunked")
 
 
 class Scheduler:
@@ -59,18 +60,60 @@ class Scheduler:
         self.kv = kv
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.requests: dict[str, Request] = {}
+        self.seqs: dict[int, Sequence] = {}
+        self._seq_ids = itertools.count()
         self.num_preemptions = 0
+        self.num_generated = 0  # output tokens appended, over all sequences
 
-    def add(self, seq: Sequence) -> None:
-        seq.status = SeqStatus.WAITING
-        self.waiting.append(seq)
+    # ---- admission and release ---------------------------------------------------------------
+    def add(self, spec: EngineRequest) -> None:
+        """Queue a validated request: one sequence per choice."""
+        if spec.request_id in self.requests:
+            raise ValueError(f"duplicate request id {spec.request_id!r}")
+        req = Request(spec)
+        for i in range(spec.n):
+            seq = Sequence(next(self._seq_ids), req, i, list(spec.prompt_ids))
+            if spec.pooling is not None:
+                seq.pool = PoolAccumulator()
+            req.seqs.append(seq)
+            self.seqs[seq.seq_id] = seq
+            self.waiting.append(seq)
+        self.requests[spec.request_id] = req
 
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def abort(self, request_id: str) -> list[SeqOutput]:
+        """Finish every unfinished choice of a request with "abort"; [] for an unknown id."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return []
+        outs = [SeqOutput(request_id, s.index, finish_reason="abort") for s in req.seqs
+                if s.status != SeqStatus.FINISHED]
+        for s in list(req.seqs):
+            self.finish_sequence(s)
+        return outs
+
+    def finish_sequence(self, seq: Sequence) -> None:
+        """Release a finished or aborted sequence wherever it is (idempotent)."""
+        if seq.status == SeqStatus.FINISHED:
+            return
+        if seq.status == SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.kv.free_seq(seq)
+        seq.status = SeqStatus.FINISHED
+        del self.seqs[seq.seq_id]
+        if seq.request.finished:
+            self.requests.pop(seq.request.request_id, None)
+
+    # ---- the step ----------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+        rows: list[ScheduledRow] = []
+        preempted: list[int] = []
         budget = self.cfg.max_num_batched_tokens
         i = 0
         while i < len(self.running) and budget > 0:
@@ -79,41 +122,66 @@ class Scheduler:
             while not self.kv.allocate(seq, seq.num_computed + n):
                 victim = self.running.pop()
                 self._preempt(victim)
-                out.preempted.append(victim)
+                preempted.append(victim.seq_id)
                 if victim is seq:
                     break
             else:
-                out.chunks.append(self._chunk(seq, n))
+                rows.append(self._row(seq, n))
                 budget -= n
                 i += 1
                 continue
             break  # seq itself was preempted: nothing after it is left to schedule
-        if out.preempted:
-            return out
+        if preempted:
+            return SchedulerOutput(tuple(rows), tuple(preempted))
         skipped: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             seq = self.waiting.popleft()
             if not seq.ready:
                 skipped.append(seq)
                 continue
-            # Prompt logprobs need every prompt position computed, so choice 0 skips the cache.
             if seq.num_computed == 0 and not seq.pages and not (
-                    seq.params.prompt_logprobs is not None and seq.index == 0):
+                    seq.spec.full_prompt and seq.index == 0):
                 self.kv.match_prefix(seq)
             n = min(len(seq.tokens) - seq.num_computed, budget)
-            if not self.kv.allocate(seq, seq.num_computed + n):
-                self.kv.free_seq(seq)  # give back prefix hits; retry when pages free up
+            whole = n == len(seq.tokens) - seq.num_computed
+            if (not whole and not self.cfg.chunked_prefill) or \
+                    not self.kv.allocate(seq, seq.num_computed + n):
+                self.kv.free_seq(seq)  # give back prefix hits; retry when room frees up
                 self.waiting.appendleft(seq)
                 break
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            out.chunks.append(self._chunk(seq, n))
+            rows.append(self._row(seq, n))
             budget -= n
         self.waiting.extendleft(reversed(skipped))
-        return out
+        return SchedulerOutput(tuple(rows), ())
 
-    def _chunk(self, seq: Sequence, n: int) -> ScheduledChunk:
-        return ScheduledChunk(seq, seq.num_computed, n, seq.num_computed + n == len(seq.tokens))
+    def _row(self, seq: Sequence, n: int) -> ScheduledRow:
+        spec, start = seq.spec, seq.num_computed
+        end = start + n
+        sampling = None
+        p = spec.sampling
+        if p is not None and end == len(seq.tokens):
+            banned: tuple[int, ...] = ()
+            if seq.num_output < p.min_tokens:
+                bans = set(p.stop_token_ids) | (set() if p.ignore_eos else set(spec.eos_ids))
+                banned = tuple(sorted(bans))
+            sampling = SamplingRow(
+                params=p, seed=(spec.seed + 1_000_003 * seq.index) & 0xFFFFFFFF,
+                num_output=seq.num_output, prompt_len=seq.prompt_len,
+                history=tuple(seq.tokens[:self.cfg.max_model_len]) if p.uses_penalties
+                else None,
+                banned=banned)
+        plp = None
+        if p is not None and p.prompt_logprobs is not None and seq.index == 0 and \
+                start < seq.prompt_len - 1:
+            plen = seq.prompt_len
+            plp = PromptLogprobRow(p.prompt_logprobs, tuple(
+                seq.tokens[q + 1] if q + 1 < plen else -1 for q in range(start, end)))
+        types = spec.token_type_ids[start:end] if spec.token_type_ids is not None else None
+        return ScheduledRow(seq.seq_id, tuple(seq.tokens[start:end]), start, tuple(seq.pages),
+                            sampling=sampling, prompt_logprobs=plp, pooling=spec.pooling_kind,
+                            token_type_ids=types)
 
     def _preempt(self, seq: Sequence) -> None:
         self.kv.free_seq(seq)
@@ -121,11 +189,54 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def finish(self, seq: Sequence) -> None:
-        """Release a finished or aborted sequence wherever it is."""
-        if seq.status == SeqStatus.RUNNING:
-            self.running.remove(seq)
-        elif seq.status == SeqStatus.WAITING and seq in self.waiting:
-            self.waiting.remove(seq)
-        self.kv.free_seq(seq)
-        seq.status = SeqStatus.FINISHED
+    def update_from_output(self, sched: SchedulerOutput,
+                           result: RunnerOutput) -> list[SeqOutput]:
+        """Apply one step's results; returns what each sequence produced (see the module
+        docstring). ``result.rows`` must line up with ``sched.rows``."""
+        outs: list[SeqOutput] = []
+        for row, res in zip(sched.rows, result.rows, strict=True):
+            seq = self.seqs[row.seq_id]
+            spec = seq.spec
+            seq.num_computed += row.num_tokens
+            self.kv.commit(seq)
+            if seq.pool is not None:
+                if res.pooled is not None:
+                    seq.pool.add(res.pooled)
+                if seq.num_computed == seq.prompt_len:
+                    outs.append(SeqOutput(spec.request_id, 0, finish_reason="stop",
+                                          num_cached_tokens=seq.num_cached_tokens,
+                                          pooled=seq.pool.result(spec)))
+                    self.finish_sequence(seq)
+                continue
+            if row.sampling is None or res.sampled is None:
+                if res.prompt_logprobs:
+                    outs.append(SeqOutput(spec.request_id, seq.index,
+                                          prompt_logprobs=res.prompt_logprobs))
+                continue
+            tok = res.sampled.token_id
+            seq.tokens.append(tok)
+            self.num_generated += 1
+            finish, stop_reason = self._stop(seq, tok)
+            p = row.sampling.params
+            outs.append(SeqOutput(
+                spec.request_id, seq.index, (tok,),
+                logprobs=(res.sampled,) if p.logprobs is not None else (),
+                prompt_logprobs=res.prompt_logprobs, finish_reason=finish,
+                stop_reason=stop_reason, num_cached_tokens=seq.num_cached_tokens))
+            if finish is not None:
+                self.finish_sequence(seq)
+        return outs
+
+    def _stop(self, seq: Sequence, tok: int) -> tuple[str | None, int | None]:
+        """The stop checks that need no text: stop ids and EOS (after min_tokens), length."""
+        spec = seq.spec
+        p = spec.sampling
+        assert p is not None
+        if seq.num_output >= p.min_tokens:
+            if tok in p.stop_token_ids:
+                return "stop", tok
+            if not p.ignore_eos and tok in spec.eos_ids:
+                return "stop", None
+        if seq.num_output >= spec.max_tokens or len(seq.tokens) >= self.cfg.max_model_len:
+            return "length", None
+        return None, None

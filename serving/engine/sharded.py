@@ -1,27 +1,28 @@
 """The engine's side of sharding: a sharder from ``EngineArgs``, a loaded model rebuilt for its
 mesh, the start-up memory report, and the multi-host follower loop.
 
-Called by ``LLMEngine.__init__`` (``make_sharder``, ``shard_loaded``, ``log_layout``), by
-``serving.engine.data_parallel`` (one sharder per replica) and by the ``serve`` CLI on processes
-other than 0 (``maybe_run_follower``). The model-specific knowledge needed to shard (the config's
-kv-head count, the family constructor) stays here so that ``sharding/`` never imports ``models``.
+Called by ``LLMEngine.__init__`` (``make_sharder``, ``shard_loaded``, ``log_layout``) and by
+``serving.engine.data_parallel`` (one sharder per replica). The model-specific knowledge needed to
+shard (the config's head counts, the family constructor) stays here so that ``sharding/`` never
+imports ``models``. Decoders and BERT-family encoders shard the same way: parameters by their
+logical axes, attention wrapped in ``shard_map`` over heads.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 
+from models.bert import BertConfig
 from models.loader import LoadedModel, build_model
+from ops.attention import ragged_encoder_attention_reference
 from serving.engine.config import EngineArgs
-from sharding.distributed import initialize
-from sharding.kernels import ShardedAttention, ShardedWriteKV, unwrap
+from sharding.kernels import ShardedAttention, ShardedEncoderAttention, ShardedWriteKV, unwrap
 from sharding.mesh import MeshError, make_mesh, resolve_shape
 from sharding.sharder import Sharder
 
@@ -62,8 +63,13 @@ def _preflight(args: EngineArgs, sharder: Sharder) -> None:
     if hf is None:
         return  # unknown layout: load_model reports it
     try:
-        cfg = ModelConfig.from_hf(hf)
-        sharder.kv_replicas(cfg.num_heads, cfg.num_kv_heads)
+        if hf.get("model_type") in ("bert", "roberta", "xlm-roberta", "camembert"):
+            cfg_e = BertConfig.from_hf(hf)
+            n = cfg_e.num_attention_heads
+            sharder.kv_replicas(n, n)
+        else:
+            cfg = ModelConfig.from_hf(hf)
+            sharder.kv_replicas(cfg.num_heads, cfg.num_kv_heads)
     except ValueError as e:
         raise ModelLoadError(f"{path}: {e}") from None
 
@@ -90,11 +96,20 @@ def shard_loaded(loaded: LoadedModel, sharder: Sharder) -> LoadedModel:
     another mesh) are placed now, kv heads regrouped on the way.
     """
     cfg = loaded.config
-    r = sharder.kv_replicas(cfg.num_heads, cfg.num_kv_heads)
-    new_cfg = dataclasses.replace(cfg, num_kv_heads=cfg.num_kv_heads * r) if r > 1 else cfg
-    attn_fn, write_fn = _attention_ops(loaded.model)
-    model = build_model(new_cfg, loaded.dtype, ShardedAttention(unwrap(attn_fn), sharder.mesh),
-                        ShardedWriteKV(unwrap(write_fn), sharder.mesh), abstract=True)
+    if isinstance(cfg, BertConfig):
+        n = cfg.num_attention_heads
+        sharder.kv_replicas(n, n)  # heads must split evenly (raises naming valid sizes)
+        r, new_cfg = 1, cfg
+        family = type(loaded.model)
+        attn = ShardedEncoderAttention(ragged_encoder_attention_reference, sharder.mesh)
+        model = nnx.eval_shape(lambda: family(cfg, loaded.dtype, attn_fn=attn))
+    else:
+        r = sharder.kv_replicas(cfg.num_heads, cfg.num_kv_heads)
+        new_cfg = dataclasses.replace(cfg, num_kv_heads=cfg.num_kv_heads * r) if r > 1 else cfg
+        attn_fn, write_fn = _attention_ops(loaded.model)
+        model = build_model(new_cfg, loaded.dtype,
+                            ShardedAttention(unwrap(attn_fn), sharder.mesh),
+                            ShardedWriteKV(unwrap(write_fn), sharder.mesh), abstract=True)
     old = _params(loaded.model)
     for path, p in _params(model).items():
         axes = p.get_metadata().get("logical_axes", (None,) * len(p.shape))
@@ -111,7 +126,7 @@ def shard_loaded(loaded: LoadedModel, sharder: Sharder) -> LoadedModel:
         if new.shape != tuple(p.shape):
             raise ValueError(f"weight {path}: {new.shape} does not fit {tuple(p.shape)}")
         p.set_value(new)
-    if r > 1:
+    if r > 1 and not isinstance(cfg, BertConfig):
         log.info("kv heads replicated %dx for tensor_parallel_size=%d: %d query / %d kv heads "
                  "per shard", r, sharder.tp, cfg.num_heads // sharder.tp, 1)
     return dataclasses.replace(loaded, config=new_cfg, model=model)
@@ -139,22 +154,3 @@ def log_layout(sharder: Sharder, model: nnx.Module, kv: Any, num_pages: int,
             f"MiB per device, max concurrent tokens {(num_pages - 1) * page_size}")
     log.info("%s", line)
     return line
-
-
-def maybe_run_follower(args: EngineArgs,
-                       load: Callable[[], LoadedModel] | None = None) -> bool:
-    """Multi-host entry for the ``serve`` CLI, called before anything else touches JAX.
-
-    Starts ``jax.distributed`` when ``args`` (or JAX's environment variables) ask for several
-    processes. On process 0 it then returns False and the caller serves HTTP as usual (its engine
-    becomes the lockstep leader). On any other process it builds the same engine and replays the
-    leader's steps until the leader stops, then returns True: the caller should exit.
-    ``load`` builds the model instead of ``args.model`` (tests: an in-memory model).
-    """
-    multi = initialize(args.distributed_coordinator, args.num_processes, args.process_id)
-    if not multi or jax.process_index() == 0:
-        return False
-    from serving.engine.engine import LLMEngine
-    engine = LLMEngine(args, loaded=None if load is None else load(), warmup=False)
-    engine.runner.follow()
-    return True

@@ -12,6 +12,7 @@ from models.testing import tiny_loaded
 from serving.engine.config import EngineArgs
 from serving.engine.engine import LLMEngine
 from serving.engine.engine_client import AsyncEngineClient, EngineDeadError
+from serving.engine.llm import LLM
 from serving.engine.sampling_params import SamplingParams
 
 
@@ -47,13 +48,8 @@ def test_concurrent_streams_match_offline_results(engine: LLMEngine) -> None:
         return list(res)
 
     streamed = run(main())
-    for i in range(len(streamed)):
-        engine.add_request(f"off{i}", prompts[i], p)
-    offline: dict[str, list[int]] = {}
-    while engine.has_work:
-        for o in engine.step():
-            offline.setdefault(o.request_id, []).extend(o.outputs[0].token_ids)
-    assert streamed == [offline[f"off{i}"] for i in range(10)]
+    offline = LLM.from_engine(engine).generate(prompts, p, use_tqdm=False)
+    assert streamed == [r.outputs[0].token_ids for r in offline]
 
 
 def test_leaving_the_stream_early_aborts_and_frees_pages(engine: LLMEngine) -> None:
@@ -67,10 +63,10 @@ def test_leaving_the_stream_early_aborts_and_frees_pages(engine: LLMEngine) -> N
             break
         await agen.aclose()  # what a disconnecting HTTP handler does
         for _ in range(100):
-            if not engine.requests and engine.kv.num_free == free0:
+            if not engine.scheduler.requests and engine.kv.num_free == free0:
                 break
             await asyncio.sleep(0.02)
-        assert not engine.requests and engine.kv.num_free == free0
+        assert not engine.scheduler.requests and engine.kv.num_free == free0
         assert client.stats().num_running == 0 or not engine.scheduler.running
         await client.shutdown(1.0)
 
@@ -87,7 +83,7 @@ def test_invalid_request_raises_before_queueing(engine: LLMEngine) -> None:
         with pytest.raises(ValueError, match="top_p"):
             async for _ in client.generate([1, 2], SamplingParams(top_p=0.0), "bad"):
                 pass
-        assert not engine.requests
+        assert not engine.scheduler.requests and not engine.has_work
         await client.shutdown(1.0)
 
     run(main())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,7 +13,9 @@ import pytest
 from models.testing import tiny_loaded
 from ops.attention import ragged_paged_attention_reference, write_kv
 from ops.backend import get_attention_fn
+from serving.engine.compilation import CompileCounter
 from serving.engine.llm import LLM
+from serving.engine.output_processor import OutputProcessor
 from serving.engine.sampling_params import SamplingParams
 from tests.engine.dense import dense_attention, dense_write
 from tests.utils import single_seq_inputs
@@ -124,31 +127,87 @@ def test_chunked_prefill_matches_unchunked() -> None:
 
 
 def test_random_stress_with_aborts_returns_every_page(llm: LLM) -> None:
+    """200 random requests (greedy and sampled, n up to 3, logprobs, penalties, stop strings),
+    a tenth aborted at random while running: every page comes back, no request is left, and
+    JAX compiled nothing (its own compile events, counted over every step)."""
     eng = llm.engine
     rng = random.Random(7)
     free0 = eng.kv.num_free
     recompiles0 = eng.runner.num_recompiles
+    processor, outputs = eng.input_processor(), OutputProcessor(eng.tokenizer)
     ids = [f"stress{i}" for i in range(200)]
     for i, rid in enumerate(ids):
         n = rng.choice([1, 1, 1, 2, 3])
-        p = SamplingParams(temperature=rng.choice([0.0, 0.8]), n=n, seed=i,
+        p = SamplingParams(temperature=rng.choice([0.0, 0.8]) if n == 1 else 0.8, n=n, seed=i,
                            max_tokens=rng.randrange(1, 40), ignore_eos=rng.random() < 0.5,
                            logprobs=rng.choice([None, 0, 3]),
                            presence_penalty=rng.choice([0.0, 0.5]),
                            stop=rng.choice([[], ["a"]]))
-        eng.add_request(rid, [rng.randrange(256) for _ in range(rng.randrange(1, 200))], p)
-    steps = 0
+        spec = processor.sampling_request(
+            rid, [rng.randrange(256) for _ in range(rng.randrange(1, 200))], p)
+        outputs.add(spec)
+        eng.add_request(spec)
+    steps = stopped = 0
     while eng.has_work:
-        eng.step()
+        done = outputs.process(eng.step())
+        for rid, index in done.stopped:  # stop strings, found off the engine's records
+            eng.finish_sequence(rid, index)
+            stopped += 1
         steps += 1
         if rng.random() < 0.1:
-            eng.abort(rng.choice(ids))
+            victim = rng.choice(ids)
+            eng.abort(victim)
+            outputs.drop(victim)
         if steps % 25 == 0:
             eng.kv.check()
     eng.kv.check()
+    assert stopped > 0  # the stop-string path ran
     assert eng.kv.num_free == free0
-    assert not eng.requests
+    assert not eng.scheduler.requests and not eng.scheduler.seqs
     assert eng.runner.num_recompiles == recompiles0 == 0
+
+
+def test_compile_counter_sees_real_compiles(llm: LLM) -> None:
+    """The counter behind num_recompiles is JAX's own: a jitted call with a new weak type
+    retraces and compiles, and so does an executable the runner did not build ahead of time
+    (swapped in here on purpose: the old runner's jit-on-first-use dispatch). Then restored."""
+    counter = CompileCounter()
+    f = jax.jit(lambda x: x * 2)
+    f(jnp.float32(1.0))
+    with counter.watching():
+        f(jnp.float32(2.0))
+    assert counter.count == 0
+    with counter.watching():
+        f(3.0)  # a Python float is weakly typed: a new trace and a new executable
+    assert counter.count == 2
+
+    runner = llm.engine.runner
+    greedy = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    llm.generate([[1, 2, 3]], greedy, use_tqdm=False)
+    assert runner.num_recompiles == 0
+    saved = dict(runner._exe)
+    try:
+        for key in [k for k in runner._exe if k[0] == "argmax"]:
+            runner._exe[key] = jax.jit(lambda lg: jnp.argmax(lg, axis=-1).astype(jnp.int32))
+        llm.generate([[1, 2, 3]], greedy, use_tqdm=False)
+        assert runner.num_recompiles >= 2  # traced and compiled while serving
+    finally:
+        runner._exe.clear()
+        runner._exe.update(saved)
+        runner.compiles.events.clear()
+    llm.generate([[1, 2, 3]], greedy, use_tqdm=False)
+    assert runner.num_recompiles == 0
+
+
+def test_shapes_outside_the_compiled_set_are_errors(llm: LLM) -> None:
+    runner = llm.engine.runner
+    buckets = runner.cfg.token_buckets
+    with pytest.raises(ValueError, match="exceed max_num_batched_tokens"):
+        runner.bucket(buckets[-1] + 1)
+    small, big = buckets[0], buckets[1]
+    with pytest.raises(TypeError):  # the executable of one bucket refuses another's shapes
+        runner._exe[("step", small)](runner.state, runner.kv, runner.empty_inputs(big))
+    assert runner.num_recompiles == 0
 
 
 def test_preemption_under_tiny_pool_completes_identically() -> None:

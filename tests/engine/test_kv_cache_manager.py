@@ -5,13 +5,14 @@ from __future__ import annotations
 import random
 
 from serving.engine.kv_cache_manager import KVCacheManager
-from serving.engine.request import Request, Sequence
+from serving.engine.request import EngineRequest, Request, Sequence
 from serving.engine.sampling_params import SamplingParams
 
 
 def make_seq(tokens: list[int], rid: str = "r", salt: str = "") -> Sequence:
-    req = Request(rid, list(tokens), SamplingParams(), 0, 0.0, frozenset(), 16, cache_salt=salt)
-    seq = Sequence(req, 0, list(tokens))
+    req = Request(EngineRequest(rid, tuple(tokens), 0.0, sampling=SamplingParams(),
+                                max_tokens=16, cache_salt=salt))
+    seq = Sequence(0, req, 0, list(tokens))
     req.seqs.append(seq)
     return seq
 

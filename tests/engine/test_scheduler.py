@@ -1,27 +1,41 @@
-"""Scheduler with fabricated runner outputs: budget, chunking, preemption order, abort, reuse."""
+"""Scheduler with fabricated runner outputs: budget, chunking, preemption order, abort, reuse,
+and its own update (progress, commits, stop checks) with no engine around it."""
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
+
 from serving.engine.kv_cache_manager import KVCacheManager
-from serving.engine.request import Request, SeqStatus, Sequence
+from serving.engine.pooling_params import PoolingParams
+from serving.engine.records import (
+    PooledChunk,
+    RowResult,
+    RunnerOutput,
+    SampledToken,
+    SchedulerOutput,
+)
+from serving.engine.request import EngineRequest
 from serving.engine.sampling_params import SamplingParams
-from serving.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from serving.engine.scheduler import Scheduler, SchedulerConfig
 
 
-def make(rid: str, prompt_len: int, n: int = 1, first: int = 0) -> Request:
-    toks = [first + i for i in range(prompt_len)]
-    req = Request(rid, toks, SamplingParams(n=n), 0, 0.0, frozenset(), 100)
-    req.seqs = [Sequence(req, i, list(toks)) for i in range(n)]
-    return req
+def make(s: Scheduler, rid: str, prompt_len: int, n: int = 1, first: int = 0,
+         **params: object) -> None:
+    p = SamplingParams(n=n, **params)  # type: ignore[arg-type]
+    s.add(EngineRequest(rid, tuple(first + i for i in range(prompt_len)), 0.0, sampling=p,
+                        max_tokens=p.max_tokens or 100, eos_ids=frozenset({99})))
 
 
-def fake_step(sched: Scheduler, out: SchedulerOutput, token: int = 7) -> None:
-    """What the engine does after the runner returns: advance, commit pages, append samples."""
-    for c in out.chunks:
-        c.seq.num_computed += c.num_tokens
-        sched.kv.commit(c.seq)
-        if c.sample:
-            c.seq.tokens.append(token)
+def step(sched: Scheduler, out: SchedulerOutput, token: int = 7) -> list:
+    """What the runner would return: ``token`` for every row that samples."""
+    res = RunnerOutput(tuple(RowResult(SampledToken(token) if r.sampling else None)
+                             for r in out.rows))
+    return sched.update_from_output(out, res)
+
+
+def rid(s: Scheduler, out: SchedulerOutput) -> list[str]:
+    return [s.seqs[r.seq_id].spec.request_id for r in out.rows]
 
 
 def setup(pages: int = 64, budget: int = 32, seqs: int = 4, ps: int = 4) -> Scheduler:
@@ -31,95 +45,158 @@ def setup(pages: int = 64, budget: int = 32, seqs: int = 4, ps: int = 4) -> Sche
 
 def test_token_budget_and_chunked_prefill() -> None:
     s = setup(budget=16)
-    a, b = make("a", 20), make("b", 6, first=100)
-    s.add(a.seqs[0])
-    s.add(b.seqs[0])
+    make(s, "a", 20)
+    make(s, "b", 6, first=100)
     out = s.schedule()
-    assert [(c.seq.request.request_id, c.num_tokens, c.sample) for c in out.chunks] == [
-        ("a", 16, False)]
-    fake_step(s, out)
+    assert [(rid(s, out)[i], r.num_tokens, r.sampling is not None)
+            for i, r in enumerate(out.rows)] == [("a", 16, False)]
+    step(s, out)
     out = s.schedule()  # a finishes its prompt (4 tokens) and b's prompt fits after it
-    assert [(c.seq.request.request_id, c.start, c.num_tokens, c.sample) for c in out.chunks] == [
-        ("a", 16, 4, True), ("b", 0, 6, True)]
-    fake_step(s, out)
+    assert [(r.start, r.num_tokens, r.sampling is not None) for r in out.rows] == [
+        (16, 4, True), (0, 6, True)]
+    assert rid(s, out) == ["a", "b"]
+    step(s, out)
     out = s.schedule()  # both decode one token each
-    assert [c.num_tokens for c in out.chunks] == [1, 1]
+    assert [r.num_tokens for r in out.rows] == [1, 1]
     assert out.num_tokens == 2
+    assert out.rows[0].token_ids == (7,)  # the token the update appended
 
 
 def test_max_num_seqs_caps_running() -> None:
     s = setup(seqs=2)
     for i in range(3):
-        s.add(make(f"r{i}", 3, first=10 * i).seqs[0])
+        make(s, f"r{i}", 3, first=10 * i)
     out = s.schedule()
-    assert len(out.chunks) == 2 and len(s.waiting) == 1
+    assert len(out.rows) == 2 and len(s.waiting) == 1
 
 
 def test_preemption_newest_first_and_recompute() -> None:
     s = setup(pages=7, budget=64, seqs=4, ps=4)  # 6 usable pages
-    reqs = [make(f"r{i}", 8, first=10 * i) for i in range(3)]  # 2 pages each → pool full
-    for r in reqs:
-        s.add(r.seqs[0])
+    for i in range(3):
+        make(s, f"r{i}", 8, first=10 * i)  # 2 pages each → pool full
     out = s.schedule()
-    assert len(out.chunks) == 3
-    fake_step(s, out)  # each now holds 9 tokens: needs a third page to decode
+    assert len(out.rows) == 3
+    step(s, out)  # each now holds 9 tokens: needs a third page to decode
     out = s.schedule()
     # r0 needs a page and none is free: the newest (r2) is preempted, which frees two pages,
     # enough for r0 and r1 to decode.
-    assert [q.request.request_id for q in out.preempted] == ["r2"]
-    assert [c.seq.request.request_id for c in out.chunks] == ["r0", "r1"]
-    r2 = reqs[2].seqs[0]
+    r2 = s.requests["r2"].seqs[0]
+    assert out.preempted == (r2.seq_id,)
+    assert rid(s, out) == ["r0", "r1"]
     assert list(s.waiting) == [r2] and r2.num_computed == 0 and not r2.pages
     assert s.num_preemptions == 1
-    fake_step(s, out)
-    s.finish(reqs[0].seqs[0])
+    step(s, out)
+    s.abort("r0")
     out = s.schedule()  # r2 comes back and recomputes its prompt and its output token
-    assert [(c.seq.request.request_id, c.num_tokens, c.sample) for c in out.chunks] == [
-        ("r1", 1, True), ("r2", 9, True)]
-    for c in out.chunks:
-        s.finish(c.seq)
+    assert [(rid(s, out)[i], r.num_tokens, r.sampling is not None)
+            for i, r in enumerate(out.rows)] == [("r1", 1, True), ("r2", 9, True)]
+    s.abort("r1")
+    s.abort("r2")
     s.kv.check()
     assert s.kv.num_free == 6
 
 
 def test_abort_waiting_and_running_frees_pages() -> None:
     s = setup()
-    a, b = make("a", 10), make("b", 10, first=50)
-    s.add(a.seqs[0])
-    out = s.schedule()
-    fake_step(s, out)
-    s.add(b.seqs[0])
-    s.finish(a.seqs[0])  # running
-    s.finish(b.seqs[0])  # waiting
-    assert not s.has_work and a.seqs[0].status == SeqStatus.FINISHED
+    make(s, "a", 10)
+    step(s, s.schedule())
+    make(s, "b", 10, first=50)
+    outs = s.abort("a") + s.abort("b")  # running, then waiting
+    assert [(o.request_id, o.finish_reason) for o in outs] == [("a", "abort"), ("b", "abort")]
+    assert not s.has_work and not s.requests and not s.seqs
     s.kv.check()
     assert s.kv.num_used == 0
+    assert s.abort("a") == []  # unknown now
 
 
 def test_prefix_cache_reuse_between_requests() -> None:
     s = setup()
-    a = make("a", 13)
-    s.add(a.seqs[0])
-    fake_step(s, s.schedule())
-    s.finish(a.seqs[0])
-    b = make("b", 13)
-    s.add(b.seqs[0])
+    make(s, "a", 13)
+    step(s, s.schedule())
+    s.abort("a")
+    make(s, "b", 13)
     out = s.schedule()
-    assert out.chunks[0].start == 12 and out.chunks[0].num_tokens == 1
-    assert b.seqs[0].num_cached_tokens == 12
+    assert out.rows[0].start == 12 and out.rows[0].num_tokens == 1
+    assert s.requests["b"].seqs[0].num_cached_tokens == 12
 
 
 def test_n_samples_share_prompt_pages() -> None:
     s = setup()
-    r = make("r", 10, n=3)
-    for q in r.seqs:
-        s.add(q)
+    make(s, "r", 10, n=3)
     out = s.schedule()
-    assert [c.seq.index for c in out.chunks] == [0]  # siblings wait for choice 0's prompt
-    fake_step(s, out)
+    seqs = s.requests["r"].seqs
+    assert [s.seqs[r.seq_id].index for r in out.rows] == [0]  # siblings wait for choice 0
+    step(s, out)
     out = s.schedule()
-    assert sorted(c.seq.index for c in out.chunks) == [0, 1, 2]
-    first = r.seqs[0].pages
-    for q in r.seqs[1:]:
+    assert sorted(s.seqs[r.seq_id].index for r in out.rows) == [0, 1, 2]
+    first = seqs[0].pages
+    for q in seqs[1:]:
         assert q.pages[:2] == first[:2]  # two full prompt pages shared, the tail recomputed
     assert all(s.kv.ref[p] == 3 for p in first[:2])
+
+
+def test_update_applies_stop_checks() -> None:
+    """Stop token ids and EOS finish a choice (after min_tokens), length caps it; finished
+    sequences release their pages and leave the scheduler."""
+    s = setup()
+    make(s, "stop", 4, stop_token_ids=[5])
+    make(s, "eos", 4, first=20, min_tokens=2)
+    make(s, "len", 4, first=40, max_tokens=2, ignore_eos=True)
+    out = s.schedule()
+    outs = step(s, out, token=5)
+    by = {o.request_id: o for o in outs}
+    assert (by["stop"].finish_reason, by["stop"].stop_reason) == ("stop", 5)
+    assert by["eos"].finish_reason is None and by["len"].finish_reason is None
+    outs = step(s, s.schedule(), token=99)  # EOS: "eos" is past min_tokens now
+    by = {o.request_id: o for o in outs}
+    assert by["eos"].finish_reason == "stop" and by["eos"].stop_reason is None
+    assert by["len"].finish_reason == "length"  # ignore_eos: EOS is just a token
+    assert not s.requests and not s.has_work
+    s.kv.check()
+    assert s.kv.num_used == 0
+
+
+def test_max_tokens_and_min_tokens_bans() -> None:
+    s = setup()
+    make(s, "m", 4, min_tokens=2, stop_token_ids=[3], max_tokens=3)
+    out = s.schedule()
+    assert out.rows[0].sampling is not None
+    assert out.rows[0].sampling.banned == (3, 99)  # stop ids and EOS while below min_tokens
+    outs = step(s, out, token=3)  # a banned id is never drawn; if it were, no stop yet
+    assert outs[0].finish_reason is None
+    step(s, s.schedule(), token=8)
+    out = s.schedule()
+    assert out.rows[0].sampling is not None and out.rows[0].sampling.banned == ()
+    assert step(s, out, token=8)[0].finish_reason == "length"  # max_tokens=3 reached
+
+
+def test_rows_carry_values_not_live_sequences() -> None:
+    """The runner sees frozen copies: mutating the scheduler's state after schedule() does not
+    change a row already handed out."""
+    s = setup()
+    make(s, "a", 6, temperature=0.5, seed=3)
+    out = s.schedule()
+    row = out.rows[0]
+    seq = s.seqs[row.seq_id]
+    seq.tokens.append(123)
+    assert row.token_ids == (0, 1, 2, 3, 4, 5) and 123 not in row.token_ids
+    with pytest.raises(AttributeError):
+        row.start = 3  # type: ignore[misc]
+
+
+def test_pooling_request_finishes_with_its_result() -> None:
+    s = setup(budget=4)
+    s.add(EngineRequest("p", (1, 2, 3, 4, 5, 6), 0.0, pooling=PoolingParams(),
+                        full_prompt=True))
+    chunk = np.ones(3, np.float32)
+    outs = []
+    while s.has_work:
+        out = s.schedule()
+        assert all(r.sampling is None and r.pooling is not None for r in out.rows)
+        res = RunnerOutput(tuple(RowResult(pooled=PooledChunk(chunk, chunk, chunk * r.num_tokens))
+                                 for r in out.rows))
+        outs += s.update_from_output(out, res)
+    assert len(outs) == 1 and outs[0].pooled is not None
+    np.testing.assert_allclose(outs[0].pooled, chunk)  # the mean over two chunks of 4 and 2
+    assert outs[0].finish_reason == "stop" and not s.requests
+    s.kv.check()

@@ -1,33 +1,31 @@
-"""Shared fixtures for the pooling tests: engines on small bucket sets, and the golden files.
+"""Shared fixtures for the pooling tests: pooling engines on small bucket sets, golden files.
 
 Encoders: MiniLM, the tiny cross-encoder, the tiny RoBERTa classifier. Decoder embeddings:
-SmolLM2-135M-Instruct (the default GGUF asset) on the decoder runner, float32.
-
-Engines here are built directly (not through ``from_args``) so that each compiles only a few
-buckets: the XLA CPU compiler needs ~1-2 s per executable. The JAX persistent compilation cache
-makes reruns fast.
+SmolLM2-135M-Instruct (the default GGUF asset), float32. Every one is the one engine
+(``serving.engine.engine.LLMEngine``) behind the offline ``LLM`` API, with few token buckets:
+the XLA CPU compiler needs ~1-2 s per executable. The JAX persistent compilation cache makes
+reruns fast. ``serve`` builds the same engine (``tests/pooling/test_*_http.py``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
 import pytest
 
 from models import assets
-from models.bert import load_bert, read_config
-from models.loader import resolve_source
-from models.pooling import resolve_pooler_config
-from serving.engine.engine import enable_compilation_cache
-from serving.engine.pooling_decoder import load_decoder_pooling
-from serving.engine.pooling_engine import PoolingEngine, load_tokenizer
-from serving.engine.pooling_runner import PoolingRunner
+from serving.engine.engine import LLMEngine
+from serving.engine.engine_client import AsyncEngineClient
+from serving.engine.llm import LLM
+from serving.engine.pooling_params import PoolingInput, PoolingParams
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "golden" / "pooling"
@@ -68,20 +66,37 @@ def assert_pooling_only_server(http: httpx.Client, model: str, max_model_len: in
     assert "xlaserve:num_requests_running" in http.get("/metrics").text
 
 
-def make_engine(model_dir: Path, *, max_model_len: int, token_buckets: list[int],
-                seq_buckets: list[int], hidden_max_seqs: int = 8,
-                max_num_batched_tokens: int | None = None) -> PoolingEngine:
-    enable_compilation_cache(None)
-    cfg = read_config(model_dir)
-    pooler = resolve_pooler_config(model_dir)
-    runner = PoolingRunner(
-        load_bert(model_dir), pooler.pooling_type, max_model_len=max_model_len,
-        max_num_seqs=max(seq_buckets), token_buckets=token_buckets, seq_buckets=seq_buckets,
-        hidden_max_seqs=hidden_max_seqs, max_num_batched_tokens=max_num_batched_tokens)
-    tokenizer = load_tokenizer(model_dir) if (model_dir / "tokenizer.json").exists() else None
-    engine = PoolingEngine(runner, cfg, pooler, tokenizer, model_name=model_dir.name)
-    engine.start_thread()
-    return engine
+def make_engine(model: str | Path, *, max_model_len: int, max_num_seqs: int,
+                token_buckets: tuple[int, ...], max_num_batched_tokens: int, task: str = "auto",
+                **kw: Any) -> LLM:
+    """A pooling engine on ``model`` with exactly these token buckets (plus the budget)."""
+    return LLM(str(model), task=task, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+               max_num_batched_tokens=max_num_batched_tokens, token_buckets=token_buckets,
+               dtype="float32", attention_backend="reference", **kw)
+
+
+def embed(llm: LLM, token_ids: list[list[int]], params: PoolingParams | None = None
+          ) -> list[np.ndarray]:
+    """Pool each token-id list; one array per input (shape per task)."""
+    return [o.data for o in llm.encode([PoolingInput(list(x)) for x in token_ids],
+                                       params or PoolingParams())]
+
+
+def steps_of(llm: LLM) -> int:
+    return llm.engine.get_stats().num_steps
+
+
+def run_async(engine: LLMEngine, scenario: Callable[[AsyncEngineClient], Awaitable[T]]) -> T:
+    """Run ``scenario`` against an ``AsyncEngineClient`` over ``engine`` (its thread is
+    stopped afterwards, so the offline API can drive the engine again)."""
+    async def main() -> T:
+        client = AsyncEngineClient(engine)
+        await client.start()
+        try:
+            return await scenario(client)
+        finally:
+            await client.shutdown(drain_timeout=5)
+    return asyncio.run(main())
 
 
 @pytest.fixture(scope="session")
@@ -90,51 +105,27 @@ def minilm_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def minilm(minilm_dir: Path) -> Iterator[PoolingEngine]:
-    """MiniLM, max_model_len 256, buckets T in {32, 64, 256} x S in {1, 8, 32}."""
-    engine = make_engine(minilm_dir, max_model_len=256, token_buckets=[32, 64, 256],
-                         seq_buckets=[1, 8, 32])
-    yield engine
-    engine.close()
+def minilm(minilm_dir: Path) -> LLM:
+    """MiniLM, max_model_len 256, 32 sequences a step, buckets T in {64, 256, 2048}."""
+    return make_engine(minilm_dir, max_model_len=256, max_num_seqs=32,
+                       token_buckets=(64, 256), max_num_batched_tokens=2048)
 
 
 @pytest.fixture(scope="session")
-def cross_encoder() -> Iterator[PoolingEngine]:
-    engine = make_engine(CROSS_ENCODER, max_model_len=128, token_buckets=[32, 128],
-                         seq_buckets=[1, 4, 16])
-    yield engine
-    engine.close()
+def cross_encoder() -> LLM:
+    return make_engine(CROSS_ENCODER, max_model_len=128, max_num_seqs=16, token_buckets=(32,),
+                       max_num_batched_tokens=512)
 
 
 @pytest.fixture(scope="session")
-def roberta() -> Iterator[PoolingEngine]:
-    engine = make_engine(ROBERTA, max_model_len=64, token_buckets=[64], seq_buckets=[1, 8])
-    yield engine
-    engine.close()
-
-
-def make_decoder_engine(model: str, *, max_model_len: int, override: str | None = None,
-                        **runner_options: Any) -> PoolingEngine:
-    """A decoder embedding engine (``load_decoder_pooling``, as ``serve --task embed`` builds
-    it) with the runner's buckets from ``runner_options``; float32, started."""
-    enable_compilation_cache(None)
-    args = SimpleNamespace(model=model, task="embed", override_pooler_config=override,
-                           attention_backend="reference")
-    runner, cfg, pooler, tokenizer, name = load_decoder_pooling(
-        args, resolve_source(model), dtype="float32", max_model_len=max_model_len,
-        runner_options=runner_options)
-    engine = PoolingEngine(runner, cfg, pooler, tokenizer, model_name=name)
-    engine.start_thread()
-    return engine
+def roberta() -> LLM:
+    return make_engine(ROBERTA, max_model_len=64, max_num_seqs=8, token_buckets=(),
+                       max_num_batched_tokens=512)
 
 
 @pytest.fixture(scope="session")
-def smollm2_embed() -> Iterator[PoolingEngine]:
-    """SmolLM2 as an embedding model (LAST + normalize), max_model_len 256: batches on T in
-    {64, 256} x S in {1, 8, 32}, compiled as packed steps of P in {64, 512, 2048} tokens."""
-    engine = make_decoder_engine(
-        "smollm2-135m-instruct", max_model_len=256, token_buckets=[64, 256],
-        seq_buckets=[1, 8, 32], max_num_batched_tokens=2048,
-        packed_token_buckets=[64, 512, 2048])
-    yield engine
-    engine.close()
+def smollm2_embed() -> LLM:
+    """SmolLM2 as an embedding model (LAST + normalize), max_model_len 256, 32 sequences a
+    step, buckets T in {64, 512, 2048}."""
+    return make_engine("smollm2-135m-instruct", task="embed", max_model_len=256,
+                       max_num_seqs=32, token_buckets=(64, 512), max_num_batched_tokens=2048)

@@ -1,29 +1,28 @@
-"""PoolingEngine: batching, batch invariance, no recompiles, truncation, validation, lifecycle."""
+"""Pooling through the one engine: batching, batch invariance, no recompiles, truncation,
+validation, lifecycle, task selection."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections import Counter
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from models.bert import read_config
+from models.config import ModelConfig
 from models.loader import ModelLoadError
-from serving.engine.engine_client import EngineDeadError
-from serving.engine.pooling_engine import (
-    PoolingEngine,
-    PoolingInput,
-    check_task,
-    wants_pooling_engine,
-)
-from serving.engine.pooling_params import PoolingParams
-from tests.pooling.conftest import CROSS_ENCODER, ROBERTA, load_golden
+from models.testing import tiny_config
+from serving.engine.config import EngineArgs
+from serving.engine.engine import EMBED_TASKS, SCORE_TASKS, LLMEngine, serving_tasks
+from serving.engine.engine_client import AsyncEngineClient, EngineDeadError
+from serving.engine.input_processor import InputProcessor
+from serving.engine.llm import LLM
+from serving.engine.pooling_params import PoolingInput, PoolingParams
+from tests.pooling.conftest import CROSS_ENCODER, ROBERTA, embed, load_golden, run_async, steps_of
 
 
-def _varied(minilm: PoolingEngine, n: int) -> list[list[int]]:
+def _varied(n: int) -> list[list[int]]:
     """n inputs of lengths spread over 3..64 tokens, from the golden sentences and filler."""
     meta, _ = load_golden("minilm")
     pool = [ids for ids in meta["token_ids"] if len(ids) <= 64]
@@ -36,96 +35,93 @@ def _varied(minilm: PoolingEngine, n: int) -> list[list[int]]:
     return out
 
 
-def _step_delta(engine: PoolingEngine, before: Counter[tuple[int, int]]) -> Counter[
-        tuple[int, int]]:
-    return engine.step_sizes - before
-
-
-def test_batch_invariance_embeddings(minilm: PoolingEngine) -> None:
-    probe = minilm.tokenize(["Batch invariance: this embedding must not depend on neighbours."])
-    x = probe[0].token_ids
-    alone = asyncio.run(minilm.embed([x], PoolingParams()))[0]
-    others = _varied(minilm, 31)
-    others[0] = others[0][:1] + [2773] * 60 + others[0][-1:]  # 62 tokens, first: T bucket 64
+def test_batch_invariance_embeddings(minilm: LLM) -> None:
+    probe = minilm.processor.tokenize(
+        ["Batch invariance: this embedding must not depend on neighbours."])
+    x = list(probe[0].token_ids)
+    alone = embed(minilm, [x])[0]
+    others = _varied(31)
+    others[0] = others[0][:1] + [2773] * 60 + others[0][-1:]  # 62 tokens
     batch = [*others[:15], x, *others[15:]]
-    before = Counter(minilm.step_sizes)
-    outs = asyncio.run(minilm.embed(batch, PoolingParams()))
-    assert _step_delta(minilm, before) == Counter({(32, 64): 1})  # one step held all 32
+    before = steps_of(minilm)
+    outs = embed(minilm, batch)
+    assert steps_of(minilm) - before == 1  # one step held all 32
     inside = outs[15]
     assert float(alone @ inside) >= 0.999999
     assert np.abs(alone - inside).max() < 1e-5
     # And every other member equals its own solo run.
     for ids, out in zip(batch[:4], outs[:4], strict=True):
-        solo = asyncio.run(minilm.embed([ids], PoolingParams()))[0]
+        solo = embed(minilm, [ids])[0]
         assert np.abs(solo - out).max() < 1e-5
 
 
-def test_batch_invariance_cross_encoder(cross_encoder: PoolingEngine) -> None:
+def test_batch_invariance_cross_encoder(cross_encoder: LLM) -> None:
     meta, _ = load_golden("cross_encoder")
     inputs = [PoolingInput(i, t) for i, t in zip(meta["token_ids"], meta["token_type_ids"],
                                                  strict=True)]
-    together = asyncio.run(cross_encoder.encode(inputs, PoolingParams(task="score")))
+    together = cross_encoder.encode(inputs, PoolingParams(task="score"))
     for inp, out in zip(inputs, together, strict=True):
-        solo = asyncio.run(cross_encoder.encode([inp], PoolingParams(task="score")))[0]
+        solo = cross_encoder.encode([inp], PoolingParams(task="score"))[0]
         assert abs(float(solo.data[0] - out.data[0])) < 1e-5
 
 
-def test_no_recompiles_while_serving(minilm: PoolingEngine) -> None:
-    compiles = minilm.stats().num_compiles
-    assert minilm.runner.warmed_up and compiles == sum(
-        len(minilm.runner.shapes(k)) for k in minilm.runner.kinds)
-    many = _varied(minilm, 70)
+def test_no_recompiles_while_serving(minilm: LLM) -> None:
+    runner = minilm.engine.runner
+    assert runner.cfg.token_buckets == [64, 256, 2048]
+    st = minilm.engine.get_stats()
+    assert st.num_executables == 2 * len(runner.cfg.token_buckets)  # step + pool per bucket
+    many = _varied(70)
     long_one = [101] + [2773] * 200 + [102]
-    asyncio.run(minilm.embed([*many, long_one], PoolingParams()))
-    asyncio.run(minilm.embed([*many[:11], long_one], PoolingParams(task="encode")))
+    embed(minilm, [*many, long_one])
+    embed(minilm, [*many[:11], long_one], PoolingParams(task="encode"))
     for n in (1, 2, 7, 9, 33):
-        asyncio.run(minilm.embed(many[:n], PoolingParams()))
-    st = minilm.stats()
-    assert st.num_compiles == compiles
+        embed(minilm, many[:n])
+    st = minilm.engine.get_stats()
+    assert st.num_executables == 2 * len(runner.cfg.token_buckets)
     assert st.num_recompiles == 0
 
 
-def test_concurrent_requests_share_steps(minilm: PoolingEngine) -> None:
+def test_concurrent_requests_share_steps(minilm: LLM) -> None:
     texts = [f"request number {i} asks about topic {i * 7}" for i in range(24)]
-    ids = [x.token_ids for x in minilm.tokenize(texts)]
-    solo = [asyncio.run(minilm.embed([x], PoolingParams()))[0] for x in ids[:3]]
+    ids = [list(x.token_ids) for x in minilm.processor.tokenize(texts)]
+    solo = [embed(minilm, [x])[0] for x in ids[:3]]
 
-    async def all_at_once() -> list[list[np.ndarray]]:
-        return await asyncio.gather(*(minilm.embed([x], PoolingParams()) for x in ids))
+    async def all_at_once(client: AsyncEngineClient) -> list[list[np.ndarray]]:
+        outs = await asyncio.gather(*(client.encode([PoolingInput(x)], PoolingParams())
+                                      for x in ids))
+        return [[o.data for o in out] for out in outs]
 
-    steps_before = minilm.stats().num_steps
-    outs = asyncio.run(all_at_once())
-    steps = minilm.stats().num_steps - steps_before
+    steps_before = steps_of(minilm)
+    outs = run_async(minilm.engine, all_at_once)
+    steps = steps_of(minilm) - steps_before
     assert steps < len(ids)  # requests were batched together
     for a, b in zip(solo, outs[:3], strict=True):
         assert np.abs(a - b[0]).max() < 1e-5
 
 
-def test_truncate_prompt_tokens(minilm: PoolingEngine) -> None:
+def test_truncate_prompt_tokens(minilm: LLM) -> None:
     long_ids = [101, *range(2000, 2300), 102]  # 302 tokens > max_model_len 256
     with pytest.raises(ValueError, match="you requested 302 tokens in the input for embedding"):
-        asyncio.run(minilm.embed([long_ids], PoolingParams()))
-    out = asyncio.run(minilm.encode([PoolingInput(long_ids)],
-                                    PoolingParams(truncate_prompt_tokens=10)))
+        embed(minilm, [long_ids])
+    out = minilm.encode([PoolingInput(long_ids)], PoolingParams(truncate_prompt_tokens=10))
     assert out[0].num_prompt_tokens == 10
-    same = asyncio.run(minilm.embed([long_ids[-10:]], PoolingParams()))[0]
+    same = embed(minilm, [long_ids[-10:]])[0]
     np.testing.assert_array_equal(out[0].data, same)  # keeps the last 10 tokens
-    full = asyncio.run(minilm.encode([PoolingInput(long_ids)],
-                                     PoolingParams(truncate_prompt_tokens=-1)))
+    full = minilm.encode([PoolingInput(long_ids)], PoolingParams(truncate_prompt_tokens=-1))
     assert full[0].num_prompt_tokens == 256
     with pytest.raises(ValueError, match="Please, select a smaller truncation size"):
-        asyncio.run(minilm.embed([long_ids], PoolingParams(truncate_prompt_tokens=257)))
+        embed(minilm, [long_ids], PoolingParams(truncate_prompt_tokens=257))
 
 
-def test_text_truncation_keeps_special_tokens(minilm: PoolingEngine) -> None:
-    (x,) = minilm.tokenize(["one two three four five six seven eight"],
-                           truncate_prompt_tokens=5)
+def test_text_truncation_keeps_special_tokens(minilm: LLM) -> None:
+    (x,) = minilm.processor.tokenize(["one two three four five six seven eight"],
+                                     truncate_prompt_tokens=5)
     assert len(x.token_ids) == 5
     assert x.token_ids[0] == 101 and x.token_ids[-1] == 102
     assert minilm.tokenizer.decode(x.token_ids[1:-1]) == "six seven eight"
 
 
-def test_invalid_requests_are_value_errors(minilm: PoolingEngine) -> None:
+def test_invalid_requests_are_value_errors(minilm: LLM) -> None:
     cases = [
         ([[]], PoolingParams(), "at least one token"),
         ([[101, 99999, 102]], PoolingParams(), "out of vocabulary"),
@@ -135,128 +131,125 @@ def test_invalid_requests_are_value_errors(minilm: PoolingEngine) -> None:
         ([[101, 102]], PoolingParams(truncate_prompt_tokens=0), "truncate_prompt_tokens"),
         ([[101, 102]], PoolingParams(task="nope"), "task"),
     ]
+    steps = steps_of(minilm)
     for ids, params, msg in cases:
         with pytest.raises(ValueError, match=msg):
-            asyncio.run(minilm.embed(ids, params))
-    assert asyncio.run(minilm.embed([], PoolingParams())) == []
+            embed(minilm, ids, params)
+    assert embed(minilm, [], PoolingParams()) == []
+    assert steps_of(minilm) == steps  # refused before anything ran
 
 
-def test_bad_token_types_are_refused(cross_encoder: PoolingEngine) -> None:
+def test_bad_token_types_are_refused(cross_encoder: LLM) -> None:
     with pytest.raises(ValueError, match="as long as"):
-        asyncio.run(cross_encoder.encode([PoolingInput([101, 102], [0])],
-                                         PoolingParams(task="score")))
+        cross_encoder.encode([PoolingInput([101, 102], [0])], PoolingParams(task="score"))
     with pytest.raises(ValueError, match="out of range"):
-        asyncio.run(cross_encoder.encode([PoolingInput([101, 102], [0, 2])],
-                                         PoolingParams(task="score")))
+        cross_encoder.encode([PoolingInput([101, 102], [0, 2])], PoolingParams(task="score"))
 
 
-def test_cancelled_request_does_not_break_the_engine(minilm: PoolingEngine) -> None:
-    ids = _varied(minilm, 32)
+def test_cancelled_request_does_not_break_the_engine(minilm: LLM) -> None:
+    ids = _varied(32)
 
-    async def scenario() -> list[np.ndarray]:
-        task = asyncio.create_task(minilm.embed(ids, PoolingParams()))
+    async def scenario(client: AsyncEngineClient) -> tuple[list[np.ndarray], bool, int]:
+        task = asyncio.create_task(client.encode([PoolingInput(x) for x in ids],
+                                                 PoolingParams()))
         await asyncio.sleep(0)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        return await minilm.embed(ids[:2], PoolingParams())
+        outs = await client.encode([PoolingInput(x) for x in ids[:2]], PoolingParams())
+        return [o.data for o in outs], client.is_healthy(), client.num_in_flight
 
-    outs = asyncio.run(scenario())
-    assert len(outs) == 2 and minilm.is_healthy()
-    assert minilm.num_in_flight == 0
+    outs, healthy, in_flight = run_async(minilm.engine, scenario)
+    assert len(outs) == 2 and healthy
+    assert in_flight == 0
+    minilm.engine.kv.check()
+    assert not minilm.engine.has_work
 
 
 def test_from_args_lifecycle_and_shutdown() -> None:
-    args = SimpleNamespace(model=str(CROSS_ENCODER), tokenizer=None, dtype="auto",
-                           max_model_len=64, max_num_seqs=4, max_num_batched_tokens=None,
-                           cache_dir=None, compilation_cache=True)
-    engine = PoolingEngine.from_args(args)
-    assert engine.info.tasks == ("classify", "score")
-    assert engine.runner.token_buckets == [16, 32, 64] and engine.runner.seq_buckets == [1, 2, 4]
+    args = EngineArgs(model=str(CROSS_ENCODER), max_model_len=64, max_num_seqs=4)
+    client = AsyncEngineClient.from_args(args)
+    assert client.info.tasks == ("classify", "score")
+    assert client.engine.runner.cfg.token_buckets == [16, 32, 64, 128, 256]  # 4 x 64 tokens
 
     async def scenario() -> None:
         with pytest.raises(EngineDeadError):
-            await engine.encode([PoolingInput([101, 102])], PoolingParams(task="score"))
-        await engine.start()
-        assert engine.is_healthy()
-        pairs = engine.tokenize_pairs(["what is jax"], ["jax is a library"])
-        (out,) = await engine.encode(pairs, PoolingParams(task="score"))
+            await client.encode([PoolingInput([101, 102])], PoolingParams(task="score"))
+        await client.start()
+        assert client.is_healthy()
+        pairs = client.tokenize_pairs(["what is jax"], ["jax is a library"])
+        (out,) = await client.encode(pairs, PoolingParams(task="score"))
         assert out.data.shape == (1,) and 0.0 < float(out.data[0]) < 1.0
-        await engine.shutdown(drain_timeout=5)
-        assert not engine.is_healthy()
+        await client.shutdown(drain_timeout=5)
+        assert not client.is_healthy()
         with pytest.raises(EngineDeadError):
-            await engine.encode(pairs, PoolingParams(task="score"))
+            await client.encode(pairs, PoolingParams(task="score"))
 
     asyncio.run(scenario())
-    assert engine.stats().num_recompiles == 0
+    assert client.stats().num_recompiles == 0
 
 
 def test_from_args_refuses_bad_models() -> None:
-    base = dict(tokenizer=None, dtype="auto", max_model_len=None, max_num_seqs=4,
-                max_num_batched_tokens=None, cache_dir=None, compilation_cache=False)
+    base = dict(max_num_seqs=4, compilation_cache=False)
     with pytest.raises(ModelLoadError, match="exceeds"):
-        PoolingEngine.from_args(SimpleNamespace(model=str(ROBERTA), **{**base,
-                                                                       "max_model_len": 65}),
-                                warmup=False)
+        LLMEngine(EngineArgs(model=str(ROBERTA), max_model_len=65, **base), warmup=False)
     with pytest.raises(ModelLoadError, match="dtype"):
-        PoolingEngine.from_args(SimpleNamespace(model=str(ROBERTA), **{**base, "dtype": "int8"}),
-                                warmup=False)
+        LLMEngine(EngineArgs(model=str(ROBERTA), dtype="int8", **base), warmup=False)
     with pytest.raises(ModelLoadError):
-        PoolingEngine.from_args(SimpleNamespace(model="/nonexistent/model", **base),
-                                warmup=False)
+        LLMEngine(EngineArgs(model="/nonexistent/model", **base), warmup=False)
 
 
 def test_roberta_default_max_model_len_excludes_offset() -> None:
-    args = SimpleNamespace(model=str(ROBERTA), tokenizer=None, dtype="float32",
-                           max_model_len=None, max_num_seqs=2, max_num_batched_tokens=None,
-                           cache_dir=None, compilation_cache=False)
-    engine = PoolingEngine.from_args(args, warmup=False)
+    engine = LLMEngine(EngineArgs(model=str(ROBERTA), dtype="float32", max_num_seqs=2,
+                                  compilation_cache=False), warmup=False)
     # 66 position rows minus pad_token_id + 1 = 64 usable positions.
     assert engine.max_model_len == 64
     assert engine.tokenizer is None  # this fixture ships none: token ids only
     with pytest.raises(ValueError, match="no tokenizer"):
-        engine.tokenize(["hello"])
+        engine.input_processor().tokenize(["hello"])
 
 
-def test_matryoshka_dimensions(minilm: PoolingEngine) -> None:
+def test_matryoshka_dimensions(minilm: LLM) -> None:
     """A model whose config declares Matryoshka sizes: truncate, then normalise. (MiniLM's
-    config with the two fields added; the same compiled runner, so nothing recompiles.)"""
-    cfg = dataclasses.replace(minilm.model_config, is_matryoshka=True,
-                              matryoshka_dimensions=(128, 256))
-    engine = PoolingEngine(minilm.runner, cfg, minilm.pooler_config, minilm.tokenizer)
-    engine.start_thread()
+    facts with the two fields added; the same compiled engine, so nothing recompiles.)"""
+    facts = minilm.engine.facts
+    assert facts.pooling is not None
+    info = dataclasses.replace(facts.pooling, is_matryoshka=True,
+                               matryoshka_dimensions=(128, 256))
+    plain = minilm.processor
+    minilm.processor = InputProcessor(dataclasses.replace(facts, pooling=info),
+                                      minilm.tokenizer)
     try:
-        ids = [x.token_ids for x in minilm.tokenize(["matryoshka dolls nest inside each other"])]
-        full = asyncio.run(engine.embed(ids, PoolingParams(normalize=False)))[0]
-        (short,) = asyncio.run(engine.embed(ids, PoolingParams(dimensions=128)))
+        ids = [list(x.token_ids) for x in plain.tokenize(
+            ["matryoshka dolls nest inside each other"])]
+        full = embed(minilm, ids, PoolingParams(normalize=False))[0]
+        (short,) = embed(minilm, ids, PoolingParams(dimensions=128))
         assert short.shape == (128,)
         np.testing.assert_allclose(short, full[:128] / np.linalg.norm(full[:128]), atol=1e-6)
         with pytest.raises(ValueError, match=r"only supports \[128, 256\]"):
-            asyncio.run(engine.embed(ids, PoolingParams(dimensions=100)))
+            embed(minilm, ids, PoolingParams(dimensions=100))
         with pytest.raises(ValueError, match="greater than 0"):
-            asyncio.run(engine.embed(ids, PoolingParams(dimensions=0)))
+            embed(minilm, ids, PoolingParams(dimensions=0))
     finally:
-        engine.close()
+        minilm.processor = plain
+    assert minilm.engine.get_stats().num_recompiles == 0
 
 
 def test_task_selection() -> None:
-    """``serve``'s choice of engine: --task auto picks the pooling engine for BERT-family
-    directories only, --task embed also for decoders; explicit tasks must fit the checkpoint."""
-    def args(model: str, task: str) -> SimpleNamespace:
-        return SimpleNamespace(model=model, task=task, cache_dir=None)
-
-    assert wants_pooling_engine(args("all-minilm-l6-v2", "auto"))
-    assert wants_pooling_engine(args(str(CROSS_ENCODER), "score"))
-    assert not wants_pooling_engine(args("smollm2-135m-instruct", "auto"))
-    assert not wants_pooling_engine(args("smollm2-135m-instruct", "generate"))
-    assert wants_pooling_engine(args("smollm2-135m-instruct", "embed"))  # decoder embeddings
+    """What one engine serves: --task auto generates on decoders and pools on BERT-family
+    encoders, --task embed pools on both; explicit tasks must fit the checkpoint."""
+    dec: ModelConfig = tiny_config()
+    assert serving_tasks("auto", dec) == serving_tasks("generate", dec) == ("generate",)
+    assert serving_tasks("embed", dec) == serving_tasks("embedding", dec) == EMBED_TASKS
     with pytest.raises(ModelLoadError, match="needs a BERT-family cross-encoder"):
-        wants_pooling_engine(args("smollm2-135m-instruct", "score"))
-    with pytest.raises(ModelLoadError, match="is an encoder"):
-        wants_pooling_engine(args("all-minilm-l6-v2", "generate"))
-    cfg = read_config(CROSS_ENCODER)
+        serving_tasks("score", dec)
+    ce = read_config(CROSS_ENCODER)
+    assert serving_tasks("auto", ce) == serving_tasks("score", ce) == SCORE_TASKS
     with pytest.raises(ModelLoadError, match="cross-encoder"):
-        check_task("embed", cfg)
+        serving_tasks("embed", ce)
+    with pytest.raises(ModelLoadError, match="is an encoder"):
+        serving_tasks("generate", ce)
+    emb = dataclasses.replace(ce, architecture="BertModel", num_labels=0)
+    assert serving_tasks("auto", emb) == serving_tasks("embed", emb) == EMBED_TASKS
     with pytest.raises(ModelLoadError, match="no classification head"):
-        check_task("classify", dataclasses.replace(cfg, architecture="BertModel", num_labels=0))
-    check_task("score", cfg)
+        serving_tasks("classify", emb)

@@ -17,71 +17,59 @@ from models.pooling import (
     classify_activation,
     l2_normalize_np,
     parse_override,
-    pool,
-    pool_packed,
+    pool_chunks,
     read_sentence_transformers_config,
     resolve_pooler_config,
     score_activation,
 )
+from serving.engine.pooling_params import PoolingParams
+from serving.engine.records import PooledChunk
+from serving.engine.request import EngineRequest, PoolAccumulator
 
-LENGTHS = [3, 1, 5, 0]  # the last row is batch padding
+LENGTHS = [3, 1, 5, 0]  # the last sequence is batch padding
 
 
-def _batch(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def _packed(seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """A packed [T, D] step of LENGTHS plus 4 padding tokens full of garbage, its cu_lens, and
+    each sequence's own rows."""
     rng = np.random.default_rng(seed)
-    hidden = rng.normal(size=(4, 6, 5)).astype(np.float32)  # [S, T, D]
-    # Garbage in the padded positions must not leak into any result.
-    for s, n in enumerate(LENGTHS):
-        hidden[s, n:] = 1e6
-    return hidden, np.array(LENGTHS, np.int32)
-
-
-def _expected(hidden: np.ndarray, kind: PoolingType) -> np.ndarray:
-    rows = []
-    for s, n in enumerate(LENGTHS):
-        if n == 0:
-            rows.append(np.zeros(hidden.shape[-1], np.float32))
-        elif kind == PoolingType.MEAN:
-            rows.append(hidden[s, :n].mean(0))
-        elif kind == PoolingType.CLS:
-            rows.append(hidden[s, 0])
-        else:
-            rows.append(hidden[s, n - 1])
-    return np.stack(rows)
-
-
-@pytest.mark.parametrize("kind", [PoolingType.MEAN, PoolingType.CLS, PoolingType.LAST])
-def test_pool_padded(kind: PoolingType) -> None:
-    hidden, lengths = _batch()
-    got = np.asarray(pool(jnp.asarray(hidden), jnp.asarray(lengths), kind))
-    np.testing.assert_allclose(got, _expected(hidden, kind), rtol=1e-6, atol=1e-6)
-    normed = np.asarray(pool(jnp.asarray(hidden), jnp.asarray(lengths), kind, normalize=True))
-    assert np.all(np.isfinite(normed))
-    np.testing.assert_allclose(np.linalg.norm(normed[:3], axis=1), 1.0, rtol=1e-6)
-    assert np.all(normed[3] == 0)  # an empty row stays zero, not NaN
-
-
-def test_pool_all_zeroes_padding() -> None:
-    hidden, lengths = _batch()
-    got = np.asarray(pool(jnp.asarray(hidden), jnp.asarray(lengths), PoolingType.ALL))
-    for s, n in enumerate(LENGTHS):
-        np.testing.assert_array_equal(got[s, :n], hidden[s, :n])
-        assert np.all(got[s, n:] == 0)
-
-
-@pytest.mark.parametrize("kind", [PoolingType.MEAN, PoolingType.CLS, PoolingType.LAST])
-def test_pool_packed_matches_padded(kind: PoolingType) -> None:
-    hidden, _ = _batch(1)
-    real = [hidden[s, :n] for s, n in enumerate(LENGTHS)]
-    packed = np.concatenate([*real, np.full((4, 5), 7e5, np.float32)])  # 4 padding tokens
+    real = [rng.normal(size=(n, 5)).astype(np.float32) for n in LENGTHS]
+    packed = np.concatenate([*real, np.full((4, 5), 7e5, np.float32)])
     cu = np.concatenate([[0], np.cumsum(LENGTHS)]).astype(np.int32)
-    got = np.asarray(pool_packed(jnp.asarray(packed), jnp.asarray(cu), kind))
-    np.testing.assert_allclose(got, _expected(hidden, kind), rtol=1e-6, atol=1e-6)
+    return packed, cu, real
 
 
-def test_pool_packed_rejects_all() -> None:
-    with pytest.raises(ValueError, match="ALL"):
-        pool_packed(jnp.zeros((4, 2)), jnp.array([0, 4]), PoolingType.ALL)
+def test_pool_chunks_first_last_total() -> None:
+    packed, cu, real = _packed()
+    first, last, total = (np.asarray(x) for x in pool_chunks(jnp.asarray(packed),
+                                                              jnp.asarray(cu)))
+    for s, rows in enumerate(real):
+        if len(rows) == 0:  # an empty sequence pools to zeros, never to a neighbour's rows
+            assert not first[s].any() and not last[s].any() and not total[s].any()
+            continue
+        np.testing.assert_allclose(first[s], rows[0], rtol=1e-6)
+        np.testing.assert_allclose(last[s], rows[-1], rtol=1e-6)
+        np.testing.assert_allclose(total[s], rows.sum(0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", [PoolingType.MEAN, PoolingType.CLS, PoolingType.LAST])
+def test_chunked_accumulation_equals_whole_prompt(kind: PoolingType) -> None:
+    """A 9-token prompt pooled from chunks of 4, 4 and 1 tokens (three steps, each chunk packed
+    with garbage neighbours) equals the pooling of the whole prompt."""
+    rng = np.random.default_rng(3)
+    prompt = rng.normal(size=(9, 5)).astype(np.float32)
+    spec = EngineRequest("r", tuple(range(9)), 0.0, pooling=PoolingParams(), pooling_type=kind)
+    acc = PoolAccumulator()
+    for lo, hi in ((0, 4), (4, 8), (8, 9)):
+        noise = rng.normal(size=(3, 5)).astype(np.float32) * 1e3
+        step = np.concatenate([noise[:2], prompt[lo:hi], noise[2:]])  # ours is sequence 1
+        cu = np.array([0, 2, 2 + hi - lo, 3 + hi - lo], np.int32)
+        first, last, total = (np.asarray(x)[1] for x in pool_chunks(jnp.asarray(step),
+                                                                   jnp.asarray(cu)))
+        acc.add(PooledChunk(first, last, total))
+    want = {PoolingType.MEAN: prompt.mean(0), PoolingType.CLS: prompt[0],
+            PoolingType.LAST: prompt[-1]}[kind]
+    np.testing.assert_allclose(acc.result(spec), want, rtol=1e-5, atol=1e-6)
 
 
 def test_l2_normalize_np_zero_vector() -> None:

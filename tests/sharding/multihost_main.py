@@ -20,8 +20,7 @@ def main() -> None:
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={LOCAL_DEVICES}"
     os.environ["JAX_PLATFORMS"] = "cpu"
     from serving.engine.config import EngineArgs
-    from serving.engine.engine import LLMEngine
-    from serving.engine.sharded import maybe_run_follower
+    from serving.engine.engine import LLMEngine, maybe_run_follower
     from tests.sharding import scenarios
 
     args = EngineArgs(**scenarios.ENGINE_KW, tensor_parallel_size=LOCAL_DEVICES * n,
@@ -29,7 +28,7 @@ def main() -> None:
                       process_id=pid)
     if maybe_run_follower(args, load=scenarios.tiny):
         return
-    engine = LLMEngine(args, loaded=scenarios.tiny(), warmup=False)
+    engine = LLMEngine(args, loaded=scenarios.tiny())
     tokens = scenarios.greedy(engine, scenarios.PROMPTS)
     assert engine.sharder is not None and engine.sharder.lockstep is not None
     engine.sharder.lockstep.stop()

@@ -25,7 +25,8 @@ from models.loader import LoadedModel
 from models.testing import tiny_loaded
 from serving.engine.config import EngineArgs
 from serving.engine.engine import LLMEngine
-from serving.engine.sampler import SamplingInputs, sample
+from serving.engine.llm import LLM
+from serving.engine.sampler import Sampling, SamplingFlags, sample
 from serving.engine.sampling_params import SamplingParams
 from serving.engine.sharded import shard_loaded
 from sharding.mesh import MeshShape, make_mesh
@@ -40,7 +41,7 @@ TINY: dict[str, Any] = dict(num_heads=8, num_kv_heads=2, vocab_size=264, interme
 LAYERS = 2
 # Two token buckets (8, 16) keep compile time down on a 2-core machine.
 ENGINE_KW: dict[str, Any] = dict(max_model_len=256, max_num_seqs=4, max_num_batched_tokens=16,
-                                 block_size=16, compilation_cache=False)
+                                 token_buckets=(8,), block_size=16, compilation_cache=False)
 _rng = random.Random(0)
 PROMPTS = [[_rng.randrange(256) for _ in range(n)] for n in (5, 13, 29, 40)]
 MAX_TOKENS = 12
@@ -63,7 +64,7 @@ def sharder(tp: int) -> Sharder:
 
 def engine(tp: int, loaded: LoadedModel | None = None, **kw: Any) -> LLMEngine:
     args = EngineArgs(**{**ENGINE_KW, **kw}, tensor_parallel_size=tp)
-    return LLMEngine(args, loaded=loaded if loaded is not None else tiny(), warmup=False)
+    return LLMEngine(args, loaded=loaded if loaded is not None else tiny())
 
 
 def greedy(eng: LLMEngine, prompts: list[list[int]], max_tokens: int = MAX_TOKENS
@@ -75,16 +76,11 @@ def greedy(eng: LLMEngine, prompts: list[list[int]], max_tokens: int = MAX_TOKEN
 
 def run(eng: LLMEngine, reqs: list[tuple[list[int], SamplingParams]]
         ) -> list[tuple[list[int], list[float]]]:
-    """(tokens, sampled-token logprobs) per request."""
-    for i, (pr, p) in enumerate(reqs):
-        eng.add_request(f"r{i}", pr, p)
-    out: dict[str, tuple[list[int], list[float]]] = {f"r{i}": ([], []) for i in range(len(reqs))}
-    while eng.has_work:
-        for o in eng.step():
-            for d in o.outputs:
-                out[o.request_id][0].extend(d.token_ids)
-                out[o.request_id][1].extend(x.logprob for x in d.logprobs or [])
-    return [out[f"r{i}"] for i in range(len(reqs))]
+    """(tokens, sampled-token logprobs) per request, all in flight together."""
+    outs = LLM.from_engine(eng).generate([pr for pr, _ in reqs], [p for _, p in reqs],
+                                         use_tqdm=False)
+    return [(r.outputs[0].token_ids, [x.logprob for x in r.outputs[0].logprobs or []])
+            for r in outs]
 
 
 def prefill_logits(loaded: LoadedModel, sh: Sharder | None, tokens: list[int]) -> np.ndarray:
@@ -157,7 +153,7 @@ def check_dp2_tp4() -> dict[str, Any]:
     from serving.engine.data_parallel import DataParallelClient
     ref = _reference("llama")["greedy"]
     args = EngineArgs(**ENGINE_KW, tensor_parallel_size=4, data_parallel_size=2)
-    client = DataParallelClient.from_args(args, loaded=tiny(), warmup=False)
+    client = DataParallelClient.from_args(args, loaded=tiny())
     devs = [{d.id for d in r.engine.sharder.devices} for r in client.replicas]  # type: ignore
     assert devs == [{0, 1, 2, 3}, {4, 5, 6, 7}], devs
     p = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
@@ -177,7 +173,7 @@ def check_dp2_tp4() -> dict[str, Any]:
 
     got = asyncio.run(main())
     assert got == ref
-    steps = [r.engine.stats.num_steps for r in client.replicas]
+    steps = [r.engine.get_stats().num_steps for r in client.replicas]
     assert all(s > 0 for s in steps), steps
     assert client.stats().generation_tokens_total == MAX_TOKENS * len(PROMPTS)
     return {"steps_per_replica": steps}
@@ -230,12 +226,11 @@ def check_step_collectives() -> dict[str, Any]:
     import re
     eng = _cache.get(("engine", "llama", 4)) or engine(4, tiny())
     r = eng.runner
-    inp, _, _ = r._empty_batch(16)
-    text = r._step.lower(r.state, r.kv, eng.sharder.put_inputs(inp)).compile().as_text()
+    text = r.step_hlo(16)
     found = re.findall(r"= (\S+?)\{[^}]*\} (all-reduce|all-gather|all-to-all|reduce-scatter|"
                        r"collective-permute)(?:-start)?\(", text)
     got = sorted((kind, shape) for shape, kind in found)
-    s = r.num_seq_rows(16)
+    s = r.cfg.num_seq_rows(16)
     want = sorted([("all-reduce", "f32[16,56]")] * (2 * LAYERS + 1) +
                   [("all-gather", f"f32[{s},264]")])
     assert got == want, got
@@ -258,7 +253,7 @@ def check_sampler_mesh_invariant() -> dict[str, Any]:
     hist[:, :20] = rng.integers(0, v, (s, 20))
     bias_ids = np.full((s, 8), -1, np.int32)
     bias_ids[:, :2] = [[5, 9]] * s
-    si = SamplingInputs(
+    si = Sampling(
         temperature=np.array([0, 0.7, 1.0, 1.3, 1.0, 0.5], np.float32),
         top_k=np.array([0, 20, 0, 50, 5, 0], np.int32),
         top_p=np.array([1, 0.9, 0.8, 1, 1, 0.95], np.float32),
@@ -267,7 +262,8 @@ def check_sampler_mesh_invariant() -> dict[str, Any]:
         repetition=np.full(s, 1.1, np.float32), seeds=np.arange(s, dtype=np.uint32) * 7919,
         counters=np.arange(s, dtype=np.int32), bias_ids=bias_ids,
         bias_vals=np.where(bias_ids >= 0, 2.0, 0).astype(np.float32), history=hist,
-        prompt_lens=np.full(s, 10, np.int32), flags=np.ones(5, bool))
+        prompt_lens=np.full(s, 10, np.int32),
+        flags=SamplingFlags(*(np.asarray(True) for _ in range(5))))
     ref = jax.device_get(jax.jit(sample)(jnp.asarray(logits), si))
     meshes = [MeshShape(1, 8), MeshShape(2, 4)]
     for shape in meshes:
@@ -302,8 +298,7 @@ def check_orbax_round_trip() -> dict[str, Any]:
     # identical params on the same mesh: identical logits (checked once, on the kv-replicated one)
     np.testing.assert_array_equal(prefill_logits(restored, sh, PROMPTS[2]),
                                   prefill_logits(direct, sh, PROMPTS[2]))
-    eng = LLMEngine(EngineArgs(**ENGINE_KW, model=str(out), tensor_parallel_size=4),
-                    warmup=False)
+    eng = LLMEngine(EngineArgs(**ENGINE_KW, model=str(out), tensor_parallel_size=4))
     assert eng.tokenizer.chat_template == src.tokenizer.chat_template
     assert greedy(eng, PROMPTS) == _reference("llama")["greedy"]
     return {"checkpoint": sorted(p.name for p in out.iterdir())}
@@ -318,6 +313,7 @@ def greedy_tp8() -> list[list[int]]:
 # ---- SmolLM2-135M: 9 query heads over 3 kv heads -----------------------------------------------
 SMOL = "smollm2-135m-instruct"
 SMOL_KW: dict[str, Any] = dict(max_model_len=256, max_num_seqs=2, max_num_batched_tokens=32,
+                               token_buckets=(16,),
                                block_size=16, compilation_cache=False)
 
 
@@ -343,8 +339,7 @@ def check_smollm2_tp3() -> dict[str, Any]:
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     out = {}
     for tp in (1, 3):
-        eng = LLMEngine(EngineArgs(model=SMOL, **SMOL_KW, tensor_parallel_size=tp),
-                        warmup=False)
+        eng = LLMEngine(EngineArgs(model=SMOL, **SMOL_KW, tensor_parallel_size=tp))
         text = eng.tokenizer.apply_chat_template(msgs, add_generation_prompt=True,
                                                  tokenize=False)
         prompt = eng.tokenizer.encode(text, add_special_tokens=False)
@@ -389,12 +384,67 @@ def tiny_checkpoint_and_chat_answer(out_dir: str) -> tuple[str, str]:
     greedy answer to ``CHAT`` from a single-device engine: what the tp=4 server must say."""
     from serving.engine.convert import convert_loaded
     ckpt = convert_loaded(tiny(), out_dir)
-    eng = LLMEngine(EngineArgs(**ENGINE_KW, model=str(ckpt)), warmup=False)
-    text = eng.tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
-    eng.add_request("chat", eng.tokenizer.encode(text, add_special_tokens=False),
-                    SamplingParams(temperature=0.0, max_tokens=8, logit_bias=LETTERS_ONLY))
-    answer = ""
-    while eng.has_work:
-        answer += "".join(d.text for o in eng.step() for d in o.outputs)
+    llm = LLM(str(ckpt), **ENGINE_KW)
+    text = llm.tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
+    answer = llm.generate([llm.tokenizer.encode(text, add_special_tokens=False)],
+                          SamplingParams(temperature=0.0, max_tokens=8,
+                                         logit_bias=LETTERS_ONLY),
+                          use_tqdm=False)[0].outputs[0].text
     assert len(answer) == 8 and answer.isalpha(), answer
     return str(ckpt), answer
+
+
+# ---- pooling on a mesh ---------------------------------------------------------------------------
+def _embeddings(eng: LLMEngine, inputs: list[list[int]], task: str = "embed") -> np.ndarray:
+    from serving.engine.pooling_params import PoolingParams
+    outs = LLM.from_engine(eng).encode(inputs, PoolingParams(task=task))
+    return np.stack([o.data for o in outs])
+
+
+def check_decoder_embeddings_tp_dp() -> dict[str, Any]:
+    """Decoder embeddings (``--task embed``) on tp=2 and on two tp=1 data-parallel replicas
+    equal the single-device ones; prompts longer than the budget are chunked."""
+    from serving.engine.data_parallel import DataParallelClient
+    from serving.engine.pooling_params import PoolingInput, PoolingParams
+    kw = dict(ENGINE_KW, task="embed", max_num_batched_tokens=32, token_buckets=(16,))
+    ref = _embeddings(engine(1, tiny(), **kw), PROMPTS)
+    got = _embeddings(engine(2, tiny(), **kw), PROMPTS)
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
+    client = DataParallelClient.from_args(
+        EngineArgs(**kw, data_parallel_size=2), loaded=tiny())
+
+    async def main() -> list[np.ndarray]:
+        await client.start()
+        try:
+            outs = await asyncio.gather(*(client.encode([PoolingInput(p)], PoolingParams())
+                                          for p in PROMPTS))
+            return [o[0].data for o in outs]
+        finally:
+            await client.shutdown(drain_timeout=5)
+
+    dp = np.stack(asyncio.run(main()))
+    np.testing.assert_allclose(dp, ref, atol=1e-5, rtol=0)
+    steps = [r.engine.get_stats().num_steps for r in client.replicas]
+    assert all(s > 0 for s in steps), steps
+    return {"max_diff_tp2": float(np.abs(got - ref).max()), "dp_steps": steps}
+
+
+def check_encoder_tp2() -> dict[str, Any]:
+    """A BERT cross-encoder sharded over 2 devices (heads split, attention in shard_map)
+    scores as on one device."""
+    from pathlib import Path
+    model = str(Path(__file__).resolve().parents[1] / "fixtures" / "tiny-bert-cross-encoder")
+    kw = dict(max_model_len=64, max_num_seqs=4, max_num_batched_tokens=128, token_buckets=(32,),
+              compilation_cache=False)
+    pairs = [([101, 7, 8, 9, 102, 11, 12, 102], [0, 0, 0, 0, 0, 1, 1, 1]),
+             ([101, 20, 102, 21, 22, 23, 102], [0, 0, 0, 1, 1, 1, 1])]
+    from serving.engine.pooling_params import PoolingInput, PoolingParams
+    inputs = [PoolingInput(i, t) for i, t in pairs]
+    scores = {}
+    for tp in (1, 2):
+        eng = LLMEngine(EngineArgs(model=model, tensor_parallel_size=tp, **kw))
+        outs = LLM.from_engine(eng).encode(inputs, PoolingParams(task="score"))
+        scores[tp] = np.stack([o.data for o in outs])
+        assert eng.runner.num_recompiles == 0
+    np.testing.assert_allclose(scores[2], scores[1], atol=1e-5, rtol=0)
+    return {"scores": scores[2].tolist()}

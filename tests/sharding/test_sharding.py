@@ -97,3 +97,12 @@ def test_two_processes_of_4_devices_match_one_process_of_8(mesh_worker: MeshWork
                 p.kill()
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
     assert json.loads(out.read_text()) == want
+
+
+def test_decoder_embeddings_on_tp2_and_dp2_match_one_device(mesh_worker: MeshWorker) -> None:
+    info = mesh_worker.call(scenarios.check_decoder_embeddings_tp_dp)
+    assert info["max_diff_tp2"] < 1e-5
+
+
+def test_bert_cross_encoder_on_tp2_matches_one_device(mesh_worker: MeshWorker) -> None:
+    mesh_worker.call(scenarios.check_encoder_tp2)

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sanic import Blueprint, HTTPResponse, Request
 
@@ -134,7 +134,7 @@ async def _plan(request: Request, state: ServerState) -> _Plan:
                          f"{state.args.max_n}.", param="n")
     if req.echo and req.logprobs is not None:
         # echo + logprobs shows the prompt's logprobs too (vLLM: prompt_logprobs := logprobs).
-        base.prompt_logprobs = max(base.prompt_logprobs or 0, req.logprobs)
+        base = replace(base, prompt_logprobs=max(base.prompt_logprobs or 0, req.logprobs))
     echo_only = req.echo and req.max_tokens == 0
     cap = default_max_tokens_cap(engine.generation_defaults)
     params = []

@@ -1,8 +1,9 @@
 """The pooling APIs: ``/v1/embeddings``, ``/pooling``, ``/score``, ``/rerank``, ``/classify``.
 
-Served when the engine is a ``PoolingEngine`` (``serve`` with a BERT-family model); on a
-generation model every route here answers 400 "The model does not support <API>", as vLLM does,
-and the generation routes answer the same on a pooling model (``ServerState.require_generate``).
+Served when the engine serves pooling (``serve`` with a BERT-family model, or a decoder with
+``--task embed``); on a generation model every route here answers 400 "The model does not
+support <API>", as vLLM does, and the generation routes answer the same on a pooling model
+(``ServerState.require_generate``).
 
 - ``POST /v1/embeddings``: ``input`` as a string, strings, token ids or token-id lists, or chat
   ``messages`` rendered through the chat template; ``encoding_format`` float or base64
@@ -17,8 +18,9 @@ and the generation routes answer the same on a pooling model (``ServerState.requ
   ``/score`` 1:N, sorted by relevance, cut to ``top_n`` (0: all).
 - ``POST /classify``: class probabilities, label and class count per input (classifiers).
 
-Every request is validated, tokenized off the event loop, then handed to the engine as one
-``encode`` call, so its inputs share the engine's batched steps with other requests.
+Every request is tokenized off the event loop, then handed to the engine as one ``encode`` call
+(which validates it, once, before anything is queued: a ``ValueError`` is a 400 naming the
+field), so its inputs share the engine's batched steps with other requests.
 """
 
 from __future__ import annotations
@@ -83,15 +85,6 @@ def _check_common(req: Any) -> None:
     if getattr(req, "mm_processor_kwargs", None) is not None:
         raise BadRequest("mm_processor_kwargs is not supported (text-only models).",
                          param="mm_processor_kwargs")
-
-
-def _validated(engine: PoolingEngineClient, params: PoolingParams) -> PoolingParams:
-    """Check the params against the model before any tokenization work."""
-    try:
-        params.validate(engine.info)
-    except ValueError as e:
-        raise BadRequest(str(e), param=_param_of(str(e))) from None
-    return params
 
 
 def _param_of(message: str) -> str | None:
@@ -192,9 +185,9 @@ async def create_embeddings(request: Request) -> HTTPResponse:
     model = state.resolve_model(req.model)
     engine = state.require_pooling(EMBEDDINGS_API, "embed")
     _check_common(req)
-    params = _validated(engine, PoolingParams(
+    params = PoolingParams(
         task="embed", normalize=req.normalize, dimensions=req.dimensions,
-        truncate_prompt_tokens=req.truncate_prompt_tokens))
+        truncate_prompt_tokens=req.truncate_prompt_tokens)
     if isinstance(req, EmbeddingChatRequest):
         inputs = await _chat_inputs(state, engine, req)
     else:
@@ -222,7 +215,6 @@ async def create_pooling(request: Request) -> HTTPResponse:
         params = PoolingParams(task="classify", normalize=req.normalize,
                                dimensions=req.dimensions, activation=req.activation,
                                truncate_prompt_tokens=req.truncate_prompt_tokens)
-    _validated(engine, params)
     if isinstance(req, PoolingChatRequest):
         inputs = await _chat_inputs(state, engine, req)
     else:
@@ -260,8 +252,8 @@ async def _score_pairs(state: ServerState, engine: PoolingEngineClient, t1: list
         if engine.info.num_labels != 1:
             raise BadRequest(f"Scores need a single-label cross-encoder; this model has "
                              f"{engine.info.num_labels} labels (use /classify).")
-        params = _validated(engine, PoolingParams(task="score", activation=activation,
-                                                  truncate_prompt_tokens=truncate))
+        params = PoolingParams(task="score", activation=activation,
+                                                  truncate_prompt_tokens=truncate)
         if engine.tokenizer is None:
             raise BadRequest("This model has no tokenizer.")
         try:
@@ -274,8 +266,8 @@ async def _score_pairs(state: ServerState, engine: PoolingEngineClient, t1: list
     # An embedding model: the cosine similarity of the two embeddings.
     if activation is not None:
         raise BadRequest("activation applies to cross-encoders only.", param="activation")
-    params = _validated(engine, PoolingParams(task="embed", normalize=True,
-                                              truncate_prompt_tokens=truncate))
+    params = PoolingParams(task="embed", normalize=True,
+                                              truncate_prompt_tokens=truncate)
     inputs = await _tokenize(state, engine, t1 + t2, add_special_tokens=True, truncate=truncate)
     outs = await _encode(engine, state, inputs, params)
     n = len(t1)
@@ -363,8 +355,8 @@ async def classify(request: Request) -> HTTPResponse:
                                                     usage=UsageInfo()))
     if any(t == "" for t in texts):
         raise BadRequest("input must not contain empty strings.", param="input")
-    params = _validated(engine, PoolingParams(task="classify", activation=req.activation,
-                                              truncate_prompt_tokens=req.truncate_prompt_tokens))
+    params = PoolingParams(task="classify", activation=req.activation,
+                                              truncate_prompt_tokens=req.truncate_prompt_tokens)
     inputs = await _tokenize(state, engine, texts, add_special_tokens=req.add_special_tokens,
                              truncate=req.truncate_prompt_tokens)
     outs = await _encode(engine, state, inputs, params)
