@@ -94,7 +94,12 @@ def test_embeddings_of_chat_messages_use_the_models_template(http: httpx.Client)
     ids = tok.json()["tokens"]
     assert len(ids) > 8  # SmolLM2's template adds a system turn and <|im_start|> markers
     plain = http.post("/v1/embeddings", json={"input": ids})
-    assert chat.json()["data"] == plain.json()["data"]
+    # The same tokens, so the same vector; the second request reuses the first's cached pages
+    # (the prefix cache serves LAST pooling), so its last token is computed in a smaller step:
+    # equal up to float summation order, not bit for bit.
+    got = [d["embedding"] for d in plain.json()["data"]]
+    want = [d["embedding"] for d in chat.json()["data"]]
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
     assert chat.json()["usage"] == plain.json()["usage"]
 
 
