@@ -138,6 +138,8 @@ def _add_option(target: Any, opt: _Declared) -> None:
     if spec.choices:
         kw["choices"] = spec.choices
     base = _unwrap_optional(opt.hint)
+    if (base is bool or get_origin(base) is list) and (spec.parse or spec.choices):
+        raise TypeError(f"option {name!r}: Option.parse and choices are for one-value options")
     if base is bool:
         if opt.hint is not bool:
             raise TypeError(f"option {name!r}: a flag cannot be None")

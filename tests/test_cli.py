@@ -218,8 +218,14 @@ def test_declaration_mistakes_fail_loudly() -> None:
         build_parser(((Declares, "A"), (Declares, "B")))
     with pytest.raises(TypeError, match="default differs"):
         build_parser(((Declares, "A"), (SharesOtherDefault, "B")))
+    @dataclass
+    class ParsedList:
+        x: list[str] = option([], "Items.", choices=("a", "b"))
+
     with pytest.raises(TypeError, match=r"needs Option\.parse"):
         build_parser(((Odd, "O"),))
+    with pytest.raises(TypeError, match="are for one-value options"):
+        build_parser(((ParsedList, "L"),))
     build_parser(((Declares, "A"), (Plain, "B")))  # a plain field may share a declared option
 
 
