@@ -115,6 +115,8 @@ def parse_override(override: str | dict[str, Any] | None) -> dict[str, Any]:
     if override is None or override == "":
         return {}
     raw = json.loads(override) if isinstance(override, str) else dict(override)
+    if not isinstance(raw, dict):
+        raise PoolerConfigError(f"expected a JSON object, got {override!r}")
     out: dict[str, Any] = {}
     for key, value in raw.items():
         if key == "pooling_type":

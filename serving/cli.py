@@ -6,8 +6,16 @@ names. ``--config FILE.yaml`` takes the same long option names as keys (without 
 ``_``); precedence is command line > config file > defaults, and an unknown key is an error that
 names it. ``MODEL`` defaults to the bundled SmolLM2-135M-Instruct.
 
-``main`` parses into ``EngineArgs`` (the engine's options) and ``ServerArgs`` (the HTTP server's),
-then runs ``serving.api.app`` in a single process.
+The parser is generated from the fields of ``ServerArgs`` (the HTTP server's options) and
+``EngineArgs`` (the engine's): each field declared with ``serving.options.option`` is one option,
+with the field's name, type, default and help, so nothing here repeats them. ``main`` parses into
+those two dataclasses, then runs ``serving.api.app`` in a single process.
+
+Why not a library: jsonargparse, simple-parsing and tyro (tried in turn) each miss part of the
+vLLM-compatible surface that tests/test_cli.py pins: both spellings of a name, ``--x a b`` lists,
+``--no-x`` flags, YAML keys with dashes, command line > YAML whatever the order, argparse's error
+messages, one option filling a field of each dataclass (see the commit that added this module's
+generator for the details).
 """
 
 from __future__ import annotations
@@ -16,233 +24,171 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
-from collections.abc import Sequence
-from dataclasses import fields
-from typing import Any
+import types
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import MISSING, Field, dataclass, fields
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from serving.api.args import DEFAULT_HOST, DEFAULT_MAX_REQUEST_BODY, DEFAULT_PORT, ServerArgs
+from serving.api.args import ServerArgs
 from serving.engine.config import EngineArgs
+from serving.options import OPTION_KEY, Option
 
 logger = logging.getLogger("xlaserve")
 
-LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
-TASKS = ("auto", "generate", "embed", "embedding", "classify", "score")
-ENGINE_FIELDS = {f.name for f in fields(EngineArgs)}
-SERVER_FIELDS = {f.name for f in fields(ServerArgs)}
-# CLI dest → ServerArgs field, where the vLLM option name differs from our field name.
-SERVER_RENAMES = {"api_key": "api_keys", "served_model_name": "served_model_names"}
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)(i?[bB]?)\s*$")
+# The dataclasses whose fields are the options, each with its --help section. A field name in
+# both is one option filling both; only the first declares it with option().
+SECTIONS: tuple[tuple[type[Any], str], ...] = ((ServerArgs, "HTTP server"), (EngineArgs, "Engine"))
 
 
-def _int_with_suffix(value: str) -> int:
-    """``2048``, ``2k``, ``32K``, ``25.6k`` (vLLM's --max-model-len forms; k = 1000, K = 1024)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*", value)
-    if not m:
-        raise argparse.ArgumentTypeError(f"invalid length {value!r} (examples: 2048, 4k, 32K)")
-    number, suffix = float(m.group(1)), m.group(2)
-    scale = {"": 1, "k": 1000, "K": 1024, "m": 1000**2, "M": 1024**2}[suffix]
-    result = number * scale
-    if result != int(result):
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of tokens")
-    return int(result)
+@dataclass(frozen=True)
+class _Declared:
+    """One option: the field that declares it, its annotation and its section."""
+
+    field: Field[Any]
+    spec: Option
+    hint: Any
+    section: str
+
+    @property
+    def default(self) -> Any:
+        if self.field.default_factory is not MISSING:
+            return self.field.default_factory()
+        return self.field.default
 
 
-def _bytes(value: str) -> int:
-    """``4194304``, ``4MiB``, ``4M``, ``512k``: a size in bytes (binary units)."""
-    m = _SIZE.match(value)
-    if not m:
-        raise argparse.ArgumentTypeError(f"invalid size {value!r} (examples: 4MiB, 512k, 1048576)")
-    number, unit = float(m.group(1)), m.group(2).lower()
-    return int(number * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[unit])
+def declared_options(sections: Sequence[tuple[type[Any], str]] = SECTIONS) -> list[_Declared]:
+    """The options ``sections`` declare, in field order. Raises ``TypeError`` for a field not
+    declared with ``option()`` (unless an earlier section declares one of that name with the
+    same default) and for a name declared twice."""
+    out: dict[str, _Declared] = {}
+    for cls, section in sections:
+        hints = get_type_hints(cls)
+        for f in fields(cls):
+            spec: Option | None = f.metadata.get(OPTION_KEY)
+            first = out.get(f.name)
+            if first is None:
+                if spec is None:
+                    raise TypeError(f"{cls.__name__}.{f.name} is not declared with "
+                                    "serving.options.option()")
+                out[f.name] = _Declared(f, spec, hints[f.name], section)
+                continue
+            if spec is not None:
+                raise TypeError(f"option {f.name!r} is declared twice (only the first "
+                                f"dataclass may use option(); {cls.__name__} shares it)")
+            shared = _Declared(f, first.spec, hints[f.name], section)
+            if shared.default != first.default or shared.hint != first.hint:
+                raise TypeError(f"{cls.__name__}.{f.name} shares option {f.name!r} but its type "
+                                "or default differs")
+    return list(out.values())
 
 
-def _str_list(value: str) -> list[str]:
-    """A JSON list (``'["a", "b"]'``, vLLM's form) or a single value."""
-    text = value.strip()
-    if text.startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise argparse.ArgumentTypeError(f"invalid JSON list {value!r}: {e}") from None
-        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
-            raise argparse.ArgumentTypeError(f"expected a JSON list of strings, got {value!r}")
-        return items
-    return [value]
-
-
-class _ExtendList(argparse.Action):
-    """``--allowed-origins a b`` or ``--allowed-origins '["a","b"]'`` → a flat list."""
+class _FlatList(argparse.Action):
+    """``--allowed-origins a b`` or ``--allowed-origins '["a","b"]'`` → one flat list (each
+    value was already split by ``_str_list``, argparse's ``type`` for list options)."""
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: Any, option_string: str | None = None) -> None:
-        flat: list[str] = []
-        for v in values:
-            flat.extend(_str_list(v))
-        setattr(namespace, self.dest, flat)
+        setattr(namespace, self.dest, [item for value in values for item in value])
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _str_list(value: str) -> list[str]:
+    """One value of a list option: a JSON list (``'["a", "b"]'``, vLLM's form) or one item."""
+    text = value.strip()
+    if not text.startswith("["):
+        return [value]
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"invalid JSON list {value!r}: {e}") from None
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise argparse.ArgumentTypeError(f"expected a JSON list of strings, got {value!r}")
+    return list(items)
+
+
+def _user_parser(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``Option.parse`` for argparse: its ``ValueError`` message reaches the user as is."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
+
+
+def _unwrap_optional(hint: Any) -> Any:
+    """``int | None`` → ``int``; other annotations unchanged."""
+    if get_origin(hint) in (Union, types.UnionType):
+        args = [a for a in get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return hint
+
+
+def _add_option(target: Any, opt: _Declared) -> None:
+    """Add the argparse argument(s) for one declared field to ``target`` (parser or group)."""
+    spec, name = opt.spec, opt.field.name
+    flags = [f"--{spec.name or name.replace('_', '-')}", *spec.aliases]
+    kw: dict[str, Any] = {"dest": name, "default": opt.default, "help": spec.help}
+    if spec.metavar:
+        kw["metavar"] = spec.metavar
+    if spec.choices:
+        kw["choices"] = spec.choices
+    base = _unwrap_optional(opt.hint)
+    if (base is bool or get_origin(base) is list) and (spec.parse or spec.choices):
+        raise TypeError(f"option {name!r}: Option.parse and choices are for one-value options")
+    if base is bool:
+        if opt.hint is not bool:
+            raise TypeError(f"option {name!r}: a flag cannot be None")
+        kw["action"] = argparse.BooleanOptionalAction if opt.default else "store_true"
+    elif get_origin(base) is list and get_args(base) == (str,):
+        kw.update(nargs="+", action=_FlatList, type=_str_list)
+    elif spec.parse is not None:
+        kw["type"] = _user_parser(spec.parse)
+    elif base in (int, float, str):
+        kw["type"] = base
+    else:
+        raise TypeError(f"option {name!r}: annotation {opt.hint!r} needs Option.parse")
+    if spec.positional:
+        # `serve MODEL` or `serve --model MODEL`; parse_args checks that they agree.
+        metavar = spec.metavar or name.upper()
+        target.add_argument(name, nargs="?", default=opt.default, metavar=metavar,
+                            help=spec.help, **{k: v for k, v in kw.items()
+                                               if k in ("type", "choices")})
+        kw.update(dest=_option_dest(name), default=None, metavar=metavar,
+                  help=f"The {name}, as an option instead of the positional {metavar}.")
+    target.add_argument(*flags, **kw)
+
+
+def _option_dest(name: str) -> str:
+    """Where ``--NAME`` of a positional option lands (the positional itself uses ``NAME``)."""
+    return f"{name}_option"
+
+
+def build_parser(sections: Sequence[tuple[type[Any], str]] = SECTIONS) -> argparse.ArgumentParser:
+    """The ``serve`` parser, generated from the fields of ``sections`` (``serving.options``)."""
     p = argparse.ArgumentParser(
         prog="serve",
         description="Serve a model behind an OpenAI-compatible HTTP API (completions, chat, "
                     "tokenize, models, health, metrics). Option names follow `vllm serve`; "
                     "`_` and `-` are interchangeable.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("model", nargs="?", default=None,
-                   help="Model: a GGUF file, a Hugging Face-style directory, or an asset alias "
-                        "such as smollm2-135m-instruct. Default: the bundled "
-                        "SmolLM2-135M-Instruct.")
-    p.add_argument("--model", dest="model_option", default=None, metavar="MODEL",
-                   help="The model, as an option instead of the positional argument.")
     p.add_argument("--config", metavar="FILE.yaml", default=None,
                    help="YAML file whose keys are long option names (e.g. max-model-len: 4096). "
                         "Precedence: command line > config file > defaults. Unknown keys are "
                         "an error.")
-
-    g = p.add_argument_group("HTTP server")
-    g.add_argument("--host", default=DEFAULT_HOST,
-                   help="Address to bind. The default is loopback only; pass 0.0.0.0 to expose "
-                        "the server.")
-    g.add_argument("--port", type=int, default=DEFAULT_PORT, help="Port to bind.")
-    g.add_argument("--api-key", nargs="+", default=None, metavar="KEY",
-                   help="Require `Authorization: Bearer KEY` on every route except /health, "
-                        "/metrics and /version (several keys allowed). Falls back to the "
-                        "XLASERVE_API_KEY environment variable.")
-    g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
-                   help="Model names clients may use in `model`; the first is used in "
-                        "responses. Default: the model's own name.")
-    g.add_argument("--enable-request-id-headers", action="store_true",
-                   help="Echo the client's X-Request-Id response header, or send a generated "
-                        "one.")
-    g.add_argument("--allowed-origins", nargs="+", action=_ExtendList, default=[],
-                   metavar="ORIGIN",
-                   help="CORS origins allowed to call the API ('*' for any; a JSON list works "
-                        "too). Default: none, no CORS headers are sent.")
-    g.add_argument("--allowed-methods", nargs="+", action=_ExtendList,
-                   default=["GET", "POST", "OPTIONS"], metavar="METHOD",
-                   help="CORS methods allowed in preflight answers.")
-    g.add_argument("--allowed-headers", nargs="+", action=_ExtendList, default=["*"],
-                   metavar="HEADER", help="CORS request headers allowed ('*': any).")
-    g.add_argument("--allow-credentials", action="store_true",
-                   help="CORS: allow credentials (the origin is then echoed, never '*').")
-    g.add_argument("--log-level", "--uvicorn-log-level", dest="log_level", default="info",
-                   choices=LOG_LEVELS,
-                   help="Log level of the server (`--uvicorn-log-level` is accepted as an alias "
-                        "for vLLM compatibility).")
-    g.add_argument("--disable-log-requests", action="store_true",
-                   help="Do not log one line per request (method, path, status, latency, "
-                        "request id; bodies are never logged).")
-    g.add_argument("--max-request-body", type=_bytes, default=DEFAULT_MAX_REQUEST_BODY,
-                   metavar="SIZE", help="Largest request body accepted (bytes, or 4MiB, 512k); "
-                                        "larger bodies get 413.")
-    g.add_argument("--max-n", type=int, default=16,
-                   help="Largest number of choices per request (n × number of prompts).")
-    g.add_argument("--request-timeout", type=float, default=60.0, metavar="SECONDS",
-                   help="Time a client has to send its whole request (408 after).")
-    g.add_argument("--response-timeout", type=float, default=3600.0, metavar="SECONDS",
-                   help="Longest silence while answering: the whole of a non-streaming "
-                        "generation, or the gap between two streamed chunks (503 after).")
-    g.add_argument("--keep-alive-timeout", type=float, default=75.0, metavar="SECONDS",
-                   help="Idle time before a keep-alive connection is closed (keep it above your "
-                        "load balancer's idle timeout).")
-    g.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="On SIGTERM, how long in-flight requests may finish before they are "
-                        "aborted.")
-    g.add_argument("--return-tokens-as-token-ids", action="store_true",
-                   help="Show logprob tokens as `token_id:N` in every response.")
-    g.add_argument("--enable-force-include-usage", action="store_true",
-                   help="Send the usage chunk at the end of every stream, even without "
-                        "stream_options.include_usage.")
-
-    t = p.add_argument_group("Chat templates")
-    t.add_argument("--chat-template", default=None, metavar="PATH_OR_TEMPLATE",
-                   help="Jinja chat template: a file path or the template itself. Default: the "
-                        "template in the tokenizer config or GGUF metadata. Examples: "
-                        "configs/chat_templates/.")
-    t.add_argument("--chat-template-content-format", default="auto",
-                   choices=("auto", "string", "openai"),
-                   help="How message content reaches the template: 'string' (text) or 'openai' "
-                        "(a list of parts). 'auto' detects it from the template.")
-    t.add_argument("--trust-request-chat-template", action="store_true",
-                   help="Allow requests to bring their own chat_template (refused by default: "
-                        "templates are code).")
-    t.add_argument("--chat-template-render-timeout", type=float, default=5.0, metavar="SECONDS",
-                   help="Time limit for rendering one chat template.")
-    t.add_argument("--response-role", default="assistant",
-                   help="Role of generated chat messages when add_generation_prompt is true.")
-
-    e = p.add_argument_group("Engine")
-    e.add_argument("--tokenizer", default=None,
-                   help="A separate tokenizer (Hugging Face directory). Default: the model's.")
-    e.add_argument("--dtype", default="auto",
-                   choices=("auto", "float32", "float", "bfloat16", "float16", "half"),
-                   help="Weight and activation dtype ('auto': float32 on CPU, bfloat16 on "
-                        "accelerators).")
-    e.add_argument("--max-model-len", type=_int_with_suffix, default=None, metavar="TOKENS",
-                   help="Context length (prompt + output), e.g. 2048 or 4k. Default: the model's.")
-    e.add_argument("--max-num-seqs", type=int, default=32,
-                   help="Most sequences in one batch.")
-    e.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="Most tokens in one engine step. Default: chosen from --max-num-seqs.")
-    e.add_argument("--block-size", type=int, default=16, help="Tokens per KV-cache page.")
-    e.add_argument("--num-kv-pages", type=int, default=None,
-                   help="KV-cache pages in the pool. Default: sized from --kv-cache-gb or "
-                        "--kv-cache-memory-fraction.")
-    e.add_argument("--kv-cache-gb", type=float, default=None,
-                   help="KV-cache pool size in GiB.")
-    e.add_argument("--kv-cache-memory-fraction", "--gpu-memory-utilization", type=float,
-                   default=0.9, dest="kv_cache_memory_fraction",
-                   help="Fraction of accelerator memory left after the weights that the KV "
-                        "cache may use.")
-    e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
-                   default=True, help="Reuse KV pages of identical prompt prefixes.")
-    e.add_argument("--generation-config", default="auto",
-                   help="Sampling defaults: 'auto' (the model's generation_config), 'vllm' "
-                        "(none: neutral defaults), or a folder holding generation_config.json.")
-    e.add_argument("--seed", type=int, default=0, help="Seed of the engine's sampling RNG.")
-    e.add_argument("--max-logprobs", type=int, default=20,
-                   help="Most logprobs a request may ask for (at most 20).")
-    e.add_argument("--cache-dir", default=None,
-                   help="Model-asset and compilation cache (default ~/.cache/xlaserve or "
-                        "$XLASERVE_CACHE_DIR).")
-    e.add_argument("--compilation-cache", action=argparse.BooleanOptionalAction, default=True,
-                   help="Use JAX's persistent compilation cache under --cache-dir.")
-    e.add_argument("--attention-backend", default="auto",
-                   choices=("auto", "reference", "pallas", "pallas-interpret"),
-                   help="Paged-attention implementation.")
-
-    pl = p.add_argument_group("Pooling models (embeddings, scores)")
-    pl.add_argument("--task", default="auto", choices=TASKS,
-                    help="What to serve. 'auto': text generation for decoder models; "
-                         "/v1/embeddings, /pooling, /score and /rerank for BERT-family "
-                         "encoders (sentence-transformers models), /score, /rerank and "
-                         "/classify for cross-encoders (…ForSequenceClassification). "
-                         "'embed'/'embedding': embeddings from an encoder, or from a decoder "
-                         "(Llama/Qwen/Gemma 3 families; last-token pooling, normalised); "
-                         "'classify'/'score' demand a cross-encoder.")
-    pl.add_argument("--override-pooler-config", default=None, metavar="JSON",
-                    help='Pooling of an embedding model, over its sentence-transformers '
-                         'config: e.g. \'{"pooling_type": "CLS", "normalize": false}\' '
-                         '(pooling_type MEAN, CLS = first token, or LAST; defaults: CLS for '
-                         'encoders, LAST for decoders, normalize true).')
-
-    # ---- parallelism (sharding/; docs/SHARDING.md) ----
-    d = p.add_argument_group("Parallelism")
-    d.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
-                   help="Shard weights and the KV cache over this many devices.")
-    d.add_argument("--data-parallel-size", "-dp", type=int, default=1,
-                   help="Independent engine replicas, each on its own tensor-parallel devices.")
-    d.add_argument("--mesh", default=None, metavar="SPEC",
-                   help="Both sizes at once: 'data=D,model=M' or 'DxM'.")
-    d.add_argument("--distributed-coordinator", default=None, metavar="HOST:PORT",
-                   help="Multi-host: process 0's address (else $JAX_COORDINATOR_ADDRESS).")
-    d.add_argument("--num-processes", type=int, default=None,
-                   help="Multi-host: number of processes (else $JAX_NUM_PROCESSES).")
-    d.add_argument("--process-id", type=int, default=None,
-                   help="Multi-host: this process's index; 0 serves HTTP, the others follow.")
+    groups: dict[str, Any] = {}
+    for opt in declared_options(sections):
+        if opt.spec.positional:
+            _add_option(p, opt)
+            continue
+        title = opt.spec.group or opt.section
+        if title not in groups:
+            groups[title] = p.add_argument_group(title)
+        _add_option(groups[title], opt)
     return p
 
 
@@ -254,25 +200,24 @@ def _normalize_option(token: str) -> str:
     return name.replace("_", "-") + eq + value
 
 
-def _option_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    """Long option name without dashes ("max-model-len") → its action."""
-    out = {}
+def _long_options(parser: argparse.ArgumentParser) -> Iterator[tuple[str, argparse.Action]]:
+    """(long option name without dashes, its action), ``--no-x`` forms and --help excepted."""
     for action in parser._actions:
+        if action.dest == "help":
+            continue
+        negatable = isinstance(action, argparse.BooleanOptionalAction)
         for opt in action.option_strings:
-            if opt.startswith("--"):
-                out[opt[2:]] = action
-                if opt.startswith("--no-"):
-                    continue
-    return out
+            if opt.startswith("--") and not (negatable and opt.startswith("--no-")):
+                yield opt[2:], action
 
 
-def config_to_argv(path: str,
-                   parser: argparse.ArgumentParser) -> tuple[list[str], str | None, set[str]]:
+def config_to_argv(path: str, parser: argparse.ArgumentParser,
+                   ) -> tuple[list[str], dict[str, str | None], set[str]]:
     """YAML config → argv tokens for the options it sets.
 
-    Returns the tokens, the config's ``model`` (used only if the command line names none), and
-    the destinations the config sets (they become the parser's defaults, so the command line
-    still wins).
+    Returns the tokens, the config's values for positional options (``model``; used only if the
+    command line names none), and the destinations the config sets (they become the parser's
+    defaults, so the command line still wins).
     """
     import yaml
 
@@ -286,34 +231,33 @@ def config_to_argv(path: str,
     except yaml.YAMLError as e:
         parser.error(f"--config {path}: invalid YAML: {e}")
     if data is None:
-        return [], None, set()
+        return [], {}, set()
     if not isinstance(data, dict):
         parser.error(f"--config {path}: expected a mapping of option names to values")
-    actions = _option_actions(parser)
+    actions = dict(_long_options(parser))
+    positional = {_option_dest(a.dest) for a in parser._actions if not a.option_strings}
     argv: list[str] = []
     dests: set[str] = set()
-    model = None
+    positional_values: dict[str, str | None] = {}
     for raw_key, value in data.items():
         key = str(raw_key).replace("_", "-")
-        if key == "model":
-            model = None if value is None else str(value)
-            continue
         if key == "config":
             parser.error(f"--config {path}: a config file cannot name another config file")
         action = actions.get(key)
-        if action is None or key.startswith("no-") or action.dest == "help":
+        if action is None:
             parser.error(f"--config {path}: unknown option {raw_key!r} (keys are long option "
                          f"names, see `serve --help`)")
+        if action.dest in positional:
+            positional_values[action.dest] = None if value is None else str(value)
+            continue
         opt = f"--{key}"
         dests.add(action.dest)
-        if isinstance(action, argparse.BooleanOptionalAction):
+        if action.nargs == 0:  # a flag: store_true, or --x / --no-x
             if not isinstance(value, bool):
                 parser.error(f"--config {path}: {raw_key} must be true or false")
-            argv.append(opt if value else f"--no-{key}")
-        elif action.nargs == 0:  # store_true
-            if not isinstance(value, bool):
-                parser.error(f"--config {path}: {raw_key} must be true or false")
-            if value:
+            if isinstance(action, argparse.BooleanOptionalAction):
+                argv.append(opt if value else f"--no-{key}")
+            elif value:
                 argv.append(opt)
         elif isinstance(value, list):
             if action.nargs not in ("+", "*"):
@@ -324,7 +268,7 @@ def config_to_argv(path: str,
             continue
         else:
             argv.extend([opt, _yaml_scalar(value)])
-    return argv, model, dests
+    return argv, positional_values, dests
 
 
 def _yaml_scalar(value: Any) -> str:
@@ -334,53 +278,34 @@ def _yaml_scalar(value: Any) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[EngineArgs, ServerArgs]:
+    """The command line (and its ``--config``) → the engine's and the server's options."""
     parser = build_parser()
     tokens = [_normalize_option(t) for t in (sys.argv[1:] if argv is None else argv)]
     ns = parser.parse_args(tokens)
+    config_positionals: dict[str, str | None] = {}
     if ns.config:
-        cfg_argv, cfg_model, dests = config_to_argv(ns.config, parser)
+        cfg_argv, config_positionals, dests = config_to_argv(ns.config, parser)
         # Parsing the config's tokens alone checks types and choices with the usual messages;
         # its values then become defaults, which the command line overrides.
         cfg_ns = parser.parse_args(cfg_argv)
         parser.set_defaults(**{d: getattr(cfg_ns, d) for d in dests})
         ns = parser.parse_args(tokens)
-        if ns.model is None and ns.model_option is None:
-            ns.model = cfg_model
-    if ns.model_option is not None:
-        if ns.model is not None and ns.model != ns.model_option:
-            parser.error(f"two different models: {ns.model!r} and --model {ns.model_option!r}")
-        ns.model = ns.model_option
     values = vars(ns)
-    dtype = {"float": "float32", "half": "float16"}.get(values["dtype"], values["dtype"])
-    values["dtype"] = dtype
-    if values["api_key"] is None and os.environ.get("XLASERVE_API_KEY"):
-        values["api_key"] = [os.environ["XLASERVE_API_KEY"]]
-    if not 0 <= values["max_logprobs"] <= 20:
-        parser.error("--max-logprobs must be in [0, 20]")
-    if values["max_n"] < 1:
-        parser.error("--max-n must be at least 1")
-    if values["override_pooler_config"] is not None:
-        from models.pooling import PoolerConfigError, parse_override
-
-        try:
-            parse_override(values["override_pooler_config"])
-        except (PoolerConfigError, ValueError) as e:
-            parser.error(f"--override-pooler-config: {e}")
-    if values["chat_template"] is not None:
-        from serving.api.chat_template import load_chat_template
-
-        try:
-            load_chat_template(values["chat_template"])
-        except ValueError as e:
-            parser.error(str(e))
-    engine_kwargs = {k: v for k, v in values.items() if k in ENGINE_FIELDS}
-    server_kwargs: dict[str, Any] = {}
-    for k, v in values.items():
-        name = SERVER_RENAMES.get(k, k)
-        if name in SERVER_FIELDS:
-            server_kwargs[name] = v if v is not None or name not in ("api_keys",
-                                                                     "served_model_names") else []
-    return EngineArgs(**engine_kwargs), ServerArgs(**server_kwargs)
+    for opt in declared_options():
+        if not opt.spec.positional:
+            continue
+        name, dest = opt.field.name, _option_dest(opt.field.name)
+        given, as_option = values.pop(name), values.pop(dest)
+        if given is not None and as_option is not None and given != as_option:
+            parser.error(f"two different {name}s: {given!r} and --{name} {as_option!r}")
+        if given is None:
+            given = as_option if as_option is not None else config_positionals.get(dest)
+        values[name] = given
+    if not values["api_keys"] and os.environ.get("XLASERVE_API_KEY"):
+        values["api_keys"] = [os.environ["XLASERVE_API_KEY"]]
+    engine = EngineArgs(**{f.name: values[f.name] for f in fields(EngineArgs)})
+    server = ServerArgs(**{f.name: values[f.name] for f in fields(ServerArgs)})
+    return engine, server
 
 
 def setup_logging(level: str) -> None:

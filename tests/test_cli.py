@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pytest
 
-from serving.cli import build_parser, parse_args
+from serving.api.args import ServerArgs
+from serving.cli import SECTIONS, build_parser, config_to_argv, declared_options, parse_args
+from serving.engine.config import EngineArgs
+from serving.options import byte_size, option
 from tests.api.server_utils import REPO, repo_env
 
 CONFIGS = REPO / "configs"
@@ -135,3 +140,144 @@ def test_serve_convert_subcommand_reaches_the_converter(capsys: pytest.CaptureFi
         serve_main(["convert", "--help"])
     assert e.value.code == 0
     assert "--output" in capsys.readouterr().out
+
+
+def test_every_field_is_an_option_with_its_default_and_help(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One source of truth: the parser's defaults and help are the dataclass fields'."""
+    monkeypatch.delenv("XLASERVE_API_KEY", raising=False)
+    assert parse_args([]) == (EngineArgs(), ServerArgs())
+    by_dest = {a.dest: a for a in build_parser()._actions}  # MODEL: the positional
+    declared = {opt.field.name: opt for opt in declared_options()}
+    for cls, _ in SECTIONS:
+        for f in fields(cls):
+            assert f.name in declared, f"{cls.__name__}.{f.name} is not an option"
+    for name, opt in declared.items():
+        assert by_dest[name].help == opt.spec.help, name
+        assert by_dest[name].default == opt.default, name
+    # --max-logprobs is declared on ServerArgs and fills EngineArgs' field of the same name.
+    engine, server = parse_args(["--max-logprobs", "5"])
+    assert engine.max_logprobs == server.max_logprobs == 5
+
+
+@dataclass
+class _NewOptions:
+    """What a new field needs: its declaration, nothing else."""
+
+    window: int | None = option(None, "Window size.", parse=byte_size, metavar="SIZE")
+    turbo: bool = option(False, "Go faster.")
+    cache: bool = option(True, "Cache things.", aliases=("--use-cache",))
+    modes: list[str] = option(["a"], "Modes.", name="mode")
+    flavour: str = option("plain", "Flavour.", choices=("plain", "spicy"), group="Taste")
+
+
+def test_a_new_field_is_an_option_on_the_command_line_in_yaml_and_in_help(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = build_parser(((_NewOptions, "New"),))
+    ns = parser.parse_args([])
+    assert (ns.window, ns.turbo, ns.cache, ns.modes, ns.flavour) == (None, False, True, ["a"],
+                                                                     "plain")
+    ns = parser.parse_args(["--window", "2k", "--turbo", "--no-use-cache", "--mode", "x",
+                            '["y", "z"]', "--flavour", "spicy"])
+    assert (ns.window, ns.turbo, ns.cache, ns.modes, ns.flavour) == (2048, True, False,
+                                                                     ["x", "y", "z"], "spicy")
+    assert _NewOptions().modes is not _NewOptions().modes  # list defaults are not shared
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("window: 1MiB\nturbo: true\nuse_cache: false\nmode: [q]\n")
+    argv, _, dests = config_to_argv(str(cfg), parser)
+    ns = parser.parse_args(argv)
+    assert (ns.window, ns.turbo, ns.cache, ns.modes) == (1024 * 1024, True, False, ["q"])
+    assert dests == {"window", "turbo", "cache", "modes"}
+    parser.print_help()
+    out = capsys.readouterr().out
+    for text in ("--window SIZE", "Window size.", "--turbo", "--cache, --no-cache",
+                 "--use-cache", "--mode", "Modes.", "Taste:", "{plain,spicy}"):
+        assert text in out, text
+
+
+def test_declaration_mistakes_fail_loudly() -> None:
+    @dataclass
+    class Plain:
+        x: int = 1
+
+    @dataclass
+    class Declares:
+        x: int = option(1, "X.")
+
+    @dataclass
+    class SharesOtherDefault:
+        x: int = 2
+
+    @dataclass
+    class Odd:
+        x: tuple[int, int] = option((1, 2), "A pair.")
+
+    with pytest.raises(TypeError, match=r"Plain\.x is not declared with"):
+        build_parser(((Plain, "P"),))
+    with pytest.raises(TypeError, match="declared twice"):
+        build_parser(((Declares, "A"), (Declares, "B")))
+    with pytest.raises(TypeError, match="default differs"):
+        build_parser(((Declares, "A"), (SharesOtherDefault, "B")))
+    @dataclass
+    class ParsedList:
+        x: list[str] = option([], "Items.", choices=("a", "b"))
+
+    with pytest.raises(TypeError, match=r"needs Option\.parse"):
+        build_parser(((Odd, "O"),))
+    with pytest.raises(TypeError, match="are for one-value options"):
+        build_parser(((ParsedList, "L"),))
+    build_parser(((Declares, "A"), (Plain, "B")))  # a plain field may share a declared option
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-logprobs", "21"], "argument --max-logprobs: must be in [0, 20], got 21"),
+    (["--max-logprobs", "-1"], "must be in [0, 20]"),
+    (["--max-n", "0"], "argument --max-n: must be at least 1"),
+    (["--max-n", "x"], "invalid int value: 'x'"),
+    (["--override-pooler-config", "{bad"], "argument --override-pooler-config: Expecting"),
+    (["--override-pooler-config", "[1]"], "expected a JSON object"),
+    (["--override-pooler-config", '{"pool": 1}'], "unknown pooler config field 'pool'"),
+    (["--allowed-origins", "[1]"], "expected a JSON list of strings"),
+    (["--max-model-len", "1.5"], "not a whole number of tokens"),
+    (["--max-request-body", "lots"], "invalid size 'lots'"),
+])
+def test_checks_declared_on_the_fields(capsys: pytest.CaptureFixture[str], argv: list[str],
+                                       message: str) -> None:
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_aliases_in_yaml_and_dtype_names(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    assert parse_args(["--dtype", "half"])[0].dtype == "float16"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("gpu_memory_utilization: 0.5\nuvicorn-log-level: debug\ndtype: half\n"
+                   "model: from-config\n")
+    engine, server = parse_args(["--config", str(cfg), "--model", "from-cli"])
+    assert engine.kv_cache_memory_fraction == 0.5 and server.log_level == "debug"
+    assert engine.dtype == "float16" and engine.model == "from-cli"
+    cfg.write_text("no-enable-prefix-caching: true\n")  # the YAML form is `...: false`
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(cfg)])
+    assert "unknown option 'no-enable-prefix-caching'" in capsys.readouterr().err
+
+
+def test_docs_name_real_options_and_their_defaults() -> None:
+    """docs/SERVER.md stays true: every option it names exists, and its table of timeouts and
+    limits gives the defaults the dataclasses have."""
+    text = (REPO / "docs" / "SERVER.md").read_text()
+    parser = build_parser()
+    known = {o for a in parser._actions for o in a.option_strings}
+    named = {name.replace("_", "-") for name in re.findall(r"(?<![\w-])--[a-z][\w-]*", text)
+             if not name.endswith("-")}  # "--no-" is a prefix, not an option
+    assert named and named <= known, sorted(named - known)
+    actions = {o: a for a in parser._actions for o in a.option_strings}
+    rows = re.findall(r"^\| `(--[a-z-]+)` \| ([^|]+) \|", text, flags=re.M)
+    assert len(rows) >= 6
+    for opt, shown in rows:
+        action = actions[opt]
+        value = shown.strip().removesuffix(" s").replace(" ", "")
+        convert = action.type if callable(action.type) else str
+        assert convert(value) == action.default, (opt, shown)

@@ -266,6 +266,10 @@ def _add_middleware(app: Sanic, args: ServerArgs) -> None:
         if args.enable_request_id_headers:
             rid = getattr(request.ctx, "request_id", None) or uuid.uuid4().hex
             response.headers["X-Request-Id"] = rid
+        # CORS by hand, not sanic-ext's: with allowed headers '*' its preflight answer is
+        # `Access-Control-Allow-Headers: *`, which browsers do not apply to Authorization
+        # (Fetch: a non-wildcard header name), so an OpenAI client in a page could not send its
+        # key. Asked headers are echoed instead.
         origin = request.headers.get("origin")
         if origins and origin and ("*" in origins or origin in origins):
             wildcard = "*" in origins and not args.allow_credentials

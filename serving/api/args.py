@@ -1,7 +1,9 @@
 """``ServerArgs``: the HTTP server's own options (the engine's live in ``EngineArgs``).
 
-Filled by ``serving.cli`` from the command line and ``--config`` YAML. Defaults are tuned for LLM
-traffic (see docs/SERVER.md, "Timeouts and limits"):
+Filled by ``serving.cli`` from the command line and ``--config`` YAML; each field is declared
+with ``serving.options.option``, from which the ``serve`` option, its YAML key and its ``--help``
+entry are generated. Defaults are tuned for LLM traffic (see docs/SERVER.md, "Timeouts and
+limits"):
 
 - ``response_timeout`` 3600 s: Sanic's 60 s default would cut a long non-streaming generation (it
   counts from the last byte sent; a streaming response resets it with every chunk);
@@ -13,37 +15,91 @@ traffic (see docs/SERVER.md, "Timeouts and limits"):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8000
-DEFAULT_MAX_REQUEST_BODY = 4 * 1024 * 1024
+from serving.api.chat_template import load_chat_template
+from serving.engine.sampling_params import MAX_LOGPROBS
+from serving.options import byte_size, int_in_range, option
+
+CHAT = "Chat templates"
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+def _loadable_template(value: str) -> str:
+    """A ``--chat-template`` that cannot be read stops ``serve`` before the model loads."""
+    load_chat_template(value)  # ValueError names the path
+    return value
 
 
 @dataclass
 class ServerArgs:
-    host: str = DEFAULT_HOST
-    port: int = DEFAULT_PORT
-    api_keys: list[str] = field(default_factory=list)
-    served_model_names: list[str] = field(default_factory=list)  # empty: the engine's model name
-    chat_template: str | None = None  # path or inline template; None: tokenizer / GGUF template
-    chat_template_content_format: str = "auto"  # auto | string | openai
-    trust_request_chat_template: bool = False
-    chat_template_render_timeout: float = 5.0
-    response_role: str = "assistant"
-    enable_request_id_headers: bool = False
-    allowed_origins: list[str] = field(default_factory=list)  # empty: no CORS headers at all
-    allowed_methods: list[str] = field(default_factory=lambda: ["GET", "POST", "OPTIONS"])
-    allowed_headers: list[str] = field(default_factory=lambda: ["*"])
-    allow_credentials: bool = False
-    log_level: str = "info"
-    disable_log_requests: bool = False
-    max_request_body: int = DEFAULT_MAX_REQUEST_BODY
-    max_n: int = 16  # cap on n (choices per prompt) × prompts per request
-    max_logprobs: int = 20
-    request_timeout: float = 60.0
-    response_timeout: float = 3600.0
-    keep_alive_timeout: float = 75.0
-    shutdown_timeout: float = 30.0
-    return_tokens_as_token_ids: bool = False
-    enable_force_include_usage: bool = False
+    host: str = option(
+        "127.0.0.1", "Address to bind. The default is loopback only; pass 0.0.0.0 to expose the "
+                     "server.")
+    port: int = option(8000, "Port to bind.")
+    api_keys: list[str] = option(
+        [], "Require `Authorization: Bearer KEY` on every route except /health, /metrics and "
+            "/version (several keys allowed). Falls back to the XLASERVE_API_KEY environment "
+            "variable.", name="api-key", metavar="KEY")
+    served_model_names: list[str] = option(
+        [], "Model names clients may use in `model`; the first is used in responses. Default: "
+            "the model's own name.", name="served-model-name", metavar="NAME")
+    chat_template: str | None = option(
+        None, "Jinja chat template: a file path or the template itself. Default: the template in "
+              "the tokenizer config or GGUF metadata. Examples: configs/chat_templates/.",
+        parse=_loadable_template, metavar="PATH_OR_TEMPLATE", group=CHAT)
+    chat_template_content_format: str = option(
+        "auto", "How message content reaches the template: 'string' (text) or 'openai' (a list "
+                "of parts). 'auto' detects it from the template.",
+        choices=("auto", "string", "openai"), group=CHAT)
+    trust_request_chat_template: bool = option(
+        False, "Allow requests to bring their own chat_template (refused by default: templates "
+               "are code).", group=CHAT)
+    chat_template_render_timeout: float = option(
+        5.0, "Time limit for rendering one chat template.", metavar="SECONDS", group=CHAT)
+    response_role: str = option(
+        "assistant", "Role of generated chat messages when add_generation_prompt is true.",
+        group=CHAT)
+    enable_request_id_headers: bool = option(
+        False, "Echo the client's X-Request-Id response header, or send a generated one.")
+    allowed_origins: list[str] = option(
+        [], "CORS origins allowed to call the API ('*' for any; a JSON list works too). Default: "
+            "none, no CORS headers are sent.", metavar="ORIGIN")
+    allowed_methods: list[str] = option(
+        ["GET", "POST", "OPTIONS"], "CORS methods allowed in preflight answers.",
+        metavar="METHOD")
+    allowed_headers: list[str] = option(
+        ["*"], "CORS request headers allowed ('*': any).", metavar="HEADER")
+    allow_credentials: bool = option(
+        False, "CORS: allow credentials (the origin is then echoed, never '*').")
+    log_level: str = option(
+        "info", "Log level of the server (`--uvicorn-log-level` is accepted as an alias for vLLM "
+                "compatibility).", choices=LOG_LEVELS, aliases=("--uvicorn-log-level",))
+    disable_log_requests: bool = option(
+        False, "Do not log one line per request (method, path, status, latency, request id; "
+               "bodies are never logged).")
+    max_request_body: int = option(
+        4 * 1024 * 1024, "Largest request body accepted (bytes, or 4MiB, 512k); larger bodies "
+                         "get 413.", parse=byte_size, metavar="SIZE")
+    max_n: int = option(
+        16, "Largest number of choices per request (n × number of prompts).",
+        parse=int_in_range(1))
+    max_logprobs: int = option(
+        MAX_LOGPROBS, f"Most logprobs a request may ask for (at most {MAX_LOGPROBS}).",
+        parse=int_in_range(0, MAX_LOGPROBS))
+    request_timeout: float = option(
+        60.0, "Time a client has to send its whole request (408 after).", metavar="SECONDS")
+    response_timeout: float = option(
+        3600.0, "Longest silence while answering: the whole of a non-streaming generation, or "
+                "the gap between two streamed chunks (503 after).", metavar="SECONDS")
+    keep_alive_timeout: float = option(
+        75.0, "Idle time before a keep-alive connection is closed (keep it above your load "
+              "balancer's idle timeout).", metavar="SECONDS")
+    shutdown_timeout: float = option(
+        30.0, "On SIGTERM, how long in-flight requests may finish before they are aborted.",
+        metavar="SECONDS")
+    return_tokens_as_token_ids: bool = option(
+        False, "Show logprob tokens as `token_id:N` in every response.")
+    enable_force_include_usage: bool = option(
+        False, "Send the usage chunk at the end of every stream, even without "
+               "stream_options.include_usage.")

@@ -82,10 +82,10 @@ def load_chat_template(value: str | None) -> str | None:
             with open(value, encoding="utf-8") as f:
                 return f.read()
     except OSError as e:
-        raise ValueError(f"--chat-template: cannot read {value!r}: {e.strerror}") from e
+        raise ValueError(f"cannot read {value!r}: {e.strerror}") from e
     if any(c in value for c in "{}\n"):
         return value
-    raise ValueError(f"--chat-template {value!r} looks like a file path, but it does not exist "
+    raise ValueError(f"{value!r} looks like a file path, but it does not exist "
                      "(pass an existing file or an inline Jinja template).")
 
 
