@@ -208,7 +208,3 @@ class Sharder:
         if self.lockstep is None:
             raise RuntimeError("follow_steps needs a mesh spanning several processes")
         return self.lockstep.steps()
-
-    @property
-    def is_follower(self) -> bool:
-        return self.lockstep is not None and not self.lockstep.leader

@@ -144,12 +144,6 @@ class KVCacheManager:
         seq.num_hashed_pages = 0
         seq.last_hash = b""
 
-    def reset_prefix_cache(self) -> None:
-        for page in list(self.evictable):
-            del self.hash_page[self.page_hash.pop(page)]
-            self.free.append(page)
-        self.evictable.clear()
-
     def check(self) -> None:
         """Assert the invariants (tests and debug runs)."""
         if not self.has_cache:

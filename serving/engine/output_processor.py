@@ -137,10 +137,6 @@ class OutputProcessor:
         """Forget a request its caller gave up on."""
         self._requests.pop(request_id, None)
 
-    @property
-    def num_tracked(self) -> int:
-        return len(self._requests)
-
     def process(self, outs: list[SeqOutput]) -> Processed:
         res = Processed()
         by_req: dict[str, RequestOutput] = {}

@@ -185,6 +185,8 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.kv.free_seq(seq)
+        if seq.pool is not None:  # its prompt is computed again from the start
+            seq.pool = PoolAccumulator()
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from models.pooling import PoolingType
 from serving.engine.kv_cache_manager import KVCacheManager
 from serving.engine.pooling_params import PoolingParams
 from serving.engine.records import (
@@ -18,6 +19,8 @@ from serving.engine.records import (
 from serving.engine.request import EngineRequest
 from serving.engine.sampling_params import SamplingParams
 from serving.engine.scheduler import Scheduler, SchedulerConfig
+
+PoolParamsMean = PoolingParams()
 
 
 def make(s: Scheduler, rid: str, prompt_len: int, n: int = 1, first: int = 0,
@@ -200,3 +203,27 @@ def test_pooling_request_finishes_with_its_result() -> None:
     np.testing.assert_allclose(outs[0].pooled, chunk)  # the mean over two chunks of 4 and 2
     assert outs[0].finish_reason == "stop" and not s.requests
     s.kv.check()
+
+
+def test_preempted_pooling_prompt_pools_only_its_recomputed_chunks() -> None:
+    """A pooling prompt preempted half way is computed again from the start: what its first
+    chunks contributed before the preemption must not count twice."""
+    s = setup(pages=5, budget=4, seqs=2, ps=4)  # 4 usable pages
+    s.add(EngineRequest("p", tuple(range(12)), 0.0, pooling=PoolParamsMean, full_prompt=True,
+                        pooling_type=PoolingType.MEAN))
+    seq = s.requests["p"].seqs[0]
+
+    def run(out: SchedulerOutput) -> list:
+        res = RunnerOutput(tuple(RowResult(pooled=PooledChunk(ones, ones, ones * r.num_tokens))
+                                 for r in out.rows))
+        return s.update_from_output(out, res)
+
+    ones = np.ones(2, np.float32)
+    run(s.schedule())  # 4 of 12 prompt tokens
+    assert seq.num_computed == 4 and seq.pool is not None and seq.pool.total is not None
+    s._preempt(s.running.pop())  # as schedule() does when a page is short
+    assert seq.pool.total is None and seq.num_computed == 0
+    outs = []
+    while s.has_work:
+        outs += run(s.schedule())
+    np.testing.assert_allclose(outs[0].pooled, ones)  # 12 tokens summed once, / 12
