@@ -113,14 +113,16 @@ class DataParallelClient:
         return ties[next(self._rr) % len(ties)]
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+                       request_id: str, *, cache_salt: str | None = None
+                       ) -> AsyncIterator[RequestOutput]:
         """As ``AsyncEngineClient.generate``, on the least-loaded replica."""
         if request_id in self._owner:
             raise ValueError(f"request id {request_id!r} is already in flight")
         replica = self._pick()
         self._owner[request_id] = replica
         try:
-            async for out in replica.generate(prompt_token_ids, params, request_id):
+            async for out in replica.generate(prompt_token_ids, params, request_id,
+                                              cache_salt=cache_salt):
                 yield out
         finally:
             self._owner.pop(request_id, None)

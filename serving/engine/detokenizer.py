@@ -5,11 +5,30 @@ emit only what the newest token added, holding back while the window ends in an 
 sequence (U+FFFD). Stop strings are matched on the accumulated text; any tail that could still
 grow into a stop string is held back, so a partial stop string is never emitted, and on a match
 the text is cut exactly at the stop (or just after it with ``include_stop_str_in_output``).
+
+``spaces_between_special_tokens=False`` (with ``skip_special_tokens=False``) is applied here,
+because a fast tokenizer's ``decode`` ignores that flag: as in vLLM's fast detokenizer, an added
+token that directly follows another added token is emitted as its own text, without the
+separator the tokenizer's decoder puts before it. WordPiece decoders write "[SEP] [CLS]"; the
+byte-level and sentencepiece decoders of SmolLM2, Llama or Gemma put nothing between added
+tokens, so for them the flag changes nothing.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
+
+_ADDED: weakref.WeakKeyDictionary[Any, dict[int, str]] = weakref.WeakKeyDictionary()
+
+
+def added_token_texts(tokenizer: Any) -> dict[int, str]:
+    """Id → text of every added (special or user-added) token, cached per tokenizer."""
+    texts = _ADDED.get(tokenizer)
+    if texts is None:
+        texts = {i: t.content for i, t in tokenizer.added_tokens_decoder.items()}
+        _ADDED[tokenizer] = texts
+    return texts
 
 
 class IncrementalDetokenizer:
@@ -18,7 +37,10 @@ class IncrementalDetokenizer:
                  include_stop_str_in_output: bool) -> None:
         self.tok = tokenizer
         self.skip = skip_special_tokens
-        self.spaces = spaces_between_special_tokens
+        # Added tokens whose separator from a preceding added token is dropped (empty: none).
+        self.unspaced: dict[int, str] = (
+            {} if skip_special_tokens or spaces_between_special_tokens
+            else added_token_texts(tokenizer))
         self.stop = stop
         self.include_stop = include_stop_str_in_output
         # Seed the window with the prompt's tail so the first output token decodes in context
@@ -31,10 +53,10 @@ class IncrementalDetokenizer:
         self.max_stop = max((len(s) for s in stop), default=0)
 
     def _decode(self, ids: list[int]) -> str:
-        return str(self.tok.decode(ids, skip_special_tokens=self.skip,
-                                   spaces_between_special_tokens=self.spaces))
+        return str(self.tok.decode(ids, skip_special_tokens=self.skip))
 
     def add(self, token_id: int) -> None:
+        after_added = bool(self.ids) and self.ids[-1] in self.unspaced
         self.ids.append(token_id)
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
         full = self._decode(self.ids[self.prefix_offset:])
@@ -42,7 +64,12 @@ class IncrementalDetokenizer:
         # tokens, so past that the bytes are invalid and are emitted as U+FFFD like decode() does.
         pending = len(self.ids) - self.read_offset
         if len(full) > len(prefix) and (not full.endswith("\ufffd") or pending >= 4):
-            self.text += full[len(prefix):]
+            new = full[len(prefix):]
+            if after_added and token_id in self.unspaced:
+                # The previous added token was emitted whole (it is never a partial character),
+                # so ``new`` is this token's text alone, with the decoder's separator in front.
+                new = self.unspaced[token_id]
+            self.text += new
             self.prefix_offset = self.read_offset
             self.read_offset = len(self.ids)
 

@@ -159,14 +159,15 @@ class LLMEngine:
                 f"{self.kv.num_pages - 1}; reduce max_tokens or the prompt.")
         return prompt_ids
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *,
+                    cache_salt: str | None = None) -> None:
         if request_id in self.requests:
             raise ValueError(f"duplicate request id {request_id!r}")
         prompt_ids = self.validate(list(prompt_ids), params)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
         max_tokens = params.max_tokens or (self.max_model_len - len(prompt_ids))
         req = Request(request_id, prompt_ids, params, int(seed) & 0xFFFFFFFF, time.time(),
-                      self.eos_ids, max_tokens)
+                      self.eos_ids, max_tokens, cache_salt=cache_salt or "")
         for i in range(params.n):
             seq = Sequence(req, i, list(prompt_ids))
             seq.detok = IncrementalDetokenizer(

@@ -68,7 +68,8 @@ class AsyncEngineClient:
 
     # ---- requests ----------------------------------------------------------------------------
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+                       request_id: str, *, cache_salt: str | None = None
+                       ) -> AsyncIterator[RequestOutput]:
         """Stream outputs; leaving the loop early (break, cancel, disconnect) aborts the request.
 
         Raises ValueError (a 400 for the server) before anything is queued if the request is
@@ -81,7 +82,7 @@ class AsyncEngineClient:
             raise ValueError(f"request id {request_id!r} is already in flight")
         q: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._queues[request_id] = q
-        self._submit("add", (request_id, prompt_token_ids, params))
+        self._submit("add", (request_id, prompt_token_ids, params, cache_salt))
         finished = False
         try:
             while True:
@@ -121,9 +122,9 @@ class AsyncEngineClient:
                     cmds, self._commands = self._commands, []
                 for kind, payload in cmds:
                     if kind == "add":
-                        rid, ids, params = payload
+                        rid, ids, params, salt = payload
                         try:
-                            eng.add_request(rid, ids, params)
+                            eng.add_request(rid, ids, params, cache_salt=salt)
                         except ValueError as e:
                             self._loop.call_soon_threadsafe(self._fail, rid, e)
                     elif kind == "abort":
