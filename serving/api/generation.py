@@ -271,8 +271,8 @@ async def _tracked(engine: Any, gen: AsyncIterator[RequestOutput], rm: RequestMe
 
 
 async def engine_stream(engine: Any, metrics: ServerMetrics, prompts: list[Prompt],
-                        params: list[SamplingParams], base_id: str,
-                        arrival: float | None = None, cache_salt: str | None = None
+                        params: list[SamplingParams], base_id: str, *,
+                        cache_salt: str | None = None
                         ) -> AsyncGenerator[tuple[int, RequestOutput], None]:
     """Yield ``(prompt_index, output)`` for every engine output of every prompt.
 
@@ -280,7 +280,7 @@ async def engine_stream(engine: Any, metrics: ServerMetrics, prompts: list[Promp
     Must be closed by the caller (``contextlib.aclosing``): closing cancels the pumps and closes
     each engine iterator, which aborts the unfinished engine requests.
     """
-    arrival = time.monotonic() if arrival is None else arrival
+    arrival = time.monotonic()
     suffix = secrets.token_hex(4)  # engine ids stay unique even when clients reuse request ids
     gens = [
         _tracked(engine, engine.generate(p.token_ids, sp, f"{base_id}-{i}-{suffix}",
