@@ -9,8 +9,8 @@ the text is cut exactly at the stop (or just after it with ``include_stop_str_in
 ``spaces_between_special_tokens=False`` (with ``skip_special_tokens=False``) is applied here,
 because a fast tokenizer's ``decode`` ignores that flag: as in vLLM's fast detokenizer, an added
 token that directly follows another added token is emitted as its own text, without the
-separator the tokenizer's decoder puts before it. WordPiece decoders write "[SEP] [CLS]"; the
-byte-level and sentencepiece decoders of SmolLM2, Llama or Gemma put nothing between added
+separator the tokenizer's decoder puts before it. WordPiece decoders write "[SEP] [CLS]";
+byte-level BPE (SmolLM2, Llama 3) and Gemma's sentencepiece decoder put nothing between added
 tokens, so for them the flag changes nothing.
 """
 
