@@ -393,10 +393,6 @@ class ChatRenderer:
                                self.forced_format, detected)
             self.content_format = self.forced_format or detected
 
-    @property
-    def has_template(self) -> bool:
-        return self.template_source is not None
-
     def _compile(self, source: str) -> tuple[jinja2.Template, ContentFormat]:
         with self._lock:
             hit = self._compiled.get(source)

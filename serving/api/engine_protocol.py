@@ -63,10 +63,11 @@ class ServingEngine(Protocol):
 class EngineClient(ServingEngine, Protocol):
     """A generation engine. ``generate`` yields deltas for one request; closing the iterator
     early aborts the request and frees its KV pages (the server relies on this for client
-    disconnects)."""
+    disconnects). ``cache_salt`` namespaces the request's prefix-cache pages: requests with
+    different salts (None is the shared namespace) never reuse each other's cached K/V."""
 
-    def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                 request_id: str) -> AsyncIterator[RequestOutput]: ...
+    def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, *,
+                 cache_salt: str | None = None) -> AsyncIterator[RequestOutput]: ...
 
     async def abort(self, request_id: str) -> None: ...
 

@@ -47,20 +47,10 @@ class APIError(Exception):
 
     status: int = 400
 
-    def __init__(self, message: str, *, param: str | None = None,
-                 status: int | None = None) -> None:
+    def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
-        if status is not None:
-            self.status = status
-
-    @property
-    def type(self) -> str:
-        return ERROR_TYPES.get(self.status, "APIError")
-
-    def body(self) -> dict[str, Any]:
-        return error_body(self.message, self.status, self.param)
 
 
 class BadRequest(APIError):
@@ -69,10 +59,6 @@ class BadRequest(APIError):
 
 class NotFound(APIError):
     status = 404
-
-
-class Unauthorized(APIError):
-    status = 401
 
 
 class ServiceUnavailable(APIError):

@@ -23,7 +23,12 @@ from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from serving.api.errors import BadRequest, InternalError, ServiceUnavailable
+from serving.api.errors import (
+    BadRequest,
+    InternalError,
+    ServiceUnavailable,
+    param_from_value_error,
+)
 from serving.api.metrics import RequestMetrics, ServerMetrics
 from serving.api.protocol import (
     MAX_STOP_SEQUENCES,
@@ -58,10 +63,18 @@ def check_unsupported(req: Any, table: Mapping[str, str]) -> None:
 def check_common(req: SamplingFields, max_n: int) -> None:
     """Checks shared by both generation APIs that do not depend on the prompt."""
     check_unsupported(req, UNSUPPORTED_SAMPLING)
-    if req.response_format is not None and req.response_format.type != "text":
-        raise BadRequest(f"response_format type '{req.response_format.type}' is not supported "
-                         "yet (structured outputs arrive in a later release); only 'text' is.",
-                         param="response_format")
+    if req.response_format is not None:
+        if req.response_format.type != "text":
+            raise BadRequest(f"response_format type '{req.response_format.type}' is not "
+                             "supported yet (structured outputs arrive in a later release); only "
+                             "'text' is.", param="response_format")
+        if req.response_format.json_schema is not None:
+            raise BadRequest("response_format.json_schema only applies to type 'json_schema', "
+                             "which is not supported yet (structured outputs arrive in a later "
+                             "release).", param="response_format")
+    if req.cache_salt is not None and not req.cache_salt:
+        raise BadRequest("Parameter 'cache_salt' must be a non-empty string if provided.",
+                         param="cache_salt")
     if req.best_of is not None and req.best_of != req.n:
         raise BadRequest("best_of is not supported (it must be unset or equal to n).",
                          param="best_of")
@@ -156,15 +169,10 @@ def build_sampling_params(req: SamplingFields, *, defaults: Mapping[str, Any], v
     try:
         params.validate(vocab_size)
     except ValueError as e:
-        raise BadRequest(str(e), param=_field_of(e)) from None
+        raise BadRequest(str(e), param=param_from_value_error(e)) from None
     if params.n > 1 and params.greedy:
         raise BadRequest(f"n must be 1 when using greedy sampling, got {params.n}.", param="n")
     return params
-
-
-def _field_of(exc: ValueError) -> str | None:
-    first = str(exc).split(" ", 1)[0]
-    return first if first.isidentifier() else None
 
 
 def check_prompt(ids: list[int], *, vocab_size: int, max_model_len: int,
@@ -219,10 +227,6 @@ def default_max_tokens_cap(defaults: Mapping[str, Any]) -> int | None:
     return int(cap) if cap else None
 
 
-def new_request_id() -> str:
-    return secrets.token_hex(16)
-
-
 def finish_label(reasons: list[str | None]) -> str:
     """One label per engine request for ``request_success``: the worst of its choices."""
     for bad in ("error", "abort"):
@@ -267,18 +271,20 @@ async def _tracked(engine: Any, gen: AsyncIterator[RequestOutput], rm: RequestMe
 
 
 async def engine_stream(engine: Any, metrics: ServerMetrics, prompts: list[Prompt],
-                        params: list[SamplingParams], base_id: str,
-                        arrival: float | None = None
+                        params: list[SamplingParams], base_id: str, *,
+                        cache_salt: str | None = None
                         ) -> AsyncGenerator[tuple[int, RequestOutput], None]:
     """Yield ``(prompt_index, output)`` for every engine output of every prompt.
 
+    ``cache_salt`` (the request's field) namespaces the prefix cache of every engine request.
     Must be closed by the caller (``contextlib.aclosing``): closing cancels the pumps and closes
     each engine iterator, which aborts the unfinished engine requests.
     """
-    arrival = time.monotonic() if arrival is None else arrival
+    arrival = time.monotonic()
     suffix = secrets.token_hex(4)  # engine ids stay unique even when clients reuse request ids
     gens = [
-        _tracked(engine, engine.generate(p.token_ids, sp, f"{base_id}-{i}-{suffix}"),
+        _tracked(engine, engine.generate(p.token_ids, sp, f"{base_id}-{i}-{suffix}",
+                                         cache_salt=cache_salt),
                  RequestMetrics(metrics, arrival, len(p.token_ids)), sp.n)
         for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
     ]

@@ -8,7 +8,7 @@ fields live in ``SamplingParams.validate`` (one source of truth shared with the 
 bounds here are the ones a schema can state without knowing the server's configuration.
 
 No engine imports: the HTTP layer builds ``SamplingParams`` from these models in
-``serving.api.sampling``.
+``serving.api.generation``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ MAX_STOP_SEQUENCES = 16
 MAX_STOP_STRING_CHARS = 1000
 MAX_MESSAGES = 4096
 MAX_PROMPTS = 256
+MAX_CACHE_SALT_CHARS = 256
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
@@ -90,6 +91,9 @@ class SamplingFields(OpenAIBaseModel):
     return_token_ids: bool | None = None
     response_format: ResponseFormat | None = None
     service_tier: str | None = None
+    # Salts the prefix-cache hashes (vLLM): requests with different salts never share cached
+    # pages. A non-empty string; checked in ``serving.api.generation.check_common``.
+    cache_salt: str | None = Field(None, max_length=MAX_CACHE_SALT_CHARS)
     # Declared so that they can be refused with a clear 400 (see UNSUPPORTED_SAMPLING).
     use_beam_search: bool = False
     allowed_token_ids: Any = None
@@ -103,7 +107,6 @@ class SamplingFields(OpenAIBaseModel):
     guided_whitespace_pattern: Any = None
     structural_tag: Any = None
     logits_processors: Any = None
-    cache_salt: Any = None
     kv_transfer_params: Any = None
     vllm_xargs: Any = None
     mm_processor_kwargs: Any = None
@@ -145,9 +148,10 @@ class ChatCompletionRequest(SamplingFields):
     documents: list[dict[str, str]] | None = None
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    reasoning_effort: str | None = None
-    include_reasoning: bool = True
-    parallel_tool_calls: bool | None = None  # accepted and ignored (no tools yet), as vLLM 0.11
+    reasoning_effort: str | None = None  # a chat template input
+    include_reasoning: bool = True  # false is refused: there is no reasoning parser yet
+    # Only constrains tool calls, and tools are refused: accepted, nothing to do (vLLM 0.11).
+    parallel_tool_calls: bool | None = None
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
@@ -202,7 +206,6 @@ UNSUPPORTED_SAMPLING: dict[str, str] = {
     "guided_whitespace_pattern": f"guided_whitespace_pattern {LATER}",
     "structural_tag": f"structural_tag {LATER}",
     "logits_processors": "per-request logits_processors are not supported",
-    "cache_salt": "cache_salt is not supported",
     "kv_transfer_params": "kv_transfer_params is not supported",
     "vllm_xargs": "vllm_xargs is not supported",
     "mm_processor_kwargs": "mm_processor_kwargs is not supported (text-only models)",
@@ -215,7 +218,6 @@ UNSUPPORTED_CHAT: dict[str, str] = {
     "tools": f"tools {LATER}",
     "functions": f"functions {LATER}",
     "function_call": f"function_call {LATER}",
-    "modalities": "modalities other than text are not supported",
     "audio": "audio output is not supported",
     "prediction": "prediction (predicted outputs) is not supported",
     "web_search_options": "web_search_options is not supported",

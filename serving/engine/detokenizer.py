@@ -8,10 +8,18 @@ prompt is ever emitted as output text. Stop strings are matched on the accumulat
 tail that could still grow into a stop string is held back, so a partial stop string is never
 emitted, and on a match the text is cut exactly at the stop (or just after it with
 ``include_stop_str_in_output``).
+
+``spaces_between_special_tokens=False`` (with ``skip_special_tokens=False``) is applied here,
+because a fast tokenizer's decoder ignores that flag: as in vLLM's fast detokenizer, an added
+token that directly follows another added token is emitted as its own text, without the
+separator the tokenizer's decoder puts before it. WordPiece decoders write "[SEP] [CLS]";
+byte-level BPE (SmolLM2, Llama 3) and Gemma's sentencepiece decoder put nothing between added
+tokens, so for them the flag changes nothing. The prompt's last token counts as the previous one.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,13 +30,30 @@ from tokenizers.decoders import DecodeStream
 PRIME_TOKENS = 6
 MAX_PRIME_TOKENS = 24
 
+_ADDED: weakref.WeakKeyDictionary[Any, dict[int, str]] = weakref.WeakKeyDictionary()
+
+
+def added_token_texts(tokenizer: Any) -> dict[int, str]:
+    """Id → text of every added (special or user-added) token, cached per tokenizer."""
+    texts = _ADDED.get(tokenizer)
+    if texts is None:
+        texts = {i: t.content for i, t in tokenizer.added_tokens_decoder.items()}
+        _ADDED[tokenizer] = texts
+    return texts
+
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], *, skip_special_tokens: bool,
-                 stop: Sequence[str], include_stop_str_in_output: bool) -> None:
+                 spaces_between_special_tokens: bool, stop: Sequence[str],
+                 include_stop_str_in_output: bool) -> None:
         self.tok = tokenizer  # transformers PreTrainedTokenizerFast
         self.backend = tokenizer.backend_tokenizer
         self.skip = skip_special_tokens
+        # Added tokens whose separator from a preceding added token is dropped (empty: none).
+        self.unspaced: dict[int, str] = (
+            {} if skip_special_tokens or spaces_between_special_tokens
+            else added_token_texts(tokenizer))
+        self.last_id: int | None = prompt_ids[-1] if prompt_ids else None
         self.stop = tuple(stop)
         self.include_stop = include_stop_str_in_output
         self.stream = DecodeStream(skip_special_tokens=skip_special_tokens)
@@ -52,7 +77,13 @@ class IncrementalDetokenizer:
         return []
 
     def add(self, token_id: int) -> None:
+        after_added = self.last_id in self.unspaced
+        self.last_id = token_id
         chunk = self.stream.step(self.backend, token_id)
+        if chunk is not None and after_added and token_id in self.unspaced:
+            # The previous added token was emitted whole (never a partial character), so the
+            # chunk is this token's text alone, with the decoder's separator in front.
+            chunk = self.unspaced[token_id]
         if chunk is None:
             self.pending.append(token_id)
         else:

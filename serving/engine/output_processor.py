@@ -126,7 +126,8 @@ class OutputProcessor:
         if p is not None:
             choices = [_Choice(i, p, IncrementalDetokenizer(
                 self.tokenizer, spec.prompt_ids, skip_special_tokens=p.skip_special_tokens,
-                stop=p.stop, include_stop_str_in_output=p.include_stop_str_in_output))
+                spaces_between_special_tokens=p.spaces_between_special_tokens, stop=p.stop,
+                include_stop_str_in_output=p.include_stop_str_in_output))
                 for i in range(p.n)]
         plp: list[TokenLogprob | None] | None = None
         if p is not None and p.prompt_logprobs is not None:

@@ -14,15 +14,23 @@ Behaviour (per choice j of a request):
 - one token per step, with ``step_delay`` seconds between steps (``XLASERVE_FAKE_STEP_S``);
 - a prompt ending in "FAIL" makes the request end with finish_reason "error"; one ending in
   "CRASH" also marks the engine dead (``is_healthy()`` False), as a crashed engine loop would.
+
+With ``record`` (a path; ``XLASERVE_FAKE_RECORD`` in ``tests.api.fake_server``) every request
+that reaches ``generate`` is appended to that file as one JSON line: request id, prompt token
+ids, every ``SamplingParams`` field and the keyword arguments (``cache_salt``), so that a test
+can see exactly what the HTTP layer handed to the engine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from serving.engine.outputs import CompletionDelta, RequestOutput, TokenLogprob
@@ -32,14 +40,19 @@ CANNED = ("The capital of France is Paris. It is known for the Eiffel Tower, mus
           "and long walks along the Seine.")
 
 
-def load_smollm2_tokenizer() -> Any:
-    """SmolLM2's tokenizer, built from its GGUF by the project's loader (cached)."""
+def load_gguf_tokenizer(alias: str) -> Any:
+    """The tokenizer of a GGUF model asset, built by the project's loader (cached)."""
     from models import assets
     from models.gguf import read_header
     from models.tokenizer import tokenizer_from_gguf
 
-    header = read_header(assets.fetch("smollm2-135m-instruct"))
+    header = read_header(assets.fetch(alias))
     return tokenizer_from_gguf(header.metadata, cache_key=header.header_sha256, progress=False)
+
+
+def load_smollm2_tokenizer() -> Any:
+    """SmolLM2's tokenizer (byte-level BPE, ChatML template; adds no special tokens)."""
+    return load_gguf_tokenizer("smollm2-135m-instruct")
 
 
 @dataclass
@@ -60,10 +73,12 @@ class FakeStats:
 class FakeEngineClient:
     def __init__(self, *, max_model_len: int = 2048, step_delay: float | None = None,
                  generation_defaults: dict[str, Any] | None = None,
-                 chat_template: str | None = "model") -> None:
-        self.tokenizer = load_smollm2_tokenizer()
+                 chat_template: str | None = "model", tokenizer: str = "smollm2-135m-instruct",
+                 record: Path | None = None) -> None:
+        self.tokenizer = load_gguf_tokenizer(tokenizer)
         if chat_template != "model":
             self.tokenizer.chat_template = chat_template
+        self.record = record
         self.model_name = "fake-smollm2"
         self.max_model_len = max_model_len
         self.vocab_size = len(self.tokenizer)
@@ -107,8 +122,19 @@ class FakeEngineClient:
                                      for k in range(1, 20)]
         return TokenLogprob(token_id=token_id, logprob=-0.25, rank=1, top=top)
 
+    def _record(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                **kwargs: Any) -> None:
+        if self.record is None:
+            return
+        entry = {"request_id": request_id, "prompt_token_ids": list(prompt_token_ids),
+                 "params": dataclasses.asdict(params), "kwargs": kwargs}
+        with self.record.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+                       request_id: str, *, cache_salt: str | None = None
+                       ) -> AsyncIterator[RequestOutput]:
+        self._record(request_id, prompt_token_ids, params, cache_salt=cache_salt)
         params.validate(self.vocab_size)
         prompt_text = self.tokenizer.decode(prompt_token_ids)
         pages = (len(prompt_token_ids) + 15) // 16

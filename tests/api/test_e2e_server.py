@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -250,6 +251,32 @@ def test_prompt_logprobs_and_continue_final_message(http: httpx.Client) -> None:
         "continue_final_message": True, "add_generation_prompt": False}).json()
     content = r["choices"][0]["message"]["content"]
     assert content.startswith("The capital of France is") and "Paris" in content
+
+
+def test_cache_salt_separates_prefix_cache_namespaces(http: httpx.Client) -> None:
+    """On the real engine: a salted request gets no prefix-cache hit from pages an unsalted or
+    differently salted identical prompt left, and vice versa; the same salt (or none) hits."""
+    def cached(prompt: str, salt: str | None = None) -> int:
+        body: dict[str, Any] = {"model": NAME, "prompt": prompt, "max_tokens": 1,
+                                "temperature": 0}
+        if salt is not None:
+            body["cache_salt"] = salt
+        r = http.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        return int(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+
+    # Each prompt starts with its own nonce: no earlier request can have cached any page of it.
+    shared = f"{uuid.uuid4().hex} The river town of Aldermere sat on a slow green river. " * 2
+    assert cached(shared) == 0
+    assert cached(shared) >= 32  # the unsalted namespace hits (16-token pages)
+    assert cached(shared, "tenant-a") == 0
+    assert cached(shared, "tenant-a") >= 32
+    assert cached(shared, "tenant-b") == 0
+    first_salted = f"{uuid.uuid4().hex} The librarian stayed for thirty-one years there. " * 2
+    assert cached(first_salted, "tenant-c") == 0
+    assert cached(first_salted) == 0
+    assert cached(first_salted) >= 32
+    assert cached(first_salted, "tenant-c") >= 32
 
 
 def test_tokenize_detokenize(http: httpx.Client) -> None:

@@ -3,7 +3,9 @@
 The official ``openai`` client for ``/v1/embeddings`` (float and base64), httpx for
 ``/pooling``, ``/score``, ``/rerank`` and ``/classify``; values checked against the transformers
 golden files. A generation server (the fake engine) refuses the pooling routes, and the pooling
-servers refuse the generation routes, with vLLM's messages.
+servers refuse the generation routes, with vLLM's messages. Every field of every pooling request
+model is used or refused with a 400 naming it (``tests/api/field_probes.py``); MiniLM renders
+chat input with ``FIELDS_TEMPLATE``, which reads every template input.
 """
 
 from __future__ import annotations
@@ -17,6 +19,15 @@ import numpy as np
 import openai
 import pytest
 
+from tests.api.field_probes import (
+    CROSS_ENCODER_ROUTES,
+    EMBEDDING_MODEL_ROUTES,
+    FIELDS_TEMPLATE,
+    Route,
+    case_id,
+    cases,
+    check_field,
+)
 from tests.api.server_utils import ServerProcess, fake_server, real_server
 from tests.pooling.conftest import (
     CROSS_ENCODER,
@@ -26,7 +37,6 @@ from tests.pooling.conftest import (
 )
 
 PAIR = ["A man is eating food.", "A man is eating a piece of bread."]
-TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +44,7 @@ def minilm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPr
     tmp = tmp_path_factory.mktemp("minilm")
     s = real_server(tmp, "all-minilm-l6-v2", "--served-model-name", "minilm",
                     "--max-model-len", "128", "--max-num-seqs", "8",
-                    "--chat-template", TEMPLATE, name="minilm").start(900)
+                    "--chat-template", FIELDS_TEMPLATE, name="minilm").start(900)
     yield s
     assert s.stop() == 0
 
@@ -205,6 +215,11 @@ def test_generation_routes_refused(http: httpx.Client) -> None:
     assert_pooling_only_server(http, "minilm", 128)
 
 
+@pytest.mark.parametrize("case", list(cases(EMBEDDING_MODEL_ROUTES)), ids=case_id)
+def test_field_is_used_or_refused(case: tuple[Route, str], http: httpx.Client) -> None:
+    check_field(http, *case)
+
+
 # ------------------------------------------------------------------------------- cross-encoder
 
 
@@ -265,6 +280,12 @@ def test_cross_encoder_classify_and_refusals(ce: httpx.Client) -> None:
                  "The model does not support Completions API")
     pooled = ce.post("/pooling", json={"input": "what is jax"})
     assert pooled.status_code == 200 and len(pooled.json()["data"][0]["data"]) == 1
+
+
+@pytest.mark.parametrize("case", list(cases(CROSS_ENCODER_ROUTES)), ids=case_id)
+def test_cross_encoder_field_is_used_or_refused(case: tuple[Route, str], ce: httpx.Client
+                                                ) -> None:
+    check_field(ce, *case)
 
 
 # ------------------------------------------------------------------------------- generate model

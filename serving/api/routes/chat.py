@@ -128,6 +128,12 @@ async def _plan(request: Request, state: ServerState) -> _Plan:
                          "release); only 'none' is accepted.", param="tool_choice")
     if req.store:
         raise BadRequest("store is not supported (this server stores nothing).", param="store")
+    if req.modalities not in (None, [], ["text"]):
+        raise BadRequest("modalities other than text are not supported.", param="modalities")
+    if not req.include_reasoning:
+        raise BadRequest("include_reasoning: false needs a reasoning parser, and this server has "
+                         "none yet (one arrives in a later release): the model's reasoning would "
+                         "stay in `content`.", param="include_reasoning")
     if req.top_logprobs is not None and req.top_logprobs != 0 and not req.logprobs:
         raise BadRequest("when using `top_logprobs`, `logprobs` must be set to true.",
                          param="top_logprobs")
@@ -199,7 +205,8 @@ async def _full(state: ServerState, plan: _Plan) -> HTTPResponse:
     choices = [ChoiceAccumulator() for _ in range(n)]
     prompt_lps: list[TokenLogprob | None] | None = None
     cached = 0
-    stream = engine_stream(engine, state.metrics, [plan.prompt], [plan.params], plan.response_id)
+    stream = engine_stream(engine, state.metrics, [plan.prompt], [plan.params], plan.response_id,
+                           cache_salt=req.cache_salt)
     async with contextlib.aclosing(stream) as outputs:
         async for _, out in outputs:
             raise_on_engine_error(out)
@@ -278,7 +285,7 @@ async def _stream(request: Request, state: ServerState, plan: _Plan) -> None:
                     index=j, delta=DeltaMessage(content=plan.echo_text), logprobs=None,
                     finish_reason=None)], usage_for(j)))
         stream = engine_stream(engine, state.metrics, [plan.prompt], [plan.params],
-                               plan.response_id)
+                               plan.response_id, cache_salt=req.cache_salt)
         async with contextlib.aclosing(stream) as outputs:
             async for _, out in outputs:
                 raise_on_engine_error(out)

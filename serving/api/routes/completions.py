@@ -185,7 +185,8 @@ async def _full(state: ServerState, plan: _Plan) -> HTTPResponse:
     prompt_lps: list[list[TokenLogprob | None] | None] = [None] * len(plan.prompts)
     cached = [0] * len(plan.prompts)
     if _needs_engine(plan):
-        stream = engine_stream(engine, state.metrics, plan.prompts, plan.params, plan.response_id)
+        stream = engine_stream(engine, state.metrics, plan.prompts, plan.params, plan.response_id,
+                               cache_salt=req.cache_salt)
         async with contextlib.aclosing(stream) as outputs:
             async for i, out in outputs:
                 raise_on_engine_error(out)
@@ -289,7 +290,7 @@ async def _stream(request: Request, state: ServerState, plan: _Plan) -> None:
     try:
         if _needs_engine(plan):
             stream = engine_stream(engine, state.metrics, plan.prompts, plan.params,
-                                   plan.response_id)
+                                   plan.response_id, cache_salt=req.cache_salt)
             async with contextlib.aclosing(stream) as outputs:
                 async for i, out in outputs:
                     raise_on_engine_error(out)
