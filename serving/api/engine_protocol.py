@@ -18,6 +18,7 @@ from serving.engine.pooling_params import (
     PoolingOutput,
     PoolingParams,
 )
+from serving.engine.request import EngineRequest
 from serving.engine.sampling_params import SamplingParams
 
 
@@ -61,13 +62,18 @@ class ServingEngine(Protocol):
 
 
 class EngineClient(ServingEngine, Protocol):
-    """A generation engine. ``generate`` yields deltas for one request; closing the iterator
-    early aborts the request and frees its KV pages (the server relies on this for client
-    disconnects). ``cache_salt`` namespaces the request's prefix-cache pages: requests with
-    different salts (None is the shared namespace) never reuse each other's cached K/V."""
+    """A generation engine. ``make_request`` validates a request, once (a ``ValueError`` whose
+    ``param`` names the field, ``serving.engine.input_processor.RequestError``); ``generate``
+    yields deltas for it; closing the iterator early aborts the request and frees its KV pages
+    (the server relies on this for client disconnects). ``cache_salt`` namespaces the request's
+    prefix-cache pages: requests with different salts (None is the shared namespace) never
+    reuse each other's cached K/V."""
 
-    def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, *,
-                 cache_salt: str | None = None) -> AsyncIterator[RequestOutput]: ...
+    def make_request(self, request_id: str, prompt_token_ids: list[int],
+                     params: SamplingParams, *, cache_salt: str | None = None
+                     ) -> EngineRequest: ...
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]: ...
 
     async def abort(self, request_id: str) -> None: ...
 

@@ -4,12 +4,13 @@ Both generation routes (completions, chat) go through here:
 
 1. ``check_unsupported`` refuses fields this server does not implement (400 naming the field);
 2. ``build_sampling_params`` maps request fields and the model's generation defaults onto
-   ``SamplingParams`` and validates them (400 on any bad value) before any engine work;
-3. ``check_prompt`` validates token ids and applies left truncation; ``resolve_max_tokens``
-   checks the context length (400 naming both numbers);
-4. ``engine_stream`` submits one engine request per prompt and yields ``(prompt_index, output)``
-   as they arrive. Closing it (client disconnect → Sanic cancels the handler task; or an error)
-   closes every engine iterator, which aborts the engine requests and frees their KV pages.
+   ``SamplingParams`` (with the checks only the API can make: its own limits and field forms);
+3. ``make_requests`` has the engine validate each prompt with its params, once
+   (``EngineClient.make_request``: ranges, vocabulary, truncation, the context length, the KV
+   pool), before any response starts: a refusal is a 400 naming the field, in the API's names;
+4. ``engine_stream`` submits those requests and yields ``(prompt_index, output)`` as they
+   arrive. Closing it (client disconnect → Sanic cancels the handler task; or an error) closes
+   every engine iterator, which aborts the engine requests and frees their KV pages.
 """
 
 from __future__ import annotations
@@ -20,15 +21,10 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
-from serving.api.errors import (
-    BadRequest,
-    InternalError,
-    ServiceUnavailable,
-    param_from_value_error,
-)
+from serving.api.errors import BadRequest, InternalError, ServiceUnavailable
 from serving.api.metrics import RequestMetrics, ServerMetrics
 from serving.api.protocol import (
     MAX_STOP_SEQUENCES,
@@ -37,6 +33,7 @@ from serving.api.protocol import (
     SamplingFields,
 )
 from serving.engine.outputs import RequestOutput
+from serving.engine.request import EngineRequest
 from serving.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 
 logger = logging.getLogger("xlaserve.api")
@@ -127,9 +124,11 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
     return out
 
 
-def build_sampling_params(req: SamplingFields, *, defaults: Mapping[str, Any], vocab_size: int,
-                          logprobs: int | None, max_logprobs: int) -> SamplingParams:
-    """SamplingParams for ``req`` (max_tokens is filled per prompt by ``resolve_max_tokens``).
+def build_sampling_params(req: SamplingFields, *, defaults: Mapping[str, Any],
+                          logprobs: int | None, max_logprobs: int,
+                          max_tokens: int | None) -> SamplingParams:
+    """SamplingParams for ``req``; the engine validates them with each prompt
+    (``make_requests``). ``max_tokens`` None: up to the context length.
 
     Precedence for temperature, top_p, top_k, min_p and repetition_penalty: the request, then
     the model's generation_config defaults, then the neutral value (as vLLM).
@@ -141,7 +140,7 @@ def build_sampling_params(req: SamplingFields, *, defaults: Mapping[str, Any], v
     if logprobs is not None and logprobs > max_logprobs:
         raise BadRequest(f"Requested sample logprobs of {logprobs}, which is greater than max "
                          f"allowed: {max_logprobs}", param="logprobs")
-    params = SamplingParams(
+    return SamplingParams(
         n=req.n,
         temperature=float(pick("temperature")),
         top_p=float(pick("top_p")),
@@ -151,7 +150,7 @@ def build_sampling_params(req: SamplingFields, *, defaults: Mapping[str, Any], v
         presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
         seed=req.seed,
-        max_tokens=None,
+        max_tokens=max_tokens,
         min_tokens=req.min_tokens,
         stop=_stop_list(req.stop),
         stop_token_ids=list(req.stop_token_ids or []),
@@ -162,69 +161,30 @@ def build_sampling_params(req: SamplingFields, *, defaults: Mapping[str, Any], v
         logit_bias=_logit_bias(req.logit_bias),
         skip_special_tokens=req.skip_special_tokens,
         spaces_between_special_tokens=req.spaces_between_special_tokens,
+        truncate_prompt_tokens=req.truncate_prompt_tokens,
     )
-    if params.top_k < -1:
-        raise BadRequest(f"top_k must be -1 (disable), or at least 1, got {params.top_k}.",
-                         param="top_k")
-    try:
-        params.validate(vocab_size)
-    except ValueError as e:
-        raise BadRequest(str(e), param=param_from_value_error(e)) from None
-    if params.n > 1 and params.greedy:
-        raise BadRequest(f"n must be 1 when using greedy sampling, got {params.n}.", param="n")
-    return params
 
 
-def check_prompt(ids: list[int], *, vocab_size: int, max_model_len: int,
-                 truncate: int | None) -> list[int]:
-    """Validate token ids and apply ``truncate_prompt_tokens`` (keep the last k tokens)."""
-    if truncate is not None:
-        k = max_model_len if truncate == -1 else truncate
-        if k == 0:
-            raise BadRequest("truncate_prompt_tokens must be -1 or at least 1, got 0.",
-                             param="truncate_prompt_tokens")
-        if k > max_model_len:
-            raise BadRequest(f"truncate_prompt_tokens ({k}) cannot be greater than max_model_len "
-                             f"({max_model_len}). Please select a smaller truncation size.",
-                             param="truncate_prompt_tokens")
-        ids = ids[-k:]
-    if not ids:
-        raise BadRequest("The prompt is empty: it must hold at least one token.", param="prompt")
-    for t in ids:
-        if not 0 <= t < vocab_size:
-            raise BadRequest(f"Token id {t} is out of vocabulary (vocabulary size {vocab_size}).",
-                             param="prompt")
-    return ids
-
-
-def resolve_max_tokens(requested: int | None, num_prompt_tokens: int, *, max_model_len: int,
-                       cap: int | None, param: str = "max_tokens",
-                       input_param: str = "prompt") -> int:
-    """The number of tokens to generate, or a 400 that names the context length and the ask."""
-    p, m = num_prompt_tokens, max_model_len
-    if p >= m:
-        raise BadRequest(f"This model's maximum context length is {m} tokens. However, your "
-                         f"request has {p} input tokens. Please reduce the length of the input.",
-                         param=input_param)
-    if requested is None:
-        value = m - p
-    else:
-        if requested < 1:
-            raise BadRequest(f"{param} must be at least 1, got {requested}.", param=param)
-        if p + requested > m:
-            raise BadRequest(f"This model's maximum context length is {m} tokens. However, you "
-                             f"requested {p + requested} tokens ({p} in the input, {requested} "
-                             f"for the completion). Please reduce the length of the input or "
-                             f"{param}.", param=param)
-        value = requested
-    if cap is not None:
-        value = min(value, cap)
-    return value
-
-
-def default_max_tokens_cap(defaults: Mapping[str, Any]) -> int | None:
-    cap = defaults.get("max_tokens", defaults.get("max_new_tokens"))
-    return int(cap) if cap else None
+def make_requests(engine: Any, prompts: list[Prompt], params: list[SamplingParams],
+                  base_id: str, *, cache_salt: str | None = None,
+                  names: Mapping[str, str] | None = None) -> list[EngineRequest]:
+    """One validated engine request per prompt (``EngineClient.make_request``); a refusal is a
+    400 whose ``param`` is the engine's field name, or its API name from ``names`` (chat:
+    ``max_tokens`` may be ``max_completion_tokens``, the prompt is ``messages``). A truncated
+    prompt's ``Prompt`` gets the ids actually used (and no text: echo shows those tokens)."""
+    suffix = secrets.token_hex(4)  # engine ids stay unique even when clients reuse request ids
+    out = []
+    for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
+        try:
+            spec = engine.make_request(f"{base_id}-{i}-{suffix}", p.token_ids, sp,
+                                       cache_salt=cache_salt)
+        except ValueError as e:
+            param = getattr(e, "param", None)
+            raise BadRequest(str(e), param=(names or {}).get(param or "", param)) from None
+        if len(spec.prompt_ids) != len(p.token_ids):
+            p.token_ids, p.text = list(spec.prompt_ids), None
+        out.append(spec)
+    return out
 
 
 def finish_label(reasons: list[str | None]) -> str:
@@ -239,8 +199,7 @@ def finish_label(reasons: list[str | None]) -> str:
 
 async def _tracked(engine: Any, gen: AsyncIterator[RequestOutput], rm: RequestMetrics,
                    n: int) -> AsyncGenerator[RequestOutput, None]:
-    """Observe metrics on the way through, and turn the engine's refusals into API errors:
-    ``ValueError`` (the engine's own request checks) is a 400, a dead engine a 503."""
+    """Observe metrics on the way through; a dead engine is a 503."""
     reasons: list[str | None] = [None] * n
     generated = [0] * n
     try:
@@ -255,8 +214,6 @@ async def _tracked(engine: Any, gen: AsyncIterator[RequestOutput], rm: RequestMe
                             reasons[d.index] = d.finish_reason
                 rm.output(new)
                 yield out
-        except ValueError as e:
-            raise BadRequest(str(e)) from None
         except (RuntimeError, ConnectionError) as e:
             if not engine.is_healthy():
                 raise ServiceUnavailable("The engine has stopped; the server cannot generate."
@@ -270,24 +227,17 @@ async def _tracked(engine: Any, gen: AsyncIterator[RequestOutput], rm: RequestMe
                 await close()
 
 
-async def engine_stream(engine: Any, metrics: ServerMetrics, prompts: list[Prompt],
-                        params: list[SamplingParams], base_id: str, *,
-                        cache_salt: str | None = None
+async def engine_stream(engine: Any, metrics: ServerMetrics, requests: list[EngineRequest]
                         ) -> AsyncGenerator[tuple[int, RequestOutput], None]:
-    """Yield ``(prompt_index, output)`` for every engine output of every prompt.
+    """Yield ``(prompt_index, output)`` for every engine output of every request.
 
-    ``cache_salt`` (the request's field) namespaces the prefix cache of every engine request.
     Must be closed by the caller (``contextlib.aclosing``): closing cancels the pumps and closes
     each engine iterator, which aborts the unfinished engine requests.
     """
     arrival = time.monotonic()
-    suffix = secrets.token_hex(4)  # engine ids stay unique even when clients reuse request ids
-    gens = [
-        _tracked(engine, engine.generate(p.token_ids, sp, f"{base_id}-{i}-{suffix}",
-                                         cache_salt=cache_salt),
-                 RequestMetrics(metrics, arrival, len(p.token_ids)), sp.n)
-        for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
-    ]
+    gens = [_tracked(engine, engine.generate(spec),
+                     RequestMetrics(metrics, arrival, spec.prompt_len), spec.n)
+            for spec in requests]
     if len(gens) == 1:
         try:
             async for out in gens[0]:
@@ -326,13 +276,6 @@ async def engine_stream(engine: Any, metrics: ServerMetrics, prompts: list[Promp
         for g in gens:
             with contextlib.suppress(Exception):
                 await g.aclose()
-
-
-def with_max_tokens(params: SamplingParams, max_tokens: int) -> SamplingParams:
-    if params.min_tokens > max_tokens:
-        raise BadRequest(f"min_tokens must be less than or equal to max_tokens={max_tokens}, got "
-                         f"{params.min_tokens}.", param="min_tokens")
-    return replace(params, max_tokens=max_tokens)
 
 
 def raise_on_engine_error(out: RequestOutput) -> None:

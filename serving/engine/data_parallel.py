@@ -11,8 +11,8 @@ docs/SHARDING.md.
 
 The HTTP layer can use this class wherever it uses ``AsyncEngineClient``: same attributes
 (``model_name``, ``max_model_len``, ``vocab_size``, ``tokenizer``, ``generation_defaults``,
-``supported_tasks``, ``info``, ``labels``, ``engine``, ``error``), same coroutines (``start``,
-``generate``, ``encode``, ``abort``, ``shutdown``), same ``is_healthy`` / ``stats`` /
+``supported_tasks``, ``info``, ``labels``, ``engine``, ``error``), same methods (``make_request``,
+``start``, ``generate``, ``encode``, ``abort``, ``shutdown``), same ``is_healthy`` / ``stats`` /
 ``num_in_flight`` / ``tokenize`` / ``tokenize_pairs``. ``stats()`` sums the replicas.
 """
 
@@ -33,6 +33,7 @@ from serving.engine.engine import EngineStats, LLMEngine
 from serving.engine.engine_client import AsyncEngineClient
 from serving.engine.outputs import RequestOutput
 from serving.engine.pooling_params import PoolingInput, PoolingOutput, PoolingParams
+from serving.engine.request import EngineRequest
 from serving.engine.sampling_params import SamplingParams
 from serving.engine.sharded import shard_loaded
 from sharding.mesh import MeshError, make_mesh, replica_meshes, resolve_shape
@@ -131,17 +132,23 @@ class DataParallelClient:
         ties = [r for r in healthy if r.num_in_flight == least]
         return ties[next(self._rr) % len(ties)]
 
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str, *, cache_salt: str | None = None
-                       ) -> AsyncIterator[RequestOutput]:
+    def make_request(self, request_id: str, prompt_token_ids: list[int],
+                     params: SamplingParams, *, cache_salt: str | None = None) -> EngineRequest:
+        """As ``AsyncEngineClient.make_request`` (every replica serves the same model)."""
+        if request_id in self._owner:
+            raise ValueError(f"request id {request_id!r} is already in flight")
+        return self.replicas[0].make_request(request_id, prompt_token_ids, params,
+                                             cache_salt=cache_salt)
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
         """As ``AsyncEngineClient.generate``, on the least-loaded replica."""
+        request_id = request.request_id
         if request_id in self._owner:
             raise ValueError(f"request id {request_id!r} is already in flight")
         replica = self._pick()
         self._owner[request_id] = replica
         try:
-            async for out in replica.generate(prompt_token_ids, params, request_id,
-                                              cache_salt=cache_salt):
+            async for out in replica.generate(request):
                 yield out
         finally:
             self._owner.pop(request_id, None)

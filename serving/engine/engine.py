@@ -259,7 +259,8 @@ class LLMEngine:
             eos_ids=self._eos_ids() if generates else frozenset(), tasks=self.tasks,
             pooling=pooling_info,
             pooling_type=None if self.pooler is None else self.pooler.pooling_type,
-            type_vocab_size=getattr(cfg, "type_vocab_size", 0), has_kv_cache=not encoder)
+            type_vocab_size=getattr(cfg, "type_vocab_size", 0), has_kv_cache=not encoder,
+            max_tokens_cap=self.generation_defaults().get("max_tokens"))
         self.compile_seconds = self.runner.warmup() if warmup else 0.0
         self._prompt_tokens = 0
 

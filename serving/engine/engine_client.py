@@ -1,8 +1,9 @@
 """AsyncEngineClient: the asyncio face of the one engine, for the HTTP layer.
 
-``generate`` streams a generation request's outputs; ``encode`` pools a batch of inputs (each one
-an engine request, so they share steps with whatever else is running). Both validate on the
-caller's thread (``InputProcessor``: a ``ValueError`` is a 400 before anything is queued).
+``make_request`` validates a generation request and ``generate`` streams its outputs; ``encode``
+validates and pools a batch of inputs (each one an engine request, so they share steps with
+whatever else is running). Validation runs once, on the caller's thread (``InputProcessor``: a
+``ValueError`` is a 400 before anything is queued).
 
 The engine runs in one dedicated thread (XLA releases the GIL while a step computes, so the event
 loop stays responsive). Requests cross into that thread through a locked command list; each
@@ -109,23 +110,24 @@ class AsyncEngineClient:
         if not self.is_healthy():
             raise EngineDeadError(self.error or "the engine is not running")
 
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str, *, cache_salt: str | None = None
-                       ) -> AsyncIterator[RequestOutput]:
-        """Stream outputs; leaving the loop early (break, cancel, disconnect) aborts the request.
-
-        Raises ValueError (a 400 for the server) before anything is queued if the request is
-        invalid, and EngineDeadError if the engine is down.
-        """
-        self._check_health()
-        spec = self.processor.sampling_request(request_id, prompt_token_ids, params,
+    def make_request(self, request_id: str, prompt_token_ids: list[int],
+                     params: SamplingParams, *, cache_salt: str | None = None) -> EngineRequest:
+        """Validate a generation request (the only validation it gets): a ``RequestError``
+        (``ValueError``, a 400 for the server) names what is wrong; nothing is queued."""
+        return self.processor.sampling_request(request_id, prompt_token_ids, params,
                                                cache_salt=cache_salt)
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        """Stream the outputs of a request from ``make_request``; leaving the loop early
+        (break, cancel, disconnect) aborts it. Raises EngineDeadError if the engine is down."""
+        self._check_health()
+        request_id = request.request_id
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in flight")
         q: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._queues[request_id] = q
-        self.outputs.add(spec)
-        self._submit("add", [spec])
+        self.outputs.add(request)
+        self._submit("add", [request])
         finished = False
         try:
             while True:

@@ -2,8 +2,9 @@
 
 Runs on the caller's thread (the event loop for the HTTP server, the caller's for the offline
 API), before anything is queued, so an invalid request costs the engine nothing. Every failure is
-a ``ValueError`` whose message says what is wrong (the server answers 400 with it); the engine
-thread never validates again. Also turns texts into pooling inputs (truncation and segment ids),
+a ``RequestError`` (a ``ValueError``) whose message says what is wrong and whose ``param`` names
+the field (the server answers 400 with both); neither the HTTP layer nor the engine thread
+validates the same things again. Also turns texts into pooling inputs (truncation and segment ids),
 because that needs the same model facts.
 """
 
@@ -30,6 +31,15 @@ _TASK_WHAT = {"embed": "embedding generation", "encode": "embedding generation",
               "classify": "classification", "score": "score"}
 
 
+class RequestError(ValueError):
+    """An invalid request; ``param`` is the field at fault (``SamplingParams`` / request names:
+    "prompt", "max_tokens", "truncate_prompt_tokens", ...), None when no one field is."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass(frozen=True)
 class ModelFacts:
     """What validation needs to know about the served model and the engine's cache."""
@@ -44,6 +54,7 @@ class ModelFacts:
     pooling_type: PoolingType | None = None  # the model's pooler (MEAN / CLS / LAST)
     type_vocab_size: int = 0  # BERT segment ids accepted (0 or 1: none)
     has_kv_cache: bool = True
+    max_tokens_cap: int | None = None  # the model's generation_config max_new_tokens
 
 
 class InputProcessor:
@@ -56,30 +67,50 @@ class InputProcessor:
     def sampling_request(self, request_id: str, prompt_ids: Sequence[int],
                          params: SamplingParams, *, cache_salt: str | None = None,
                          arrival: float | None = None) -> EngineRequest:
+        """Validate a generation request; truncate its prompt (``truncate_prompt_tokens``) and
+        resolve ``max_tokens`` (None: up to the context length, capped by the model's
+        ``max_new_tokens``)."""
         f = self.facts
         if "generate" not in f.tasks:
-            raise ValueError("This model does not generate text (it serves "
-                             f"{', '.join(f.tasks)}).")
-        params.validate(f.vocab_size)
+            raise RequestError("This model does not generate text (it serves "
+                               f"{', '.join(f.tasks)}).")
+        try:
+            params.validate(f.vocab_size)
+        except ValueError as e:
+            raise RequestError(str(e), str(e).split(" ", 1)[0]) from None
         ids = list(prompt_ids)
-        if params.truncate_prompt_tokens is not None:
-            if params.truncate_prompt_tokens > f.max_model_len:
-                raise ValueError(
-                    f"truncate_prompt_tokens ({params.truncate_prompt_tokens}) cannot be greater "
-                    f"than max_model_len ({f.max_model_len}).")
-            ids = ids[-params.truncate_prompt_tokens:]
-        self._check_ids(ids, "The prompt cannot be empty.")
-        n = len(ids)
-        want = params.max_tokens or 0
-        if n + want > f.max_model_len or n >= f.max_model_len:
-            raise ValueError(
-                f"This model's maximum context length is {f.max_model_len} tokens. However, "
-                f"you requested {n + want} tokens ({n} in the prompt, {want} for the "
-                f"completion). Please reduce the prompt or max_tokens.")
-        max_tokens = params.max_tokens or (f.max_model_len - n)
-        self._check_pages(n + max_tokens, "reduce max_tokens or the prompt")
+        t = params.truncate_prompt_tokens
+        if t is not None:
+            k = f.max_model_len if t == -1 else t
+            if k > f.max_model_len:
+                raise RequestError(
+                    f"truncate_prompt_tokens ({k}) cannot be greater than max_model_len "
+                    f"({f.max_model_len}). Please select a smaller truncation size.",
+                    "truncate_prompt_tokens")
+            ids = ids[-k:]
+        self._check_ids(ids, "The prompt is empty: it must hold at least one token.")
+        n, m = len(ids), f.max_model_len
+        if n >= m:
+            raise RequestError(
+                f"This model's maximum context length is {m} tokens. However, your request "
+                f"has {n} input tokens. Please reduce the length of the input.", "prompt")
+        if params.max_tokens is None:
+            max_tokens = m - n if f.max_tokens_cap is None else min(m - n, f.max_tokens_cap)
+        else:
+            max_tokens = params.max_tokens
+            if n + max_tokens > m:
+                raise RequestError(
+                    f"This model's maximum context length is {m} tokens. However, you "
+                    f"requested {n + max_tokens} tokens ({n} in the input, {max_tokens} for "
+                    f"the completion). Please reduce the length of the input or max_tokens.",
+                    "max_tokens")
+        if params.min_tokens > max_tokens:
+            raise RequestError(f"min_tokens must be less than or equal to max_tokens="
+                               f"{max_tokens}, got {params.min_tokens}.", "min_tokens")
+        self._check_pages(n + max_tokens, "reduce max_tokens or the prompt", "max_tokens")
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
-            raise ValueError("cache_salt must be a non-empty string.")
+            raise RequestError("Parameter 'cache_salt' must be a non-empty string if provided.",
+                               "cache_salt")
         seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
         return EngineRequest(
             request_id, tuple(ids), time.time() if arrival is None else arrival,
@@ -102,7 +133,7 @@ class InputProcessor:
                 raise ValueError("token_type_ids must be as long as the token ids")
             if min(types) < 0 or max(types) >= max(f.type_vocab_size, 1):
                 raise ValueError("token_type_ids out of range for this model")
-        self._check_ids(ids, "each input must have at least one token", what="Token id")
+        self._check_ids(ids, "each input must have at least one token")
         keep = params.truncation_len(f.max_model_len)
         if keep is not None and len(ids) > keep:
             ids = ids[-keep:]  # vLLM's truncation of token inputs keeps the end
@@ -112,7 +143,7 @@ class InputProcessor:
                 f"This model's maximum context length is {f.max_model_len} tokens. However, "
                 f"you requested {len(ids)} tokens in the input for {_TASK_WHAT[params.task]}. "
                 "Please reduce the length of the input.")
-        self._check_pages(len(ids), "reduce the input")
+        self._check_pages(len(ids), "reduce the input", "input")
         kind = params.kind
         full = not f.has_kv_cache or kind != PoolingKind.POOLED or \
             f.pooling_type != PoolingType.LAST
@@ -151,22 +182,23 @@ class InputProcessor:
         return out
 
     # ---- shared checks -----------------------------------------------------------------------
-    def _check_ids(self, ids: list[int], empty: str, what: str = "Token id") -> None:
+    def _check_ids(self, ids: list[int], empty: str) -> None:
         if not ids:
-            raise ValueError(empty)
+            raise RequestError(empty, "prompt")
         v = self.facts.vocab_size
         for t in ids:
             if not 0 <= t < v:
-                raise ValueError(f"{what} {t} is out of vocabulary (size {v}).")
+                raise RequestError(f"Token id {t} is out of vocabulary (vocabulary size {v}).",
+                                   "prompt")
 
-    def _check_pages(self, num_tokens: int, fix: str) -> None:
+    def _check_pages(self, num_tokens: int, fix: str, param: str) -> None:
         f = self.facts
         if not f.has_kv_cache:
             return
         need = -(-num_tokens // f.page_size)
         if need > f.usable_pages:
-            raise ValueError(f"The request needs {need} KV pages but the cache holds "
-                             f"{f.usable_pages}; {fix}.")
+            raise RequestError(f"The request needs {need} KV pages but the cache holds "
+                               f"{f.usable_pages}; {fix}.", param)
 
     def _tok(self) -> Any:
         if self.tokenizer is None:

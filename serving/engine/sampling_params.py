@@ -41,7 +41,7 @@ class SamplingParams:
     logit_bias: Mapping[int, float] = field(default_factory=dict)
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
-    truncate_prompt_tokens: int | None = None
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens; -1: max_model_len
     detokenize: bool = True
 
     def __post_init__(self) -> None:
@@ -69,6 +69,8 @@ class SamplingParams:
 
         if self.n < 1:
             bad("n", f"must be at least 1, got {self.n}.")
+        if self.n > 1 and self.greedy:
+            bad("n", f"must be 1 when using greedy sampling, got {self.n}.")
         if not self.temperature >= 0.0:
             bad("temperature", f"must be non-negative, got {self.temperature}.")
         if not 0.0 < self.top_p <= 1.0:
@@ -108,5 +110,6 @@ class SamplingParams:
             bad("stop", "strings must not be empty.")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             bad("seed", "must fit in 64 bits.")
-        if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
-            bad("truncate_prompt_tokens", f"must be at least 1, got {self.truncate_prompt_tokens}.")
+        t = self.truncate_prompt_tokens
+        if t is not None and t != -1 and t < 1:
+            bad("truncate_prompt_tokens", f"must be -1 or at least 1, got {t}.")

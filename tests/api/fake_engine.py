@@ -33,7 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from serving.engine.input_processor import InputProcessor, ModelFacts
 from serving.engine.outputs import CompletionDelta, RequestOutput, TokenLogprob
+from serving.engine.request import EngineRequest
 from serving.engine.sampling_params import SamplingParams
 
 CANNED = ("The capital of France is Paris. It is known for the Eiffel Tower, museums, cafés "
@@ -87,6 +89,12 @@ class FakeEngineClient:
                            if step_delay is None else step_delay)
         self.canned = self.tokenizer.encode(CANNED, add_special_tokens=False)
         self.eos = self.tokenizer.eos_token_id
+        # The real engine's validation, on this fake's model facts: what reaches ``generate``
+        # is exactly what the real engine would accept.
+        self.processor = InputProcessor(ModelFacts(
+            vocab_size=self.vocab_size, max_model_len=max_model_len, page_size=16,
+            usable_pages=1 << 20, eos_ids=frozenset({self.eos}), tasks=("generate",),
+            max_tokens_cap=self.generation_defaults.get("max_tokens")), self.tokenizer)
         self._stats = FakeStats()
         self._running: dict[str, int] = {}
         self._healthy = True
@@ -122,20 +130,26 @@ class FakeEngineClient:
                                      for k in range(1, 20)]
         return TokenLogprob(token_id=token_id, logprob=-0.25, rank=1, top=top)
 
-    def _record(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                **kwargs: Any) -> None:
+    def _record(self, spec: EngineRequest) -> None:
         if self.record is None:
             return
-        entry = {"request_id": request_id, "prompt_token_ids": list(prompt_token_ids),
-                 "params": dataclasses.asdict(params), "kwargs": kwargs}
+        assert spec.sampling is not None
+        entry = {"request_id": spec.request_id, "prompt_token_ids": list(spec.prompt_ids),
+                 "params": dataclasses.asdict(spec.sampling), "max_tokens": spec.max_tokens,
+                 "kwargs": {"cache_salt": spec.cache_salt or None}}
         with self.record.open("a") as f:
             f.write(json.dumps(entry) + "\n")
 
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str, *, cache_salt: str | None = None
-                       ) -> AsyncIterator[RequestOutput]:
-        self._record(request_id, prompt_token_ids, params, cache_salt=cache_salt)
-        params.validate(self.vocab_size)
+    def make_request(self, request_id: str, prompt_token_ids: list[int],
+                     params: SamplingParams, *, cache_salt: str | None = None) -> EngineRequest:
+        return self.processor.sampling_request(request_id, prompt_token_ids, params,
+                                               cache_salt=cache_salt)
+
+    async def generate(self, spec: EngineRequest) -> AsyncIterator[RequestOutput]:
+        self._record(spec)
+        request_id, params = spec.request_id, spec.sampling
+        assert params is not None
+        prompt_token_ids = list(spec.prompt_ids)
         prompt_text = self.tokenizer.decode(prompt_token_ids)
         pages = (len(prompt_token_ids) + 15) // 16
         self._running[request_id] = pages
@@ -149,7 +163,7 @@ class FakeEngineClient:
             texts = [""] * n
             done = [False] * n
             first = True
-            limit = params.max_tokens or (self.max_model_len - len(prompt_token_ids))
+            limit = spec.max_tokens
             step = 0
             while not all(done):
                 await asyncio.sleep(self.step_delay)

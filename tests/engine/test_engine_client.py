@@ -12,6 +12,7 @@ from models.testing import tiny_loaded
 from serving.engine.config import EngineArgs
 from serving.engine.engine import LLMEngine
 from serving.engine.engine_client import AsyncEngineClient, EngineDeadError
+from serving.engine.input_processor import RequestError
 from serving.engine.llm import LLM
 from serving.engine.sampling_params import SamplingParams
 
@@ -38,7 +39,7 @@ def test_concurrent_streams_match_offline_results(engine: LLMEngine) -> None:
 
         async def one(i: int) -> list[int]:
             toks: list[int] = []
-            async for out in client.generate(prompts[i], p, f"c{i}"):
+            async for out in client.generate(client.make_request(f"c{i}", prompts[i], p)):
                 for d in out.outputs:
                     toks += d.token_ids
             return toks
@@ -58,7 +59,7 @@ def test_leaving_the_stream_early_aborts_and_frees_pages(engine: LLMEngine) -> N
         await client.start()
         free0 = engine.kv.num_free
         p = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
-        agen = client.generate(list(range(40)), p, "early")
+        agen = client.generate(client.make_request("early", list(range(40)), p))
         async for _ in agen:
             break
         await agen.aclose()  # what a disconnecting HTTP handler does
@@ -77,12 +78,12 @@ def test_invalid_request_raises_before_queueing(engine: LLMEngine) -> None:
     async def main() -> None:
         client = AsyncEngineClient(engine)
         await client.start()
-        with pytest.raises(ValueError, match="maximum context length is 512"):
-            async for _ in client.generate([1] * 500, SamplingParams(max_tokens=100), "big"):
-                pass
-        with pytest.raises(ValueError, match="top_p"):
-            async for _ in client.generate([1, 2], SamplingParams(top_p=0.0), "bad"):
-                pass
+        with pytest.raises(RequestError, match="maximum context length is 512") as e:
+            client.make_request("big", [1] * 500, SamplingParams(max_tokens=100))
+        assert e.value.param == "max_tokens"
+        with pytest.raises(RequestError, match="top_p") as e:
+            client.make_request("bad", [1, 2], SamplingParams(top_p=0.0))
+        assert e.value.param == "top_p"
         assert not engine.scheduler.requests and not engine.has_work
         await client.shutdown(1.0)
 
@@ -102,12 +103,12 @@ def test_engine_crash_fails_inflight_requests_and_reports_unhealthy() -> None:
         await client.start()
         eng.runner.execute = broken  # type: ignore[method-assign]
         p = SamplingParams(max_tokens=10)
-        outs = [o async for o in client.generate([1, 2, 3], p, "doomed")]
+        outs = [o async for o in client.generate(client.make_request("doomed", [1, 2, 3], p))]
         assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "error"
         assert outs[-1].error is not None and "device lost" in outs[-1].error
         assert not client.is_healthy()
         with pytest.raises(EngineDeadError):
-            async for _ in client.generate([1, 2, 3], p, "after"):
+            async for _ in client.generate(client.make_request("after", [1, 2, 3], p)):
                 pass
 
     asyncio.run(asyncio.wait_for(main(), timeout=60))

@@ -160,7 +160,7 @@ def check_dp2_tp4() -> dict[str, Any]:
 
     async def one(i: int, prompt: list[int]) -> list[int]:
         toks: list[int] = []
-        async for out in client.generate(prompt, p, f"dp{i}"):
+        async for out in client.generate(client.make_request(f"dp{i}", prompt, p)):
             toks += [t for d in out.outputs for t in d.token_ids]
         return toks
 

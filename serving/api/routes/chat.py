@@ -25,13 +25,10 @@ from serving.api.generation import (
     Prompt,
     build_sampling_params,
     check_common,
-    check_prompt,
     check_unsupported,
-    default_max_tokens_cap,
     engine_stream,
+    make_requests,
     raise_on_engine_error,
-    resolve_max_tokens,
-    with_max_tokens,
 )
 from serving.api.logprobs import LogprobFormatter
 from serving.api.protocol import (
@@ -59,7 +56,7 @@ from serving.api.routes.common import (
 from serving.api.state import ServerState
 from serving.api.streaming import SSEWriter
 from serving.engine.outputs import TokenLogprob
-from serving.engine.sampling_params import SamplingParams
+from serving.engine.request import EngineRequest
 
 logger = logging.getLogger("xlaserve.api")
 bp = Blueprint("chat")
@@ -75,7 +72,7 @@ class _Plan:
     response_id: str
     created: int
     prompt: Prompt
-    params: SamplingParams
+    request: EngineRequest  # validated by the engine
     role: str
     echo_text: str  # prepended to each choice's content (echo of the final message)
     top_logprobs: int | None  # None: no logprobs
@@ -142,12 +139,15 @@ async def _plan(request: Request, state: ServerState) -> _Plan:
                          f"{req.top_logprobs}.", param="top_logprobs")
     top = (req.top_logprobs or 0) if req.logprobs else None
     check_template_trust(state, req.chat_template, req.chat_template_kwargs)
-    base = build_sampling_params(req, defaults=engine.generation_defaults,
-                                 vocab_size=engine.vocab_size, logprobs=top,
-                                 max_logprobs=state.args.max_logprobs)
-    if req.max_completion_tokens is not None and req.max_completion_tokens < 1:
-        raise BadRequest(f"max_completion_tokens must be at least 1, got "
-                         f"{req.max_completion_tokens}.", param="max_completion_tokens")
+    requested: int | None
+    if req.max_completion_tokens is not None:
+        requested, pname = req.max_completion_tokens, "max_completion_tokens"
+    else:
+        requested, pname = req.max_tokens, "max_tokens"
+    if requested is not None and requested < 1:
+        raise BadRequest(f"{pname} must be at least 1, got {requested}.", param=pname)
+    base = build_sampling_params(req, defaults=engine.generation_defaults, logprobs=top,
+                                 max_logprobs=state.args.max_logprobs, max_tokens=requested)
     kwargs = dict(req.chat_template_kwargs or {})
     kwargs.pop("chat_template", None)
     if req.reasoning_effort is not None:
@@ -160,24 +160,17 @@ async def _plan(request: Request, state: ServerState) -> _Plan:
                                (req.chat_template_kwargs or {}).get("chat_template"))
     ids = await state.off_loop(engine.tokenizer.encode, text,
                                add_special_tokens=req.add_special_tokens)
-    ids = check_prompt(ids, vocab_size=engine.vocab_size, max_model_len=engine.max_model_len,
-                       truncate=req.truncate_prompt_tokens)
-    requested: int | None
-    if req.max_completion_tokens is not None:
-        requested, pname = req.max_completion_tokens, "max_completion_tokens"
-    else:
-        requested, pname = req.max_tokens, "max_tokens"
-    max_tokens = resolve_max_tokens(requested, len(ids), max_model_len=engine.max_model_len,
-                                    cap=default_max_tokens_cap(engine.generation_defaults),
-                                    param=pname, input_param="messages")
-    params = with_max_tokens(base, max_tokens)
+    rid = request_id_for(request, req.request_id)
+    prompt = Prompt(ids, text)
+    (spec,) = make_requests(engine, [prompt], [base], f"chatcmpl-{rid}",
+                            cache_salt=req.cache_salt,
+                            names={"max_tokens": pname, "prompt": "messages"})
     role = state.args.response_role if req.add_generation_prompt else req.messages[-1].role
     echo_text = ""
     if req.echo and req.messages[-1].role == role:
         echo_text = _final_text(req.messages[-1])
-    rid = request_id_for(request, req.request_id)
-    return _Plan(req, model, f"chatcmpl-{rid}", int(time.time()), Prompt(ids, text), params,
-                 role, echo_text, top)
+    return _Plan(req, model, f"chatcmpl-{rid}", int(time.time()), prompt, spec, role, echo_text,
+                 top)
 
 
 @bp.post("/v1/chat/completions")
@@ -205,8 +198,7 @@ async def _full(state: ServerState, plan: _Plan) -> HTTPResponse:
     choices = [ChoiceAccumulator() for _ in range(n)]
     prompt_lps: list[TokenLogprob | None] | None = None
     cached = 0
-    stream = engine_stream(engine, state.metrics, [plan.prompt], [plan.params], plan.response_id,
-                           cache_salt=req.cache_salt)
+    stream = engine_stream(engine, state.metrics, [plan.request])
     async with contextlib.aclosing(stream) as outputs:
         async for _, out in outputs:
             raise_on_engine_error(out)
@@ -284,8 +276,7 @@ async def _stream(request: Request, state: ServerState, plan: _Plan) -> None:
                 await writer.send(dump([ChatStreamChoice(
                     index=j, delta=DeltaMessage(content=plan.echo_text), logprobs=None,
                     finish_reason=None)], usage_for(j)))
-        stream = engine_stream(engine, state.metrics, [plan.prompt], [plan.params],
-                               plan.response_id, cache_salt=req.cache_salt)
+        stream = engine_stream(engine, state.metrics, [plan.request])
         async with contextlib.aclosing(stream) as outputs:
             async for _, out in outputs:
                 raise_on_engine_error(out)

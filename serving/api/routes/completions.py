@@ -22,13 +22,10 @@ from serving.api.generation import (
     Prompt,
     build_sampling_params,
     check_common,
-    check_prompt,
     check_unsupported,
-    default_max_tokens_cap,
     engine_stream,
+    make_requests,
     raise_on_engine_error,
-    resolve_max_tokens,
-    with_max_tokens,
 )
 from serving.api.logprobs import LogprobFormatter
 from serving.api.protocol import (
@@ -53,7 +50,7 @@ from serving.api.routes.common import (
 from serving.api.state import ServerState
 from serving.api.streaming import SSEWriter
 from serving.engine.outputs import TokenLogprob
-from serving.engine.sampling_params import SamplingParams
+from serving.engine.request import EngineRequest
 
 logger = logging.getLogger("xlaserve.api")
 bp = Blueprint("completions")
@@ -68,7 +65,7 @@ class _Plan:
     response_id: str
     created: int
     prompts: list[Prompt]
-    params: list[SamplingParams]
+    requests: list[EngineRequest]  # one validated engine request per prompt
     echo_only: bool  # echo with max_tokens 0: the prompt is the whole answer
 
 
@@ -101,12 +98,7 @@ async def _tokenize_prompts(state: ServerState, req: CompletionRequest) -> list[
             if not item:
                 raise empty
             ids, text = list(item), None
-        checked = check_prompt(ids, vocab_size=engine.vocab_size,
-                               max_model_len=engine.max_model_len,
-                               truncate=req.truncate_prompt_tokens)
-        if len(checked) != len(ids):
-            text = None  # truncated: echo the tokens that are actually used
-        prompts.append(Prompt(checked, text))
+        prompts.append(Prompt(ids, text))
     return prompts
 
 
@@ -118,15 +110,13 @@ async def _plan(request: Request, state: ServerState) -> _Plan:
     check_common(req, state.args.max_n)
     if req.logprobs is not None and req.logprobs < 0:
         raise BadRequest("`logprobs` must be a positive value.", param="logprobs")
-    if req.max_tokens is not None and req.max_tokens < 0:
-        raise BadRequest(f"max_tokens must be at least 1, got {req.max_tokens}.",
-                         param="max_tokens")
     if req.max_tokens == 0 and not req.echo:
         raise BadRequest("max_tokens must be at least 1, got 0 (0 is allowed only with echo).",
                          param="max_tokens")
-    base = build_sampling_params(req, defaults=engine.generation_defaults,
-                                 vocab_size=engine.vocab_size, logprobs=req.logprobs,
-                                 max_logprobs=state.args.max_logprobs)
+    echo_only = req.echo and req.max_tokens == 0
+    base = build_sampling_params(req, defaults=engine.generation_defaults, logprobs=req.logprobs,
+                                 max_logprobs=state.args.max_logprobs,
+                                 max_tokens=1 if echo_only else req.max_tokens)
     prompts = await _tokenize_prompts(state, req)
     if len(prompts) * req.n > state.args.max_n:
         raise BadRequest(f"This request asks for {len(prompts) * req.n} choices "
@@ -135,22 +125,14 @@ async def _plan(request: Request, state: ServerState) -> _Plan:
     if req.echo and req.logprobs is not None:
         # echo + logprobs shows the prompt's logprobs too (vLLM: prompt_logprobs := logprobs).
         base = replace(base, prompt_logprobs=max(base.prompt_logprobs or 0, req.logprobs))
-    echo_only = req.echo and req.max_tokens == 0
-    cap = default_max_tokens_cap(engine.generation_defaults)
-    params = []
-    for p in prompts:
-        if echo_only:
-            resolve_max_tokens(1, len(p.token_ids), max_model_len=engine.max_model_len, cap=None)
-            params.append(with_max_tokens(base, 1))
-        else:
-            mt = resolve_max_tokens(req.max_tokens, len(p.token_ids),
-                                    max_model_len=engine.max_model_len, cap=cap)
-            params.append(with_max_tokens(base, mt))
+    rid = request_id_for(request, req.request_id)
+    response_id = f"cmpl-{rid}"
+    requests = make_requests(engine, prompts, [base] * len(prompts), response_id,
+                             cache_salt=req.cache_salt)
     for p in prompts:
         if req.echo and p.text is None:
             p.text = await state.off_loop(engine.tokenizer.decode, p.token_ids)
-    rid = request_id_for(request, req.request_id)
-    return _Plan(req, model, f"cmpl-{rid}", int(time.time()), prompts, params, echo_only)
+    return _Plan(req, model, response_id, int(time.time()), prompts, requests, echo_only)
 
 
 @bp.post("/v1/completions")
@@ -185,8 +167,7 @@ async def _full(state: ServerState, plan: _Plan) -> HTTPResponse:
     prompt_lps: list[list[TokenLogprob | None] | None] = [None] * len(plan.prompts)
     cached = [0] * len(plan.prompts)
     if _needs_engine(plan):
-        stream = engine_stream(engine, state.metrics, plan.prompts, plan.params, plan.response_id,
-                               cache_salt=req.cache_salt)
+        stream = engine_stream(engine, state.metrics, plan.requests)
         async with contextlib.aclosing(stream) as outputs:
             async for i, out in outputs:
                 raise_on_engine_error(out)
@@ -289,8 +270,7 @@ async def _stream(request: Request, state: ServerState, plan: _Plan) -> None:
     await writer.open()
     try:
         if _needs_engine(plan):
-            stream = engine_stream(engine, state.metrics, plan.prompts, plan.params,
-                                   plan.response_id, cache_salt=req.cache_salt)
+            stream = engine_stream(engine, state.metrics, plan.requests)
             async with contextlib.aclosing(stream) as outputs:
                 async for i, out in outputs:
                     raise_on_engine_error(out)
