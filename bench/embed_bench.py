@@ -137,9 +137,10 @@ def torch_worker(payload_path: str, threads: int, seconds: float) -> None:
 def ours_worker(payload_path: str, threads: int, seconds: float) -> None:
     """Runs in the project venv, with XLA's CPU threads set by the parent (``XLA_FLAGS``)."""
     from models.bert import load_bert, read_config
+    from models.hf_dir import encoder_tokenizer
     from models.pooling import resolve_pooler_config
     from serving.engine.engine import enable_compilation_cache
-    from serving.engine.pooling_engine import PoolingEngine, load_tokenizer
+    from serving.engine.pooling_engine import PoolingEngine
     from serving.engine.pooling_params import PoolingParams
     from serving.engine.pooling_runner import PoolingRunner
 
@@ -163,7 +164,8 @@ def ours_worker(payload_path: str, threads: int, seconds: float) -> None:
         runner = PoolingRunner(load_bert(model_dir), pooler.pooling_type, max_model_len=256,
                                max_num_seqs=256, token_buckets=[32, 256],
                                max_num_batched_tokens=8192)
-        engine = PoolingEngine(runner, read_config(model_dir), pooler, load_tokenizer(model_dir))
+        engine = PoolingEngine(runner, read_config(model_dir), pooler,
+                               encoder_tokenizer(model_dir))
     engine.start_thread()
     loop = asyncio.new_event_loop()
     results: dict[str, Any] = {"threads": threads, "compiles": runner.num_compiles}
@@ -224,7 +226,7 @@ def main() -> int:
         return 0
 
     from models import assets
-    from serving.engine.pooling_engine import load_tokenizer
+    from models.hf_dir import encoder_tokenizer
 
     gguf_file = None
     if args.model == "smollm2":
@@ -235,7 +237,7 @@ def main() -> int:
         tokenizer = load_gguf(gguf, progress=False).tokenizer
     else:
         model_dir = Path(assets.fetch("all-minilm-l6-v2"))
-        tokenizer = load_tokenizer(model_dir)
+        tokenizer = encoder_tokenizer(model_dir)
     inputs = make_texts(tokenizer, max(BATCHES))
     lens = [len(x) for x in inputs]
     print(f"{args.model}: {len(inputs)} inputs of {min(lens)}..{max(lens)} tokens "

@@ -15,7 +15,8 @@ from typing import Any
 
 import jax
 
-from models.loader import LoadedModel, load_model, resolve_dtype
+from models.loader import load_model
+from models.registry import LoadedModel, resolve_dtype
 from models.weights import default_place
 from ops.backend import get_attention_fn
 from serving.engine.config import EngineArgs

@@ -43,8 +43,9 @@ from flax import nnx
 
 from models.config import ModelConfig
 from models.inputs import KVCache, StepInputs, pack_step_inputs
-from models.loader import ModelLoadError, load_model
+from models.loader import load_model
 from models.pooling import PoolerConfig, PoolingType, pool_packed, resolve_pooler_config
+from models.registry import ModelLoadError
 from serving.engine.pooling_runner import (
     HIDDEN_MAX_SEQS,
     MIN_TOKEN_BUCKET,

@@ -37,11 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import jax.numpy as jnp
 import numpy as np
 
 from models.bert import BertConfig, is_encoder_dir, load_bert, read_config
-from models.loader import ModelLoadError, resolve_source
+from models.hf_dir import encoder_tokenizer, resolve_max_model_len
+from models.loader import resolve_source
 from models.pooling import (
     PoolerConfig,
     apply_activation,
@@ -50,6 +50,7 @@ from models.pooling import (
     resolve_pooler_config,
     score_activation,
 )
+from models.registry import ModelLoadError, resolve_dtype
 from serving.engine.engine import enable_compilation_cache
 from serving.engine.engine_client import EngineDeadError
 from serving.engine.pooling_params import (
@@ -219,7 +220,7 @@ class PoolingEngine:
     def _encoder_from_args(cls, args: Any, model_dir: Path) -> PoolingEngine:
         try:
             cfg = read_config(model_dir)
-            dtype = _dtype(getattr(args, "dtype", "auto"))
+            dtype = resolve_dtype(getattr(args, "dtype", "auto"), encoder=True)
             max_model_len = resolve_max_model_len(
                 model_dir, cfg, getattr(args, "max_model_len", None))
             pooler = resolve_pooler_config(
@@ -235,7 +236,7 @@ class PoolingEngine:
         except ValueError as e:  # UnsupportedModelError, PoolerConfigError, bad args
             raise ModelLoadError(str(e)) from None
         check_task(getattr(args, "task", "auto"), cfg)
-        tokenizer = load_tokenizer(getattr(args, "tokenizer", None) or model_dir)
+        tokenizer = encoder_tokenizer(getattr(args, "tokenizer", None) or model_dir)
         if tokenizer is None:
             logger.warning("no tokenizer next to %s: only token-id inputs will work", model_dir)
         engine = cls(runner, cfg, pooler, tokenizer, model_name=str(args.model or model_dir))
@@ -598,47 +599,3 @@ def wants_pooling_engine(args: Any) -> bool:
                              "(…ForSequenceClassification) in a Hugging Face directory; "
                              "decoder models serve --task embed or generate")
     return task in ("embed", "embedding")
-
-
-def resolve_max_model_len(model_dir: Path, cfg: BertConfig, requested: int | None) -> int:
-    """Requested length, else sentence-transformers' ``max_seq_length``, else the position
-    table's size; never more than the position table covers."""
-    limit = cfg.max_input_len
-    if requested is not None:
-        if requested > limit:
-            raise ValueError(f"max_model_len {requested} exceeds the model's {limit} positions")
-        if requested < 1:
-            raise ValueError("max_model_len must be at least 1")
-        return requested
-    st_path = model_dir / "sentence_bert_config.json"
-    if st_path.exists():
-        import json
-
-        st_len = json.loads(st_path.read_text()).get("max_seq_length")
-        if isinstance(st_len, int) and st_len > 0:
-            return min(st_len, limit)
-    return limit
-
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
-
-
-def load_tokenizer(path: str | Path) -> Any:
-    """The model's HF tokenizer, truncating from the left (vLLM keeps a prompt's end); None
-    for a directory without tokenizer files."""
-    from transformers import AutoTokenizer
-
-    p = Path(path)
-    if p.is_dir() and not any((p / f).exists() for f in _TOKENIZER_FILES):
-        return None
-    return AutoTokenizer.from_pretrained(str(path), truncation_side="left")
-
-
-def _dtype(name: str) -> jnp.dtype:
-    # "auto" is float32 for encoders on every backend: they are small, and bf16 costs more
-    # accuracy than the embedding goldens allow.
-    table = {"auto": jnp.float32, "float32": jnp.float32, "float": jnp.float32,
-             "bfloat16": jnp.bfloat16, "float16": jnp.float16, "half": jnp.float16}
-    if name not in table:
-        raise ValueError(f"dtype must be one of {sorted(table)}, got {name!r}")
-    return jnp.dtype(table[name])

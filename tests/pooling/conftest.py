@@ -22,11 +22,12 @@ import pytest
 
 from models import assets
 from models.bert import load_bert, read_config
+from models.hf_dir import encoder_tokenizer
 from models.loader import resolve_source
 from models.pooling import resolve_pooler_config
 from serving.engine.engine import enable_compilation_cache
 from serving.engine.pooling_decoder import load_decoder_pooling
-from serving.engine.pooling_engine import PoolingEngine, load_tokenizer
+from serving.engine.pooling_engine import PoolingEngine
 from serving.engine.pooling_runner import PoolingRunner
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,7 +79,7 @@ def make_engine(model_dir: Path, *, max_model_len: int, token_buckets: list[int]
         load_bert(model_dir), pooler.pooling_type, max_model_len=max_model_len,
         max_num_seqs=max(seq_buckets), token_buckets=token_buckets, seq_buckets=seq_buckets,
         hidden_max_seqs=hidden_max_seqs, max_num_batched_tokens=max_num_batched_tokens)
-    tokenizer = load_tokenizer(model_dir) if (model_dir / "tokenizer.json").exists() else None
+    tokenizer = encoder_tokenizer(model_dir) if (model_dir / "tokenizer.json").exists() else None
     engine = PoolingEngine(runner, cfg, pooler, tokenizer, model_name=model_dir.name)
     engine.start_thread()
     return engine

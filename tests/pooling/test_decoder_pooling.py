@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models.loader import LoadedModel, ModelLoadError
 from models.pooling import PoolingType
+from models.registry import LoadedModel, ModelLoadError
 from models.testing import tiny_loaded
 from serving.engine.pooling_decoder import (
     DecoderPoolingRunner,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from models.bert import read_config
-from models.loader import ModelLoadError
+from models.registry import ModelLoadError
 from serving.engine.engine_client import EngineDeadError
 from serving.engine.pooling_engine import (
     PoolingEngine,
