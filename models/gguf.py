@@ -18,9 +18,9 @@ Contract of the output, shared with the HF-directory source:
 The names come from gguf-py's own tables: metadata keys from ``gguf.Keys``, value types from
 ``gguf.GGUFValueType``, tensor names from ``gguf.TensorNameMap`` for the file's architecture.
 We walk the header ourselves rather than with ``gguf.GGUFReader``: the reader wraps every
-vocabulary string in numpy views, which costs 2 s for SmolLM2's 49k tokens and 10 s for Gemma 3's
-262k, where the walk takes 0.06 s and 0.16 s (``python -m bench.gguf_header``, docs/BENCHMARKS.md).
-Dequantization is ``gguf.quants.dequantize``.
+vocabulary string in numpy views, which costs 2-3 s for SmolLM2's 49k tokens and 10-20 s for
+Gemma 3's 262k, where the walk takes 0.1 s and 0.2-0.3 s (25-65x faster; ``python -m
+bench.gguf_header``, docs/BENCHMARKS.md). Dequantization is ``gguf.quants.dequantize``.
 """
 
 from __future__ import annotations
