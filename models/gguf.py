@@ -55,7 +55,14 @@ from gguf.quants import dequantize
 from tqdm import tqdm
 
 from models.config import ModelConfig
-from models.registry import LoadedModel, LoadOptions, ModelLoadError, decoder_config, load_decoder
+from models.registry import (
+    LoadedModel,
+    LoadOptions,
+    ModelLoadError,
+    decoder_config,
+    load_decoder,
+    tokenizer_dir,
+)
 from models.weights import HF_GLOBAL_WEIGHTS, HF_LAYER_WEIGHTS
 
 if TYPE_CHECKING:
@@ -187,7 +194,10 @@ class _Cursor:
             return self.scalars(vtype, 1)[0]
         if vtype == GGUFValueType.STRING:
             return self.string()
-        etype = self.value_type("array")  # vtype is ARRAY
+        if vtype != GGUFValueType.ARRAY:  # a scalar type gguf-py's reader table lacks
+            raise GGUFError(f"{self.path} has metadata of type {vtype.name}, which xlaserve "
+                            "does not read")
+        etype = self.value_type("array")
         count = self.scalar("<Q")
         if etype in _SCALAR_DTYPES:
             return self.scalars(etype, count)
@@ -534,14 +544,12 @@ def load_gguf(
 def load(path: Path, opts: LoadOptions) -> LoadedModel[ModelConfig]:
     """The decoder in the GGUF file ``path`` (or the one .gguf in the directory ``path``),
     with ``opts.tokenizer_path``'s tokenizer instead of the file's when given."""
-    from models.hf_dir import decoder_tokenizer
-
     try:
         g = load_gguf(path, progress=opts.progress)
     except GGUFError as e:
         raise ModelLoadError(str(e)) from None
     cfg = decoder_config(g.hf_config, g.path)
-    tokenizer = decoder_tokenizer(Path(opts.tokenizer_path)) if opts.tokenizer_path \
+    tokenizer = tokenizer_dir(Path(opts.tokenizer_path)) if opts.tokenizer_path \
         else g.tokenizer
     return load_decoder(cfg, g.tensors(progress=opts.progress), opts, tokenizer=tokenizer,
                         generation_config=dict(g.generation_config), name=g.path.stem,

@@ -1,8 +1,7 @@
 """Hugging Face model directories: ``config.json``, ``*.safetensors`` and the tokenizer files.
 
-Called by ``models.loader`` for a directory with a ``config.json`` (and by ``models.orbax_source``
-for the config and tokenizer files it saves the same way). What the directory holds is its
-``config.json``'s ``model_type``:
+Called by ``models.loader`` for a directory with a ``config.json``. What the directory holds is
+its ``config.json``'s ``model_type``:
 
 - a BERT-family encoder (``models.bert.is_encoder_dir``): built by ``models.bert.load_bert``,
   float32 for ``dtype="auto"``, its tokenizer truncating from the left, or none;
@@ -26,7 +25,9 @@ from models.registry import (
     ModelLoadError,
     decoder_config,
     load_decoder,
+    read_json,
     resolve_dtype,
+    tokenizer_dir,
 )
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ def load(path: Path, opts: LoadOptions) -> LoadedModel[Any]:
 def _load_decoder(path: Path, opts: LoadOptions) -> LoadedModel[Any]:
     cfg = decoder_config(read_json(path / "config.json"), path)
     files, total = _safetensors_files(path)
-    tokenizer = decoder_tokenizer(Path(opts.tokenizer_path or path))
+    tokenizer = tokenizer_dir(Path(opts.tokenizer_path or path))
     return load_decoder(cfg, _iter_safetensors(files), opts, tokenizer=tokenizer,
                         generation_config=read_json(path / "generation_config.json"),
                         name=path.name, where=path, total=total)
@@ -62,26 +63,6 @@ def _load_encoder(path: Path, opts: LoadOptions) -> LoadedModel[Any]:
     except ValueError as e:  # a bad sentence_bert_config.json, TokenizerError
         raise ModelLoadError(str(e)) from None
     return LoadedModel(cfg, model, tokenizer, {}, path.name, str(path), jdtype, max_model_len)
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object file as a dict; a missing file is ``{}``, a malformed one an error."""
-    try:
-        return dict(json.loads(path.read_text()))
-    except FileNotFoundError:
-        return {}
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
-
-
-def decoder_tokenizer(path: Path) -> PreTrainedTokenizerFast:
-    """``models.tokenizer.load_tokenizer``, its complaints as ``ModelLoadError``."""
-    from models.tokenizer import TokenizerError, load_tokenizer
-
-    try:
-        return load_tokenizer(path)
-    except TokenizerError as e:
-        raise ModelLoadError(str(e)) from None
 
 
 def encoder_tokenizer(path: str | Path) -> PreTrainedTokenizerFast | None:

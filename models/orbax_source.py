@@ -28,14 +28,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig
-from models.hf_dir import decoder_tokenizer, read_json
 from models.registry import (
     LoadedModel,
     LoadOptions,
     ModelLoadError,
     build_model,
     decoder_config,
+    read_json,
     resolve_dtype,
+    tokenizer_dir,
 )
 
 MARKER = "xlaserve_checkpoint.json"
@@ -127,7 +128,7 @@ def load(path: Path, opts: LoadOptions) -> LoadedModel[ModelConfig]:
     for name, p in params.items():
         fix = fixes[name]  # kv-head regrouping for a mesh that replicates kv heads
         p.set_value(restored[name] if fix is None else fix(restored[name]))
-    tokenizer = decoder_tokenizer(Path(opts.tokenizer_path or path))
+    tokenizer = tokenizer_dir(Path(opts.tokenizer_path or path))
     gen_cfg = read_json(path / "generation_config.json")
     return LoadedModel(cfg, model, tokenizer, gen_cfg, str(meta.get("name") or path.name),
                        str(path), jdtype, cfg.max_position_embeddings)

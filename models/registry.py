@@ -13,11 +13,12 @@ run by the generation engine) and BERT-family encoders (``config`` a ``BertConfi
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,9 @@ from models.gemma3 import Gemma3Model
 from models.inputs import AttentionFn, WriteKVFn
 from models.llama import LlamaModel
 from models.weights import Place, default_place, load_weights
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 
 class ModelLoadError(RuntimeError):
@@ -130,6 +134,27 @@ def random_model(cfg: ModelConfig, dtype: Any, attn_fn: AttentionFn, write_fn: W
                 val = rng.standard_normal(shape) * (scale / np.sqrt(fan_in))
             node.set_value(jax.device_put(val.astype(jnp.dtype(dtype))))
     return model
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file as a dict; a missing file is ``{}``, a malformed one an error."""
+    try:
+        return dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        return {}
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
+
+
+def tokenizer_dir(path: Path) -> PreTrainedTokenizerFast:
+    """The tokenizer of an HF directory (``models.tokenizer.load_tokenizer``), its complaints
+    as ``ModelLoadError``."""
+    from models.tokenizer import TokenizerError, load_tokenizer
+
+    try:
+        return load_tokenizer(path)
+    except TokenizerError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 def decoder_config(hf_config: dict[str, Any], where: Path) -> ModelConfig:

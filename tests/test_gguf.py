@@ -419,6 +419,17 @@ def test_error_corrupt_header(tmp_path: Path) -> None:
     assert "version 7" in _error(tmp_path / "v7.gguf")
 
 
+def test_error_unknown_value_type(tmp_path: Path) -> None:
+    write_tiny(tmp_path / "ok.gguf")
+    data = bytearray((tmp_path / "ok.gguf").read_bytes())
+    key = b"general.architecture"  # the writer's first key: its value type follows the name
+    at = 24 + 8 + len(key)
+    assert data[32:at] == key
+    data[at : at + 4] = (99).to_bytes(4, "little")
+    (tmp_path / "bad.gguf").write_bytes(bytes(data))
+    assert "unknown metadata value type 99" in _error(tmp_path / "bad.gguf")
+
+
 def test_error_unsupported_architecture(tmp_path: Path) -> None:
     write_tiny(tmp_path / "mamba.gguf", "mamba", permute=False)
     msg = _error(tmp_path / "mamba.gguf")
