@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from models.bert import BertConfig, UnsupportedModelError, is_encoder_dir, load_bert
+from models.config import ModelConfig
 from models.registry import (
     LoadedModel,
     LoadOptions,
@@ -41,7 +42,7 @@ def load(path: Path, opts: LoadOptions) -> LoadedModel[Any]:
     return _load_decoder(path, opts)
 
 
-def _load_decoder(path: Path, opts: LoadOptions) -> LoadedModel[Any]:
+def _load_decoder(path: Path, opts: LoadOptions) -> LoadedModel[ModelConfig]:
     cfg = decoder_config(read_json(path / "config.json"), path)
     files, total = _safetensors_files(path)
     tokenizer = tokenizer_dir(Path(opts.tokenizer_path or path))
@@ -50,7 +51,7 @@ def _load_decoder(path: Path, opts: LoadOptions) -> LoadedModel[Any]:
                         name=path.name, where=path, total=total)
 
 
-def _load_encoder(path: Path, opts: LoadOptions) -> LoadedModel[Any]:
+def _load_encoder(path: Path, opts: LoadOptions) -> LoadedModel[BertConfig]:
     jdtype = resolve_dtype(opts.dtype, encoder=True)
     try:
         model = load_bert(path, jdtype)  # reads config.json first: refused before any weight

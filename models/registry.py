@@ -48,11 +48,13 @@ C = TypeVar("C", ModelConfig, BertConfig)
 class LoadedModel(Generic[C]):
     """A model ready to run, with what serving it needs to know.
 
-    ``max_model_len`` is the default context length: ``max_position_embeddings`` for decoders;
-    for encoders sentence-transformers' ``max_seq_length`` capped by the position table, else
-    the position table (``BertConfig.max_input_len``). ``tokenizer`` is a transformers fast
-    tokenizer (encoders: truncating from the left, or None when the directory ships none).
-    ``name`` is the default served model name, ``source`` the resolved path.
+    ``config`` is a ``ModelConfig`` for a decoder, a ``BertConfig`` for an encoder (a caller
+    that knows which writes ``LoadedModel[ModelConfig]``). ``max_model_len`` is the default
+    context length: ``max_position_embeddings`` for decoders; for encoders sentence-transformers'
+    ``max_seq_length`` capped by the position table, else the position table
+    (``BertConfig.max_input_len``). ``tokenizer`` is a transformers fast tokenizer (encoders:
+    truncating from the left, or None when the directory ships none). ``name`` is the default
+    served model name, ``source`` the resolved path.
     """
 
     config: C
