@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig
-from models.loader import LoadedModel, build_model, resolve_dtype
+from models.registry import LoadedModel, build_model, resolve_dtype
 from models.testing import byte_tokenizer
 from ops.backend import get_attention_fn
 
@@ -45,4 +45,5 @@ def random_loaded(name: str, dtype: str = "auto", attention_backend: str = "auto
             else:
                 val = (jax.random.normal(k, shape, jnp.float32) * shape[0] ** -0.5).astype(jdtype)
             node.set_value(val)
-    return LoadedModel(cfg, model, byte_tokenizer(), {}, f"random-{name}", "random", jdtype)
+    return LoadedModel(cfg, model, byte_tokenizer(), {}, f"random-{name}", "random", jdtype,
+                       cfg.max_position_embeddings)

@@ -1,10 +1,10 @@
 """GGUF model source: a llama.cpp ``.gguf`` file as HF-style config, tokenizer and f32 tensors.
 
-Called by the model loader (``models.loader``) when a model spec names a ``.gguf`` file or a
-directory holding exactly one. ``load_gguf`` reads only the file's header (metadata and tensor
-directory) and builds the tokenizer; tensor data stays in the file until the caller iterates
-``GGUFModel.tensors()``, which dequantizes one tensor at a time, so peak memory stays near the size
-of the final float32 weights plus one tensor.
+Called by the model loader (``models.loader``, through ``load``) when a model spec names a
+``.gguf`` file or a directory holding exactly one. ``load_gguf`` reads only the file's header
+(metadata and tensor directory) and builds the tokenizer; tensor data stays in the file until the
+caller iterates ``GGUFModel.tensors()``, which dequantizes one tensor at a time, so peak memory
+stays near the size of the final float32 weights plus one tensor.
 
 Contract of the output, shared with the HF-directory source:
 - ``hf_config`` is a transformers-style ``config.json`` dict (``model_type`` "llama", "qwen2",
@@ -15,10 +15,12 @@ Contract of the output, shared with the HF-directory source:
   are in HF's half-split rope order (llama.cpp's interleave undone), and Gemma norms are the HF
   weights (llama.cpp's stored ``w + 1`` undone).
 
-We parse the header ourselves rather than with ``gguf.GGUFReader``: the reader wraps every
-vocabulary string in numpy views, which costs 3 s for SmolLM2's 49k tokens and 20 s for Gemma 3's
-262k; a plain ``struct`` walk over the same bytes takes a fraction of a second. Dequantization is
-``gguf.quants.dequantize``.
+The names come from gguf-py's own tables: metadata keys from ``gguf.Keys``, value types from
+``gguf.GGUFValueType``, tensor names from ``gguf.TensorNameMap`` for the file's architecture.
+We walk the header ourselves rather than with ``gguf.GGUFReader``: the reader wraps every
+vocabulary string in numpy views, which costs 2-3 s for SmolLM2's 49k tokens and 10-20 s for
+Gemma 3's 262k, where the walk takes 0.1 s and 0.2-0.3 s (25-65x faster; ``python -m
+bench.gguf_header``, docs/BENCHMARKS.md). Dequantization is ``gguf.quants.dequantize``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import math
 import mmap
-import re
 import struct
 import sys
 from collections.abc import Collection, Iterator
@@ -36,9 +37,33 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import (
+    GGML_QUANT_SIZES,
+    GGUF_DEFAULT_ALIGNMENT,
+    GGUF_MAGIC,
+    MODEL_ARCH,
+    MODEL_ARCH_NAMES,
+    MODEL_TENSOR,
+    TENSOR_NAMES,
+    GGMLQuantizationType,
+    GGUFReader,
+    GGUFValueType,
+    Keys,
+    TensorNameMap,
+)
 from gguf.quants import dequantize
 from tqdm import tqdm
+
+from models.config import ModelConfig
+from models.registry import (
+    LoadedModel,
+    LoadOptions,
+    ModelLoadError,
+    decoder_config,
+    load_decoder,
+    tokenizer_dir,
+)
+from models.weights import HF_GLOBAL_WEIGHTS, HF_LAYER_WEIGHTS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -52,20 +77,13 @@ class GGUFError(ValueError):
 # Header parsing
 # --------------------------------------------------------------------------------------------
 
-_MAGIC = b"GGUF"
-_DEFAULT_ALIGNMENT = 32
 _SUPPORTED_VERSIONS = (2, 3)  # v1 counted with 32-bit integers; no file in use still has it
 
-# GGUF metadata value types (gguf.GGUFValueType) for the fixed-width scalars: struct format.
-_SCALAR_FORMATS = {
-    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-    10: "<Q", 11: "<q", 12: "<d",
-}  # fmt: skip
+# The numpy type of each fixed-width metadata value type, from gguf-py's reader (little-endian:
+# we refuse big-endian files).
 _SCALAR_DTYPES = {
-    0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
-    6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64,
-}  # fmt: skip
-_STRING, _ARRAY = 8, 9
+    vtype: np.dtype(t).newbyteorder("<") for vtype, t in GGUFReader.gguf_scalar_to_np.items()
+}
 
 # What ``tensors()`` can dequantize. Others exist in gguf-py, but these are the ones this project
 # tests; an unknown type fails at load time rather than halfway through the weights.
@@ -157,29 +175,40 @@ class _Cursor:
             # A few vocabularies carry a malformed token; keep the rest of the file usable.
             return raw.decode("utf-8", errors="replace")
 
-    def value(self, vtype: int) -> Any:
-        if vtype in _SCALAR_FORMATS:
-            return self.scalar(_SCALAR_FORMATS[vtype])
-        if vtype == _STRING:
+    def value_type(self, what: str) -> GGUFValueType:
+        raw = self.scalar("<I")
+        try:
+            return GGUFValueType(raw)
+        except ValueError:
+            raise GGUFError(f"{self.path} is corrupt: unknown metadata {what} type {raw}") from None
+
+    def scalars(self, vtype: GGUFValueType, count: int) -> list[Any]:
+        dtype = _SCALAR_DTYPES[vtype]
+        self._need(count * dtype.itemsize)
+        arr = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos)
+        self.pos += count * dtype.itemsize
+        return list(arr.tolist())
+
+    def value(self, vtype: GGUFValueType) -> Any:
+        if vtype in _SCALAR_DTYPES:
+            return self.scalars(vtype, 1)[0]
+        if vtype == GGUFValueType.STRING:
             return self.string()
-        if vtype == _ARRAY:
-            etype = self.scalar("<I")
-            count = self.scalar("<Q")
-            if etype in _SCALAR_DTYPES:
-                dtype = np.dtype(_SCALAR_DTYPES[etype])
-                self._need(count * dtype.itemsize)
-                arr = np.frombuffer(self.buf, dtype=dtype.newbyteorder("<"), count=count,
-                                    offset=self.pos)  # fmt: skip
-                self.pos += count * dtype.itemsize
-                return arr.tolist()
-            if etype == _STRING:
-                self._need(count * 8)  # every string has at least its 8-byte length
-                return [self.string() for _ in range(count)]
-            if etype == _ARRAY:
-                self._need(count * 12)
-                return [self.value(_ARRAY) for _ in range(count)]
-            raise GGUFError(f"{self.path} is corrupt: unknown metadata array type {etype}")
-        raise GGUFError(f"{self.path} is corrupt: unknown metadata value type {vtype}")
+        if vtype != GGUFValueType.ARRAY:  # a scalar type gguf-py's reader table lacks
+            raise GGUFError(f"{self.path} has metadata of type {vtype.name}, which xlaserve "
+                            "does not read")
+        etype = self.value_type("array")
+        count = self.scalar("<Q")
+        if etype in _SCALAR_DTYPES:
+            return self.scalars(etype, count)
+        if etype == GGUFValueType.STRING:
+            self._need(count * 8)  # every string has at least its 8-byte length
+            return [self.string() for _ in range(count)]
+        if etype != GGUFValueType.ARRAY:
+            raise GGUFError(f"{self.path} has metadata arrays of {etype.name}, which xlaserve "
+                            "does not read")
+        self._need(count * 12)  # nested arrays: each has at least its type and length
+        return [self.value(etype) for _ in range(count)]
 
 
 def read_header(path: str | Path) -> GGUFHeader:
@@ -218,9 +247,8 @@ def _mapped(path: Path) -> Iterator[mmap.mmap]:
 
 def _parse(buf: mmap.mmap, path: Path, size: int) -> GGUFHeader:
     cur = _Cursor(buf, path)
-    if buf[:4] != _MAGIC:
+    if cur.scalar("<I") != GGUF_MAGIC:
         raise GGUFError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
-    cur.pos = 4
     version = cur.scalar("<I")
     if version not in _SUPPORTED_VERSIONS:
         if version & 0xFFFF == 0:
@@ -235,7 +263,7 @@ def _parse(buf: mmap.mmap, path: Path, size: int) -> GGUFHeader:
     metadata: dict[str, Any] = {}
     for _ in range(n_kv):
         key = cur.string()
-        metadata[key] = cur.value(cur.scalar("<I"))
+        metadata[key] = cur.value(cur.value_type("value"))
     kv_end = cur.pos
 
     infos: list[tuple[str, tuple[int, ...], int, int]] = []
@@ -249,7 +277,7 @@ def _parse(buf: mmap.mmap, path: Path, size: int) -> GGUFHeader:
         rel_offset = cur.scalar("<Q")
         infos.append((name, tuple(reversed(dims)), ggml_type, rel_offset))
 
-    alignment = metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
+    alignment = metadata.get(Keys.General.ALIGNMENT, GGUF_DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
         raise GGUFError(f"{path} is corrupt: general.alignment {alignment!r} is not a power of two")
     data_offset = -(-cur.pos // alignment) * alignment
@@ -283,41 +311,16 @@ def _tensor_nbytes(shape: tuple[int, ...], ggml_type: int) -> int | None:
 # Architectures: GGUF metadata -> HF config, GGUF tensor names -> HF names
 # --------------------------------------------------------------------------------------------
 
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
 # Tensors llama.cpp adds that have no HF parameter. rope_freqs holds llama3 rope scaling factors,
 # which we turn back into the config's rope_scaling instead.
-_IGNORED_NAMES = {"rope_freqs.weight"}
-
-_LAYER_COMMON = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-}
-_LAYER_LLAMA = _LAYER_COMMON | {"ffn_norm": "post_attention_layernorm"}
-_LAYER_GEMMA3 = _LAYER_COMMON | {
-    "post_attention_norm": "post_attention_layernorm",
-    "ffn_norm": "pre_feedforward_layernorm",
-    "post_ffw_norm": "post_feedforward_layernorm",
-}
-_LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_0-9]+)\.(weight|bias)$")
+_ROPE_FREQS = f"{TENSOR_NAMES[MODEL_TENSOR.ROPE_FREQS]}.weight"
+_IGNORED_NAMES = {_ROPE_FREQS}
 
 
 @dataclass(frozen=True)
 class _Arch:
     model_type: str
     hf_class: str
-    layer_names: dict[str, str]
     # llama.cpp interleaves Q/K rows for archs it runs with "normal" (pairwise) rope.
     permuted_qk: bool
     # llama.cpp stores Gemma RMSNorm weights as w + 1 (Gemma computes x * (1 + w)).
@@ -325,24 +328,30 @@ class _Arch:
 
 
 _ARCHS = {
-    "llama": _Arch("llama", "LlamaForCausalLM", _LAYER_LLAMA, permuted_qk=True, norm_shift=0.0),
-    "qwen2": _Arch("qwen2", "Qwen2ForCausalLM", _LAYER_LLAMA, permuted_qk=False, norm_shift=0.0),
-    "qwen3": _Arch("qwen3", "Qwen3ForCausalLM", _LAYER_LLAMA, permuted_qk=False, norm_shift=0.0),
-    "gemma3": _Arch(
-        "gemma3_text", "Gemma3ForCausalLM", _LAYER_GEMMA3, permuted_qk=False, norm_shift=1.0
-    ),
+    MODEL_ARCH.LLAMA: _Arch("llama", "LlamaForCausalLM", permuted_qk=True, norm_shift=0.0),
+    MODEL_ARCH.QWEN2: _Arch("qwen2", "Qwen2ForCausalLM", permuted_qk=False, norm_shift=0.0),
+    MODEL_ARCH.QWEN3: _Arch("qwen3", "Qwen3ForCausalLM", permuted_qk=False, norm_shift=0.0),
+    MODEL_ARCH.GEMMA3: _Arch("gemma3_text", "Gemma3ForCausalLM", permuted_qk=False,
+                             norm_shift=1.0),
 }
-SUPPORTED_ARCHITECTURES = tuple(sorted(_ARCHS))
+SUPPORTED_ARCHITECTURES = tuple(sorted(MODEL_ARCH_NAMES[a] for a in _ARCHS))
+_ARCH_OF_NAME = {MODEL_ARCH_NAMES[a]: a for a in _ARCHS}
 
 
-def _hf_name(arch: _Arch, gguf_name: str) -> str | None:
-    """HF parameter name for a GGUF tensor name, or None if the name is unknown."""
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    m = _LAYER_RE.match(gguf_name)
-    if m is None or m.group(2) not in arch.layer_names:
-        return None
-    return f"model.layers.{m.group(1)}.{arch.layer_names[m.group(2)]}.{m.group(3)}"
+def _tensor_names(arch: MODEL_ARCH, n_layers: int) -> dict[str, str]:
+    """GGUF tensor name -> HF name, for every tensor ``models.weights`` reads that this
+    architecture has: gguf-py's ``TensorNameMap`` knows, e.g., that Gemma 3's ``ffn_norm`` is
+    HF's ``pre_feedforward_layernorm`` while Llama's is ``post_attention_layernorm``."""
+    tmap = TensorNameMap(arch, n_layers)
+    hf_names = [*HF_GLOBAL_WEIGHTS,
+                *(f"model.layers.{i}.{name}" for i in range(n_layers) for name in HF_LAYER_WEIGHTS)]
+    names = {}
+    for hf_name in hf_names:
+        module, suffix = hf_name.rsplit(".", 1)  # weight | bias
+        gguf_module = tmap.get_name(module)
+        if gguf_module is not None:
+            names[f"{gguf_module}.{suffix}"] = hf_name
+    return names
 
 
 def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -377,7 +386,16 @@ def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
+class _Layout:
+    """What the header says about the model's structure, before any config is built."""
+
+    arch_name: str  # general.architecture, the prefix of the architecture's metadata keys
+    arch: _Arch
+    names: dict[str, str]  # GGUF tensor name -> HF name, for this architecture and depth
+
+
+@dataclass(frozen=True)
 class GGUFModel:
     """A GGUF checkpoint, ready for the Flax model builder.
 
@@ -389,7 +407,7 @@ class GGUFModel:
     tokenizer: PreTrainedTokenizerFast
     generation_config: dict[str, Any]
     header: GGUFHeader = field(repr=False)
-    _arch: _Arch = field(repr=False)
+    _layout: _Layout = field(repr=False)
 
     @property
     def num_tensors(self) -> int:
@@ -398,11 +416,9 @@ class GGUFModel:
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         """HF name -> shape for every tensor ``tensors()`` yields, without reading any data."""
-        return {
-            name: info.shape
-            for info in self.header.tensors
-            if (name := _hf_name(self._arch, info.name)) is not None
-        }
+        names = self._layout.names
+        return {names[info.name]: info.shape for info in self.header.tensors
+                if info.name in names}
 
     def tensors(
         self, progress: bool = True, only: Collection[str] | None = None
@@ -415,12 +431,9 @@ class GGUFModel:
         """
         cfg = self.hf_config
         n_q, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-        infos = [
-            t
-            for t in self.header.tensors
-            if t.name not in _IGNORED_NAMES
-            and (only is None or _hf_name(self._arch, t.name) in only)
-        ]
+        names, arch = self._layout.names, self._layout.arch
+        infos = [t for t in self.header.tensors  # every name is known (checked in load_gguf)
+                 if t.name not in _IGNORED_NAMES and (only is None or names[t.name] in only)]
         with _mapped(self.path) as buf:
             if len(buf) != self.header.file_size:
                 raise GGUFError(f"{self.path} changed on disk since it was loaded")
@@ -429,15 +442,14 @@ class GGUFModel:
                 disable=not progress, leave=False,
             )  # fmt: skip
             for info in bar:
-                hf_name = _hf_name(self._arch, info.name)
-                assert hf_name is not None  # checked in load_gguf
+                hf_name = names[info.name]
                 w = _dequantize(buf, info)
-                if self._arch.permuted_qk and ".attn_q." in info.name:
+                if arch.permuted_qk and ".self_attn.q_proj." in hf_name:
                     w = _unpermute_rows(w, n_q)
-                elif self._arch.permuted_qk and ".attn_k." in info.name:
+                elif arch.permuted_qk and ".self_attn.k_proj." in hf_name:
                     w = _unpermute_rows(w, n_kv)
-                if self._arch.norm_shift and info.name.endswith("norm.weight"):
-                    w = w - np.float32(self._arch.norm_shift)
+                if arch.norm_shift and hf_name.endswith("norm.weight"):
+                    w = w - np.float32(arch.norm_shift)
                 yield hf_name, w
 
 
@@ -477,22 +489,26 @@ def load_gguf_config(path: str | Path) -> dict[str, Any]:
     """Just the HF config of a GGUF checkpoint (no tokenizer); same checks as ``load_gguf``."""
     file = find_gguf_file(path)
     header = read_header(file)
-    arch_name, arch = _arch_of(file, header)
-    _check_tensors(file, arch, header)
-    return _build_config(file, arch_name, arch, header)
+    layout = _layout_of(file, header)
+    _check_tensors(file, layout, header)
+    return _build_config(file, layout, header)
 
 
-def _arch_of(file: Path, header: GGUFHeader) -> tuple[str, _Arch]:
-    arch_name = header.metadata.get("general.architecture")
+def _layout_of(file: Path, header: GGUFHeader) -> _Layout:
+    arch_name = header.metadata.get(Keys.General.ARCHITECTURE)
     if not isinstance(arch_name, str):
-        raise GGUFError(f"{file} is corrupt: it has no general.architecture")
-    arch = _ARCHS.get(arch_name)
-    if arch is None:
+        raise GGUFError(f"{file} is corrupt: it has no {Keys.General.ARCHITECTURE}")
+    model_arch = _ARCH_OF_NAME.get(arch_name)
+    if model_arch is None:
         raise GGUFError(
             f"unsupported GGUF architecture {arch_name!r} in {file}; "
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
-    return arch_name, arch
+    block_count = Keys.LLM.BLOCK_COUNT.format(arch=arch_name)
+    n_layers = header.metadata.get(block_count)
+    if not isinstance(n_layers, int) or n_layers < 1:
+        raise GGUFError(f"{file} is missing metadata key {block_count}")
+    return _Layout(arch_name, _ARCHS[model_arch], _tensor_names(model_arch, n_layers))
 
 
 def load_gguf(
@@ -503,34 +519,52 @@ def load_gguf(
     ``path`` is a .gguf file or a directory holding exactly one. No tensor data is read here
     (except llama3 rope factors); iterate ``tensors()`` for the weights. Every problem a user can
     cause (missing path, not GGUF, truncated, unsupported architecture or quantization type,
-    tensors that do not match the config) raises GGUFError with a one-line message.
-    ``tokenizer_cache`` reuses a tokenizer built before from an identical header (see
+    tensors that do not match the config, no usable tokenizer) raises GGUFError with a one-line
+    message. ``tokenizer_cache`` reuses a tokenizer built before from an identical header (see
     ``models.tokenizer``).
     """
-    from models.tokenizer import tokenizer_from_gguf
+    from models.tokenizer import TokenizerError, tokenizer_from_gguf
 
     file = find_gguf_file(path)
     header = read_header(file)
-    meta = header.metadata
-    arch_name, arch = _arch_of(file, header)
-    _check_tensors(file, arch, header)
-    hf_config = _build_config(file, arch_name, arch, header)
-    tokenizer = tokenizer_from_gguf(
-        meta, cache_key=header.header_sha256 if tokenizer_cache else None, progress=progress
-    )
-    gen = _generation_config(meta, hf_config, tokenizer)
-    return GGUFModel(file, hf_config, tokenizer, gen, header, arch)
+    layout = _layout_of(file, header)
+    _check_tensors(file, layout, header)
+    hf_config = _build_config(file, layout, header)
+    try:
+        tokenizer = tokenizer_from_gguf(
+            header.metadata, cache_key=header.header_sha256 if tokenizer_cache else None,
+            progress=progress,
+        )  # fmt: skip
+    except TokenizerError as e:
+        raise GGUFError(f"{file}: {e}") from None
+    gen = _generation_config(header.metadata, hf_config, tokenizer)
+    return GGUFModel(file, hf_config, tokenizer, gen, header, layout)
 
 
-def _check_tensors(file: Path, arch: _Arch, header: GGUFHeader) -> None:
+def load(path: Path, opts: LoadOptions) -> LoadedModel[ModelConfig]:
+    """The decoder in the GGUF file ``path`` (or the one .gguf in the directory ``path``),
+    with ``opts.tokenizer_path``'s tokenizer instead of the file's when given."""
+    try:
+        g = load_gguf(path, progress=opts.progress)
+    except GGUFError as e:
+        raise ModelLoadError(str(e)) from None
+    cfg = decoder_config(g.hf_config, g.path)
+    tokenizer = tokenizer_dir(Path(opts.tokenizer_path)) if opts.tokenizer_path \
+        else g.tokenizer
+    return load_decoder(cfg, g.tensors(progress=opts.progress), opts, tokenizer=tokenizer,
+                        generation_config=dict(g.generation_config), name=g.path.stem,
+                        where=g.path, total=g.num_tensors)
+
+
+def _check_tensors(file: Path, layout: _Layout, header: GGUFHeader) -> None:
     supported = set(SUPPORTED_QUANT_TYPES)
     for info in header.tensors:
         if info.name in _IGNORED_NAMES:
             continue
-        if _hf_name(arch, info.name) is None:
+        if info.name not in layout.names:
             raise GGUFError(
                 f"{file} has tensor {info.name!r}, which xlaserve does not know for "
-                f"architecture {header.metadata['general.architecture']!r}"
+                f"architecture {layout.arch_name!r}"
             )
         if info.ggml_type not in supported:
             raise GGUFError(
@@ -546,62 +580,68 @@ def _check_tensors(file: Path, arch: _Arch, header: GGUFHeader) -> None:
             )
 
 
-def _build_config(file: Path, arch_name: str, arch: _Arch, header: GGUFHeader) -> dict[str, Any]:
+def _build_config(file: Path, layout: _Layout, header: GGUFHeader) -> dict[str, Any]:
     meta = header.metadata
-    shapes = {t.name: t.shape for t in header.tensors}
+    # Shapes by HF name; file_name turns an HF name back into the file's, for messages.
+    shapes = {layout.names[t.name]: t.shape for t in header.tensors if t.name in layout.names}
+    file_name = {hf: name for name, hf in layout.names.items()}
 
-    def key(name: str, default: Any = None, required: bool = False) -> Any:
-        full = f"{arch_name}.{name}"
+    def key(template: str, default: Any = None, required: bool = False) -> Any:
+        full = template.format(arch=layout.arch_name)
         if full not in meta:
             if required:
                 raise GGUFError(f"{file} is missing metadata key {full}")
             return default
         return meta[full]
 
-    n_layers = key("block_count", required=True)
-    hidden = key("embedding_length", required=True)
-    n_heads = key("attention.head_count", required=True)
-    n_kv = key("attention.head_count_kv", n_heads)
+    def need(hf_name: str) -> tuple[int, ...]:
+        if hf_name not in shapes:
+            raise GGUFError(f"{file} has no {file_name[hf_name]} tensor")
+        return shapes[hf_name]
+
+    n_layers = key(Keys.LLM.BLOCK_COUNT, required=True)
+    hidden = key(Keys.LLM.EMBEDDING_LENGTH, required=True)
+    n_heads = key(Keys.Attention.HEAD_COUNT, required=True)
+    n_kv = key(Keys.Attention.HEAD_COUNT_KV, n_heads)
     if isinstance(n_heads, list) or isinstance(n_kv, list):
         # Per-layer head counts (e.g. OpenELM); none of our families do this.
         raise GGUFError(f"{file} has per-layer head counts, which xlaserve does not support")
-    head_dim = key("attention.key_length") or key("rope.dimension_count") or hidden // n_heads
-    if "token_embd.weight" not in shapes:
-        raise GGUFError(f"{file} has no token_embd.weight tensor")
-    vocab_size = shapes["token_embd.weight"][0]
-    intermediate = key("feed_forward_length")
-    if intermediate is None and "blk.0.ffn_up.weight" in shapes:
-        intermediate = shapes["blk.0.ffn_up.weight"][0]
-    rope_theta = _f32(key("rope.freq_base", 10000.0))
-    tied = "output.weight" not in shapes
-    attention_bias = "blk.0.attn_q.bias" in shapes
+    head_dim = (key(Keys.Attention.KEY_LENGTH) or key(Keys.Rope.DIMENSION_COUNT)
+                or hidden // n_heads)
+    vocab_size = need("model.embed_tokens.weight")[0]
+    intermediate = key(Keys.LLM.FEED_FORWARD_LENGTH)
+    if intermediate is None and "model.layers.0.mlp.up_proj.weight" in shapes:
+        intermediate = shapes["model.layers.0.mlp.up_proj.weight"][0]
+    rope_theta = _f32(key(Keys.Rope.FREQ_BASE, 10000.0))
+    tied = "lm_head.weight" not in shapes
+    attention_bias = "model.layers.0.self_attn.q_proj.bias" in shapes
 
     # Shapes must agree with the config, or the model would fail obscurely later.
     expected = {
-        "blk.0.attn_q.weight": (n_heads * head_dim, hidden),
-        "blk.0.attn_k.weight": (n_kv * head_dim, hidden),
-        "blk.0.attn_v.weight": (n_kv * head_dim, hidden),
+        "model.layers.0.self_attn.q_proj.weight": (n_heads * head_dim, hidden),
+        "model.layers.0.self_attn.k_proj.weight": (n_kv * head_dim, hidden),
+        "model.layers.0.self_attn.v_proj.weight": (n_kv * head_dim, hidden),
     }
     for name, shape in expected.items():
-        if name not in shapes:
-            raise GGUFError(f"{file} has no {name} tensor")
-        if shapes[name] != shape:
+        if need(name) != shape:
             raise GGUFError(
-                f"{file} is inconsistent: {name} has shape {shapes[name]}, metadata implies {shape}"
+                f"{file} is inconsistent: {file_name[name]} has shape {shapes[name]}, "
+                f"metadata implies {shape}"
             )
     missing = [
-        f"blk.{i}.{part}.weight"
+        file_name[name]
         for i in range(n_layers)
-        for part in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_down", "attn_norm")
-        if f"blk.{i}.{part}.weight" not in shapes
-    ]
+        for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                     "self_attn.o_proj", "mlp.down_proj", "input_layernorm")
+        if (name := f"model.layers.{i}.{part}.weight") not in shapes
+    ]  # fmt: skip
     if missing:
         raise GGUFError(f"{file} is incomplete: {len(missing)} layer tensors missing, e.g. "
                         f"{missing[0]}")  # fmt: skip
 
     cfg: dict[str, Any] = {
-        "model_type": arch.model_type,
-        "architectures": [arch.hf_class],
+        "model_type": layout.arch.model_type,
+        "architectures": [layout.arch.hf_class],
         "vocab_size": vocab_size,
         "hidden_size": hidden,
         "intermediate_size": intermediate,
@@ -609,22 +649,22 @@ def _build_config(file: Path, arch_name: str, arch: _Arch, header: GGUFHeader) -
         "num_attention_heads": n_heads,
         "num_key_value_heads": n_kv,
         "head_dim": head_dim,
-        "max_position_embeddings": key("context_length", 2048),
-        "rms_norm_eps": _f32(key("attention.layer_norm_rms_epsilon", 1e-6)),
+        "max_position_embeddings": key(Keys.LLM.CONTEXT_LENGTH, 2048),
+        "rms_norm_eps": _f32(key(Keys.Attention.LAYERNORM_RMS_EPS, 1e-6)),
         "rope_theta": rope_theta,
         "rope_scaling": None,
         "attention_bias": attention_bias,
         "tie_word_embeddings": tied,
-        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
-        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
+        "bos_token_id": meta.get(Keys.Tokenizer.BOS_ID),
+        "eos_token_id": meta.get(Keys.Tokenizer.EOS_ID),
+        "pad_token_id": meta.get(Keys.Tokenizer.PAD_ID),
     }
-    scaling = _rope_scaling(file, arch_name, meta, header, head_dim, rope_theta)
+    scaling = _rope_scaling(file, layout.arch_name, meta, header, head_dim, rope_theta)
 
-    if arch_name == "gemma3":
+    if layout.arch.model_type == "gemma3_text":
         cfg["hidden_activation"] = "gelu_pytorch_tanh"
-        sliding_window = key("attention.sliding_window")
-        pattern_meta = key("attention.sliding_window_pattern")
+        sliding_window = key(Keys.Attention.SLIDING_WINDOW)
+        pattern_meta = key(Keys.Attention.SLIDING_WINDOW_PATTERN)
         if isinstance(pattern_meta, list):  # one bool per layer, True = sliding (llama.cpp swa)
             sliding = [bool(x) for x in pattern_meta]
             pattern = None
@@ -638,11 +678,11 @@ def _build_config(file: Path, arch_name: str, arch: _Arch, header: GGUFHeader) -
         # Gemma 3 runs local layers at base 10k and global ones at freq_base (1M), which is the
         # only base the file states; 10k is fixed for the family (llama.cpp hard-codes it too).
         cfg["rope_local_base_freq"] = 10000.0
-        # llama.cpp scales queries by 1/sqrt(head_dim), except for the 27B (62 layers), which
-        # uses hidden/heads; HF expresses this as query_pre_attn_scalar.
-        cfg["query_pre_attn_scalar"] = hidden // n_heads if n_layers == 62 else head_dim
-        cfg["final_logit_softcapping"] = key("final_logit_softcapping")
-        cfg["attn_logit_softcapping"] = key("attn_logit_softcapping")
+        cfg["query_pre_attn_scalar"] = _gemma3_query_pre_attn_scalar(
+            file, Keys.Attention.SCALE.format(arch=layout.arch_name), key(Keys.Attention.SCALE),
+            head_dim)
+        cfg["final_logit_softcapping"] = key(Keys.LLM.FINAL_LOGIT_SOFTCAPPING)
+        cfg["attn_logit_softcapping"] = key(Keys.LLM.ATTN_LOGIT_SOFTCAPPING)
         cfg["use_qk_norm"] = True
         cfg["rope_scaling"] = scaling  # applies to the global layers only
         cfg["rope_parameters"] = {
@@ -656,10 +696,42 @@ def _build_config(file: Path, arch_name: str, arch: _Arch, header: GGUFHeader) -
         cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": rope_theta} | (
             scaling or {}
         )
-        cfg["use_qk_norm"] = "blk.0.attn_q_norm.weight" in shapes
-        if arch_name == "qwen3" and not cfg["use_qk_norm"]:
+        cfg["use_qk_norm"] = "model.layers.0.self_attn.q_norm.weight" in shapes
+        if layout.arch.model_type == "qwen3" and not cfg["use_qk_norm"]:
             raise GGUFError(f"{file} is a qwen3 model without attn_q_norm tensors")
     return cfg
+
+
+def _gemma3_query_pre_attn_scalar(file: Path, scale_key: str, scale: float | None,
+                                  head_dim: int) -> float:
+    """Gemma 3's ``query_pre_attn_scalar`` (queries are scaled by its inverse square root).
+
+    GGUF has no key for it: llama.cpp's converter drops it from config.json, and llama.cpp then
+    recognises the 27B by its layer count (scale 1/sqrt(hidden/heads) there, 1/sqrt(head_dim)
+    for every other size), while transformers' GGUF loader keeps ``Gemma3TextConfig``'s default
+    (256). We recognise no model by its shape. The rule:
+
+    1. ``{arch}.attention.scale`` (llama.cpp's ``f_attention_scale``, the factor on q.k), when the
+       file states it: ``1 / scale**2``.
+    2. Otherwise, where the two readings above agree, i.e. ``head_dim`` equals transformers'
+       default (true of every published Gemma 3 except the 27B): that value.
+    3. Otherwise the file cannot tell: GGUFError (the 27B, head_dim 128, was trained with 168;
+       add the key to the file with gguf-py, or load the HF directory).
+    """
+    if scale is not None:
+        if not scale > 0:
+            raise GGUFError(f"{file} is corrupt: {scale_key} is {scale}")
+        return _f32(1.0 / float(scale) ** 2)
+    from transformers import Gemma3TextConfig
+
+    default = float(Gemma3TextConfig().query_pre_attn_scalar)
+    if head_dim != default:
+        raise GGUFError(
+            f"{file} does not state Gemma 3's attention scale ({scale_key}) and its head_dim "
+            f"{head_dim} is not the {default:g} every Gemma 3 but the 27B uses; add the key "
+            "(1/sqrt(query_pre_attn_scalar)) or load the model's HF directory"
+        )
+    return default
 
 
 def _f32(x: float) -> float:
@@ -677,10 +749,10 @@ def _rope_scaling(
     rope_theta: float,
 ) -> dict[str, Any] | None:
     """HF rope_scaling from the metadata keys, or from llama.cpp's rope_freqs tensor (llama3)."""
-    kind = meta.get(f"{arch_name}.rope.scaling.type")
-    factor = meta.get(f"{arch_name}.rope.scaling.factor")
-    orig_ctx = meta.get(f"{arch_name}.rope.scaling.original_context_length")
-    freqs_info = next((t for t in header.tensors if t.name == "rope_freqs.weight"), None)
+    kind = meta.get(Keys.Rope.SCALING_TYPE.format(arch=arch_name))
+    factor = meta.get(Keys.Rope.SCALING_FACTOR.format(arch=arch_name))
+    orig_ctx = meta.get(Keys.Rope.SCALING_ORIG_CTX_LEN.format(arch=arch_name))
+    freqs_info = next((t for t in header.tensors if t.name == _ROPE_FREQS), None)
     if freqs_info is not None:
         with _mapped(file) as buf:
             freqs = _dequantize(buf, freqs_info).reshape(-1).astype(np.float64)
@@ -755,7 +827,7 @@ def _generation_config(
     ``<end_of_turn>``; without it a chat with an instruction-tuned Gemma GGUF never stops.
     """
     eos: list[int] = []
-    for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"):
+    for k in (Keys.Tokenizer.EOS_ID, Keys.Tokenizer.EOT_ID):
         v = meta.get(k)
         if isinstance(v, int) and v not in eos:
             eos.append(v)

@@ -1,7 +1,7 @@
 """Orbax checkpoint directories: our parameter tree saved once, restored straight into a mesh.
 
-Written by ``serving.engine.convert`` (``xlaserve-convert MODEL --output DIR``); read by
-``models.loader.load_model`` when the model path is such a directory. Layout::
+Written by ``serving.engine.convert`` (``xlaserve-convert MODEL --output DIR``); read (``load``)
+when ``models.loader.load_model``'s path is such a directory. Layout::
 
     DIR/xlaserve_checkpoint.json   format marker: version, dtype, name, per-parameter manifest
     DIR/params/                    orbax StandardCheckpointer tree {param path: array}
@@ -19,7 +19,6 @@ default hook everything lands on the default device.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,9 +28,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig
-from models.inputs import AttentionFn, WriteKVFn
-from models.loader import LoadedModel, ModelLoadError, build_model, resolve_dtype
-from models.weights import Place
+from models.registry import (
+    LoadedModel,
+    LoadOptions,
+    ModelLoadError,
+    build_model,
+    decoder_config,
+    read_json,
+    resolve_dtype,
+    tokenizer_dir,
+)
 
 MARKER = "xlaserve_checkpoint.json"
 PARAMS = "params"
@@ -90,22 +96,14 @@ def read_marker(path: Path) -> dict[str, Any]:
     return meta
 
 
-def load_orbax(path: Path, *, dtype: str, attn_fn: AttentionFn, write_fn: WriteKVFn,
-               place: Place, tokenizer_path: str | None = None,
-               t0: float | None = None) -> LoadedModel:
+def load(path: Path, opts: LoadOptions) -> LoadedModel[ModelConfig]:
     """Restore an ``xlaserve-convert`` directory. ``dtype="auto"`` keeps the stored dtype."""
     import orbax.checkpoint as ocp
 
-    from models.loader import _read_json
-    from models.tokenizer import TokenizerError, load_tokenizer
-    t0 = time.perf_counter() if t0 is None else t0
     meta = read_marker(path)
-    jdtype = jnp.dtype(meta["dtype"]) if dtype == "auto" else resolve_dtype(dtype)
-    try:
-        cfg = ModelConfig.from_hf(_read_json(path / "config.json"))
-    except (ValueError, KeyError) as e:
-        raise ModelLoadError(f"{path}: {e}") from None
-    model = build_model(cfg, jdtype, attn_fn, write_fn, abstract=True)
+    jdtype = jnp.dtype(meta["dtype"]) if opts.dtype == "auto" else resolve_dtype(opts.dtype)
+    cfg = decoder_config(read_json(path / "config.json"), path)
+    model = build_model(cfg, jdtype, opts.attn_fn, opts.write_fn, abstract=True)
     params = param_table(model)
     stored = meta.get("params", {})
     if set(stored) != set(params):
@@ -115,6 +113,7 @@ def load_orbax(path: Path, *, dtype: str, attn_fn: AttentionFn, write_fn: WriteK
     targets: dict[str, jax.ShapeDtypeStruct] = {}
     fixes: dict[str, Callable[[jax.Array], jax.Array] | None] = {}
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    place = opts.place
     for name, p in params.items():
         shape = tuple(stored[name]["shape"])
         if shape != tuple(p.shape):
@@ -129,10 +128,7 @@ def load_orbax(path: Path, *, dtype: str, attn_fn: AttentionFn, write_fn: WriteK
     for name, p in params.items():
         fix = fixes[name]  # kv-head regrouping for a mesh that replicates kv heads
         p.set_value(restored[name] if fix is None else fix(restored[name]))
-    try:
-        tokenizer = load_tokenizer(str(tokenizer_path or path))
-    except TokenizerError as e:
-        raise ModelLoadError(str(e)) from None
-    gen_cfg = _read_json(path / "generation_config.json")
+    tokenizer = tokenizer_dir(Path(opts.tokenizer_path or path))
+    gen_cfg = read_json(path / "generation_config.json")
     return LoadedModel(cfg, model, tokenizer, gen_cfg, str(meta.get("name") or path.name),
-                       str(path), jdtype, time.perf_counter() - t0)
+                       str(path), jdtype, cfg.max_position_embeddings)

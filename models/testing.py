@@ -11,7 +11,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from models.config import ModelConfig
-from models.loader import LoadedModel, random_model
+from models.registry import LoadedModel, random_model
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML = (
@@ -63,10 +63,10 @@ def _unicode_to_byte(ch: str) -> int:
 
 
 def tiny_loaded(model_type: str = "llama", dtype: Any = jnp.float32, seed: int = 0,
-                attn_fn: Any = None, write_fn: Any = None, **kw: Any) -> LoadedModel:
+                attn_fn: Any = None, write_fn: Any = None, **kw: Any) -> LoadedModel[ModelConfig]:
     from ops import attention
     cfg = tiny_config(model_type, **kw)
     model = random_model(cfg, dtype, attn_fn or attention.ragged_paged_attention_reference,
                          write_fn or attention.write_kv, seed=seed)
     return LoadedModel(cfg, model, byte_tokenizer(), {"eos_token_id": 258}, f"tiny-{model_type}",
-                       "random", dtype)
+                       "random", dtype, cfg.max_position_embeddings)

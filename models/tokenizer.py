@@ -1,9 +1,9 @@
 """Tokenizers for both model sources, built without torch.
 
-Called by ``models.gguf.load_gguf`` (``tokenizer_from_gguf``) and by the HF-directory loader
-(``load_tokenizer``). Both return a transformers ``PreTrainedTokenizerFast`` carrying the chat
-template and the special tokens, so later stages (chat rendering, detokenization, stop tokens)
-do not care where the model came from.
+Called by ``models.gguf.load_gguf`` (``tokenizer_from_gguf``) and by the HF-directory and orbax
+sources (``load_tokenizer``). Both return a transformers ``PreTrainedTokenizerFast`` carrying the
+chat template and the special tokens, so later stages (chat rendering, detokenization, stop
+tokens) do not care where the model came from. Failures are ``TokenizerError``.
 
 GGUF: transformers' own GGUF tokenizer path (``AutoTokenizer.from_pretrained(gguf_file=...)``)
 reads the file with a module that imports torch. We feed the same builder it uses
@@ -30,20 +30,22 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from gguf import Keys
 from transformers import PreTrainedTokenizerFast
-
-from models.gguf import GGUFError
 
 # Bump when the build below changes in a way that changes its output.
 _BUILD_VERSION = "1"
 
 # transformers' special-token kwargs and the GGUF metadata keys that hold their ids.
 _SPECIAL_TOKEN_KEYS = {
-    "bos_token": "tokenizer.ggml.bos_token_id",
-    "eos_token": "tokenizer.ggml.eos_token_id",
-    "unk_token": "tokenizer.ggml.unknown_token_id",
-    "pad_token": "tokenizer.ggml.padding_token_id",
+    "bos_token": Keys.Tokenizer.BOS_ID,
+    "eos_token": Keys.Tokenizer.EOS_ID,
+    "unk_token": Keys.Tokenizer.UNK_ID,
+    "pad_token": Keys.Tokenizer.PAD_ID,
 }
+# Files of an HF directory that transformers builds a tokenizer from (vocab.txt: BERT's WordPiece
+# vocabulary, converted to a fast tokenizer).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
 
 
 class TokenizerError(ValueError):
@@ -67,9 +69,10 @@ def gguf_tokenizer_spec(metadata: Mapping[str, Any]) -> tuple[str, dict[str, Any
     """
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING
 
-    architecture = metadata.get("general.architecture")
-    if "tokenizer.ggml.tokens" not in metadata:
-        raise GGUFError(f"the GGUF file ({architecture}) has no tokenizer (tokenizer.ggml.tokens)")
+    architecture = metadata.get(Keys.General.ARCHITECTURE)
+    if Keys.Tokenizer.LIST not in metadata:
+        raise TokenizerError(
+            f"the GGUF file ({architecture}) has no tokenizer ({Keys.Tokenizer.LIST})")
     grouped = {
         group: {
             name: metadata[f"tokenizer.{key}"]
@@ -101,7 +104,7 @@ def _build(metadata: Mapping[str, Any]) -> tuple[PreTrainedTokenizerFast, dict[s
         backend, extra = convert_gguf_tokenizer(architecture, tok_dict)
     except (ValueError, KeyError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise GGUFError(f"cannot build the tokenizer of this GGUF file: {msg}") from e
+        raise TokenizerError(f"cannot build the tokenizer of this GGUF file: {msg}") from e
     kwargs.update(extra)
     return PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs), kwargs
 
@@ -184,8 +187,14 @@ def _store(entry: Path, tokenizer: PreTrainedTokenizerFast, kwargs: dict[str, An
         pass  # read-only cache: keep working without it
 
 
+def has_tokenizer_files(d: Path) -> bool:
+    """Whether the directory ``d`` ships any of ``TOKENIZER_FILES``."""
+    return any((d / f).is_file() for f in TOKENIZER_FILES)
+
+
 def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerFast:
-    """The tokenizer of an HF model directory (``tokenizer.json`` + ``tokenizer_config.json``).
+    """The tokenizer of an HF model directory (``tokenizer.json`` + ``tokenizer_config.json``,
+    or a BERT ``vocab.txt``).
 
     Never touches the network. The chat template comes from ``tokenizer_config.json``'s
     ``chat_template`` or from ``chat_template.jinja``, whichever transformers found, and is filled
@@ -197,8 +206,9 @@ def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerFast:
     d = Path(path).expanduser()
     if not d.is_dir():
         raise TokenizerError(f"tokenizer directory not found: {d}")
-    if not (d / "tokenizer.json").is_file() and not (d / "tokenizer_config.json").is_file():
-        raise TokenizerError(f"no tokenizer.json or tokenizer_config.json in {d}")
+    if not has_tokenizer_files(d):
+        names = f"{', '.join(TOKENIZER_FILES[:-1])} or {TOKENIZER_FILES[-1]}"
+        raise TokenizerError(f"no {names} in {d}")
     try:
         tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
     except Exception as e:

@@ -39,6 +39,11 @@ _GROUPS = {
     "mlp.gate_proj.weight": ("gate_up", 0), "mlp.up_proj.weight": ("gate_up", 1),
 }
 
+# Every HF parameter name ``load_weights`` reads: the global ones, and those of each layer
+# (after "model.layers.N."). Sources that rename tensors (models.gguf) map onto these.
+HF_GLOBAL_WEIGHTS = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
+HF_LAYER_WEIGHTS = (*_LAYER_NORMS, *_GROUPS, "self_attn.o_proj.weight", "mlp.down_proj.weight")
+
 
 def default_place(path: str, axes: tuple[str | None, ...], value: np.ndarray) -> jax.Array:
     return jax.device_put(value)

@@ -13,7 +13,7 @@ import argparse
 import logging
 import sys
 
-from models.loader import ModelLoadError
+from models.registry import ModelLoadError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -106,6 +106,7 @@ def write_tiny(
     bias: bool = False,
     extra: dict[str, np.ndarray] | None = None,
     seed: int = 0,
+    attention_scale: float | None = None,
 ) -> dict[str, np.ndarray]:
     """Write a random tiny model; return ``{hf_name: expected float32 array}``.
 
@@ -132,6 +133,8 @@ def write_tiny(
     if arch in ("gemma3", "qwen3"):
         w.add_key_length(H)
         w.add_sliding_window(8)
+    if attention_scale is not None:
+        w.add_attention_scale(attention_scale)
     vocab = _tiny_tokenizer(w)
     expected: dict[str, np.ndarray] = {}
     norm_shift = 1.0 if arch == "gemma3" else 0.0
@@ -274,9 +277,11 @@ def test_unpermute_matches_llama_cpp_rope() -> None:
 
 
 def test_tiny_gemma3_norm_shift_and_no_permute(tmp_path: Path) -> None:
-    expected = write_tiny(tmp_path / "g.gguf", "gemma3", permute=False, tied=True)
+    expected = write_tiny(tmp_path / "g.gguf", "gemma3", permute=False, tied=True,
+                          attention_scale=H**-0.5)
     model, got = _load_all(tmp_path / "g.gguf")
     cfg = model.hf_config
+    assert cfg["query_pre_attn_scalar"] == H
     assert cfg["model_type"] == "gemma3_text" and cfg["architectures"] == ["Gemma3ForCausalLM"]
     assert cfg["tie_word_embeddings"] is True and "lm_head.weight" not in got
     assert cfg["sliding_window"] == 8 and cfg["head_dim"] == H
@@ -286,6 +291,19 @@ def test_tiny_gemma3_norm_shift_and_no_permute(tmp_path: Path) -> None:
         # norms were stored as w + 1 and come back as w (float rounding of the +1/-1 only)
         np.testing.assert_allclose(got[name], want, rtol=0, atol=1e-6, err_msg=name)
     assert abs(float(got["model.norm.weight"].mean()) - 1.0) < 0.1  # stored mean was ~2
+
+
+def test_gemma3_query_pre_attn_scalar_is_what_the_file_states(tmp_path: Path) -> None:
+    """{arch}.attention.scale gives query_pre_attn_scalar = 1/scale^2, whatever the shape; a file
+    without it is refused unless head_dim is the 256 on which transformers and llama.cpp agree
+    (the real 270M file, without the key, reads 256: test_gemma3_config)."""
+    write_tiny(tmp_path / "s.gguf", "gemma3", permute=False, attention_scale=168**-0.5)
+    assert load_gguf_config(tmp_path / "s.gguf")["query_pre_attn_scalar"] == pytest.approx(168)
+    write_tiny(tmp_path / "n.gguf", "gemma3", permute=False)
+    with pytest.raises(GGUFError) as info:
+        load_gguf_config(tmp_path / "n.gguf")
+    msg = str(info.value)
+    assert "gemma3.attention.scale" in msg and "head_dim 16" in msg and "\n" not in msg
 
 
 def _llama3_factors_reference(
@@ -401,6 +419,17 @@ def test_error_corrupt_header(tmp_path: Path) -> None:
     assert "version 7" in _error(tmp_path / "v7.gguf")
 
 
+def test_error_unknown_value_type(tmp_path: Path) -> None:
+    write_tiny(tmp_path / "ok.gguf")
+    data = bytearray((tmp_path / "ok.gguf").read_bytes())
+    key = b"general.architecture"  # the writer's first key: its value type follows the name
+    at = 24 + 8 + len(key)
+    assert data[32:at] == key
+    data[at : at + 4] = (99).to_bytes(4, "little")
+    (tmp_path / "bad.gguf").write_bytes(bytes(data))
+    assert "unknown metadata value type 99" in _error(tmp_path / "bad.gguf")
+
+
 def test_error_unsupported_architecture(tmp_path: Path) -> None:
     write_tiny(tmp_path / "mamba.gguf", "mamba", permute=False)
     msg = _error(tmp_path / "mamba.gguf")
@@ -505,6 +534,37 @@ def test_header_matches_gguf_reader(smollm2_path: Path, smollm2_reader: Any) -> 
     for key in ("tokenizer.ggml.merges", "tokenizer.ggml.tokens", "tokenizer.chat_template",
                 "llama.attention.layer_norm_rms_epsilon", "tokenizer.ggml.token_type"):  # fmt: skip
         assert h.metadata[key] == reader.fields[key].contents(), key
+
+
+def test_every_metadata_value_type_reads_as_gguf_reader_reads_it(tmp_path: Path) -> None:
+    """The header walk against gguf's reader, one key per GGUFValueType (and per array kind)."""
+    from gguf import GGUFReader, GGUFValueType
+
+    path = tmp_path / "types.gguf"
+    w = GGUFWriter(str(path), "llama")
+    values: dict[str, tuple[Any, Any]] = {  # key: (writer method, value)
+        "t.u8": (w.add_uint8, 200), "t.i8": (w.add_int8, -5), "t.u16": (w.add_uint16, 60000),
+        "t.i16": (w.add_int16, -300), "t.u32": (w.add_uint32, 4_000_000_000),
+        "t.i32": (w.add_int32, -7), "t.f32": (w.add_float32, 0.1), "t.u64": (w.add_uint64, 2**63),
+        "t.i64": (w.add_int64, -(2**40)), "t.f64": (w.add_float64, 0.1),
+        "t.bool": (w.add_bool, True), "t.str": (w.add_string, "héllo"),
+        "t.ints": (w.add_array, [1, 2, 3]), "t.floats": (w.add_array, [0.5, 1.5]),
+        "t.strs": (w.add_array, ["a", "bc"]), "t.nested": (w.add_array, [[1, 2], [3]]),
+    }  # fmt: skip
+    for key, (add, v) in values.items():
+        add(key, v)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ours, reader = read_header(path).metadata, GGUFReader(path)
+    seen = {t for k in values for t in reader.fields[k].types}
+    assert seen == set(GGUFValueType)
+    for key in values:
+        if key != "t.nested":  # the reader's contents() flattens nested arrays
+            assert ours[key] == reader.fields[key].contents(), key
+    assert ours["t.nested"] == [[1, 2], [3]]
 
 
 def test_gemma3_config(gemma3_path: Path) -> None:

@@ -69,7 +69,7 @@ def source_hf_config(source: str) -> dict[str, Any] | None:
 
 def convert_loaded(loaded: Any, output: str | Path, *, dtype: Any = None,
                    hf_config: dict[str, Any] | None = None, force: bool = False) -> Path:
-    """Write ``loaded`` (a ``models.loader.LoadedModel``) as a checkpoint directory."""
+    """Write ``loaded`` (a ``models.registry.LoadedModel``) as a checkpoint directory."""
     import jax.numpy as jnp
 
     from models.config import ModelConfig
@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="replace an existing checkpoint")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from models.loader import ModelLoadError, load_model
+    from models.loader import load_model
+    from models.registry import ModelLoadError
     try:
         loaded = load_model(args.model, dtype=args.dtype, cache_dir=args.cache_dir,
                             tokenizer_path=args.tokenizer)

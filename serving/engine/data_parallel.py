@@ -27,7 +27,7 @@ from typing import Any
 
 import jax
 
-from models.loader import LoadedModel
+from models.registry import LoadedModel
 from serving.engine.config import EngineArgs
 from serving.engine.engine import EngineStats, LLMEngine
 from serving.engine.engine_client import AsyncEngineClient

@@ -23,15 +23,16 @@ from typing import Any
 
 import jax
 
-from models.bert import BertConfig, is_encoder_dir, load_bert, read_config
+from models.bert import BertConfig, is_encoder_dir
 from models.config import ModelConfig
-from models.loader import LoadedModel, ModelLoadError, load_model, resolve_dtype, resolve_source
+from models.loader import load_model, resolve_source
 from models.pooling import (
     PoolerConfig,
     classify_activation,
     resolve_pooler_config,
     score_activation,
 )
+from models.registry import LoadedModel, ModelLoadError, resolve_dtype
 from models.weights import default_place
 from ops.backend import get_attention_fn
 from serving.engine.compilation import enable_compilation_cache
@@ -50,6 +51,9 @@ log = logging.getLogger("xlaserve.engine")
 
 EMBED_TASKS = ("embed", "encode")
 SCORE_TASKS = ("classify", "score")
+_NO_DECODER_SCORES = ("--task {task} needs a BERT-family cross-encoder (…ForSequenceClassification) "
+                      "in a Hugging Face directory; decoder models serve --task embed or "
+                      "generate")
 
 
 @dataclass(frozen=True)
@@ -95,9 +99,7 @@ def serving_tasks(task: str, config: ModelConfig | BertConfig) -> tuple[str, ...
     if task in ("embed", "embedding"):
         return EMBED_TASKS
     if task in SCORE_TASKS:
-        raise ModelLoadError(f"--task {task} needs a BERT-family cross-encoder "
-                             "(…ForSequenceClassification) in a Hugging Face directory; decoder "
-                             "models serve --task embed or generate")
+        raise ModelLoadError(_NO_DECODER_SCORES.format(task=task))
     raise ModelLoadError(f"unknown task {task!r}")
 
 
@@ -129,48 +131,14 @@ def check_decoder_embedding_source(path: Path) -> None:
 
 def _load(args: EngineArgs, place: Any) -> LoadedModel:
     path = resolve_source(args.model, args.cache_dir)
-    if is_encoder_dir(path):
-        return _load_encoder(args, path)
-    if args.task in SCORE_TASKS:  # refused before any weight is read
-        serving_tasks(args.task, ModelConfig(model_type="llama", vocab_size=1, hidden_size=1,
-                                             intermediate_size=1, num_layers=1, num_heads=1,
-                                             num_kv_heads=1, head_dim=1))
-    if args.task in ("embed", "embedding"):
-        check_decoder_embedding_source(path)
+    if not is_encoder_dir(path):  # refused before any weight is read
+        if args.task in SCORE_TASKS:
+            raise ModelLoadError(_NO_DECODER_SCORES.format(task=args.task))
+        if args.task in ("embed", "embedding"):
+            check_decoder_embedding_source(path)
     attn_fn, write_fn, _ = get_attention_fn(args.attention_backend)
     return load_model(args.model, dtype=args.dtype, attn_fn=attn_fn, write_fn=write_fn,
                       cache_dir=args.cache_dir, tokenizer_path=args.tokenizer, place=place)
-
-
-def _load_encoder(args: EngineArgs, path: Path) -> LoadedModel:
-    import jax.numpy as jnp
-    from transformers import AutoTokenizer
-    try:
-        cfg = read_config(path)
-        dtype = jnp.float32 if args.dtype == "auto" else resolve_dtype(args.dtype)
-        model = load_bert(path, dtype)
-    except ValueError as e:
-        raise ModelLoadError(str(e)) from None
-    tok_dir = Path(args.tokenizer or path)
-    tokenizer = None
-    if any((tok_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
-                                             "vocab.txt")):
-        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), truncation_side="left")
-    else:
-        log.warning("no tokenizer next to %s: only token-id inputs will work", path)
-    return LoadedModel(cfg, model, tokenizer, {}, str(args.model or path), str(path), dtype)  # type: ignore[arg-type]
-
-
-def _default_max_model_len(loaded: LoadedModel) -> int:
-    cfg = loaded.config
-    if isinstance(cfg, BertConfig):
-        st = Path(loaded.source) / "sentence_bert_config.json"
-        if st.exists():
-            n = json.loads(st.read_text()).get("max_seq_length")
-            if isinstance(n, int) and n > 0:
-                return min(n, cfg.max_input_len)
-        return cfg.max_input_len
-    return int(cfg.max_position_embeddings)
 
 
 class LLMEngine:
@@ -190,10 +158,10 @@ class LLMEngine:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         cfg = loaded.config
-        encoder = isinstance(cfg, BertConfig)
+        encoder = loaded.is_encoder
         generates = "generate" in self.tasks
         limit = cfg.max_input_len if isinstance(cfg, BertConfig) else cfg.max_position_embeddings
-        self.max_model_len = int(args.max_model_len or _default_max_model_len(loaded))
+        self.max_model_len = int(args.max_model_len or loaded.max_model_len)
         if self.max_model_len > limit:
             if encoder:
                 raise ModelLoadError(f"max_model_len {self.max_model_len} exceeds the model's "

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from models.bert import BertConfig
-from models.loader import LoadedModel, build_model
+from models.registry import LoadedModel, build_model
 from ops.attention import ragged_encoder_attention_reference
 from serving.engine.config import EngineArgs
 from sharding.kernels import ShardedAttention, ShardedEncoderAttention, ShardedWriteKV, unwrap
@@ -56,7 +56,8 @@ def make_sharder(args: EngineArgs, loaded: LoadedModel | None = None,
 
 def _preflight(args: EngineArgs, sharder: Sharder) -> None:
     from models.config import ModelConfig
-    from models.loader import ModelLoadError, resolve_source
+    from models.loader import resolve_source
+    from models.registry import ModelLoadError
     from serving.engine.convert import source_hf_config
     path = resolve_source(args.model, args.cache_dir)
     hf = source_hf_config(str(path))

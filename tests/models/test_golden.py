@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.loader import LoadedModel, load_model
+from models.loader import load_model
+from models.registry import LoadedModel
 from serving.engine.llm import LLM
 from serving.engine.sampling_params import SamplingParams
 from tests.utils import single_seq_inputs

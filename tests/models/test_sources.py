@@ -1,4 +1,5 @@
-"""Model sources: HF directory (safetensors), hub ids offline, and user-facing load errors."""
+"""Model sources: HF directory (safetensors; decoders and BERT-family encoders), hub ids offline,
+and user-facing load errors."""
 
 from __future__ import annotations
 
@@ -7,14 +8,17 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
 from models.assets import fetch
 from models.gguf import load_gguf
-from models.loader import ModelLoadError, load_model, resolve_source
+from models.loader import load_model, resolve_source
+from models.registry import ModelLoadError
 from tests.models.test_golden import prefill_logits
 
 REPO = Path(__file__).resolve().parents[2]
@@ -108,3 +112,74 @@ def test_bad_model_inputs_exit_1_with_one_line(case: str, tmp_path: Path) -> Non
     expect = {"missing": "does not exist", "truncated": "truncated", "garbage": "GGUF",
               "arch": "mamba", "quant": "IQ2_XXS"}[case]
     assert expect in lines[0], lines[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# BERT-family encoders through the same loader
+# ----------------------------------------------------------------------------------------------
+
+FIXTURES = REPO / "tests" / "fixtures"
+
+
+def _params(model: Any) -> dict[str, np.ndarray]:
+    from flax import nnx
+    return {".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.iter_graph(model)
+            if isinstance(v, nnx.Param)}
+
+
+def test_bert_directory_loads_as_an_encoder() -> None:
+    from models.bert import BertConfig, BertModel, load_bert
+    loaded = load_model("all-minilm-l6-v2", progress=False)
+    assert loaded.is_encoder and isinstance(loaded.config, BertConfig)
+    assert type(loaded.model) is BertModel
+    assert loaded.name == "sentence-transformers/all-MiniLM-L6-v2"
+    assert loaded.generation_config == {} and loaded.dtype == jnp.float32
+    # sentence_bert_config.json's max_seq_length (256), not the 512-row position table
+    assert loaded.max_model_len == 256 and loaded.config.max_input_len == 512
+    assert loaded.tokenizer.truncation_side == "left"
+    ids = loaded.tokenizer("first " + "x " * 100 + "last", truncation=True,
+                           max_length=8)["input_ids"]
+    text = loaded.tokenizer.decode(ids)
+    assert len(ids) == 8 and "last" in text and "first" not in text  # kept the prompt's end
+    want = _params(load_bert(Path(loaded.source)))
+    got = _params(loaded.model)
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_cross_encoder_without_tokenizer() -> None:
+    from models.bert import BertForSequenceClassification
+    loaded = load_model(str(FIXTURES / "tiny-roberta-cls3"), dtype="bfloat16", progress=False)
+    assert loaded.is_encoder and type(loaded.model) is BertForSequenceClassification
+    assert loaded.tokenizer is None  # the fixture ships none: token ids only
+    assert loaded.max_model_len == 64  # 66 position rows minus RoBERTa's pad offset
+    assert loaded.dtype == jnp.bfloat16
+    assert {v.dtype for v in _params(loaded.model).values()} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_unsupported_encoder_refused_before_its_weights(tmp_path: Path) -> None:
+    cfg = json.loads((FIXTURES / "tiny-roberta-cls3" / "config.json").read_text())
+    cfg["architectures"] = ["RobertaForTokenClassification"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "model.safetensors").write_bytes(b"not safetensors")  # reading it would fail
+    with pytest.raises(ModelLoadError) as e:
+        load_model(str(tmp_path), progress=False)
+    assert str(e.value) == "architecture 'RobertaForTokenClassification' is not supported " \
+        "for pooling"
+
+
+def test_decoder_max_model_len_and_kind() -> None:
+    loaded = load_model("smollm2-135m-instruct", progress=False)
+    assert not loaded.is_encoder and loaded.max_model_len == 8192
+
+
+def test_auto_dtype_is_float32_for_encoders_on_every_backend(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from models.registry import resolve_dtype
+    monkeypatch.setattr("jax.default_backend", lambda: "gpu")
+    assert resolve_dtype("auto") == jnp.bfloat16
+    assert resolve_dtype("auto", encoder=True) == jnp.float32
+    assert resolve_dtype("float16", encoder=True) == jnp.float16
+    with pytest.raises(ModelLoadError, match="unknown dtype 'int8'"):
+        resolve_dtype("int8")

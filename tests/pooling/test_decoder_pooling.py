@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.loader import LoadedModel, ModelLoadError
 from models.pooling import PoolingType
+from models.registry import LoadedModel, ModelLoadError
 from models.testing import tiny_loaded
 from serving.engine.config import EngineArgs
 from serving.engine.engine import LLMEngine

@@ -11,7 +11,7 @@ import pytest
 
 from models.bert import read_config
 from models.config import ModelConfig
-from models.loader import ModelLoadError
+from models.registry import ModelLoadError
 from models.testing import tiny_config
 from serving.engine.config import EngineArgs
 from serving.engine.engine import EMBED_TASKS, SCORE_TASKS, LLMEngine, serving_tasks

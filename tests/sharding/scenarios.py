@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from models.loader import LoadedModel
+from models.registry import LoadedModel
 from models.testing import tiny_loaded
 from serving.engine.config import EngineArgs
 from serving.engine.engine import LLMEngine
@@ -319,7 +319,7 @@ SMOL_KW: dict[str, Any] = dict(max_model_len=256, max_num_seqs=2, max_num_batche
 
 def check_smollm2_refuses_tp2() -> str:
     """tp=2 does not split 3 kv heads: refused from the GGUF header, before any weight is read."""
-    from models.loader import ModelLoadError
+    from models.registry import ModelLoadError
     from serving.engine.sharded import make_sharder
     try:
         make_sharder(EngineArgs(model=SMOL, tensor_parallel_size=2))
