@@ -51,9 +51,9 @@ log = logging.getLogger("xlaserve.engine")
 
 EMBED_TASKS = ("embed", "encode")
 SCORE_TASKS = ("classify", "score")
-_NO_DECODER_SCORES = ("--task {task} needs a BERT-family cross-encoder (…ForSequenceClassification) "
-                      "in a Hugging Face directory; decoder models serve --task embed or "
-                      "generate")
+_NO_DECODER_SCORES = ("--task {task} needs a BERT-family cross-encoder "
+                      "(…ForSequenceClassification) in a Hugging Face directory; decoder "
+                      "models serve --task embed or generate")
 
 
 @dataclass(frozen=True)

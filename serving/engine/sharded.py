@@ -101,7 +101,7 @@ def shard_loaded(loaded: LoadedModel, sharder: Sharder) -> LoadedModel:
         n = cfg.num_attention_heads
         sharder.kv_replicas(n, n)  # heads must split evenly (raises naming valid sizes)
         r, new_cfg = 1, cfg
-        family = type(loaded.model)
+        family: Any = type(loaded.model)  # BertModel or BertForSequenceClassification
         attn = ShardedEncoderAttention(ragged_encoder_attention_reference, sharder.mesh)
         model = nnx.eval_shape(lambda: family(cfg, loaded.dtype, attn_fn=attn))
     else:
