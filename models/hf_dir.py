@@ -59,7 +59,7 @@ def _load_encoder(path: Path, opts: LoadOptions) -> LoadedModel[BertConfig]:
         raise ModelLoadError(str(e)) from None
     cfg: BertConfig = model.cfg
     try:
-        max_model_len = resolve_max_model_len(path, cfg, None)
+        max_model_len = resolve_max_model_len(path, cfg)
         tokenizer = encoder_tokenizer(Path(opts.tokenizer_path or path))
     except ValueError as e:  # a bad sentence_bert_config.json, TokenizerError
         raise ModelLoadError(str(e)) from None
@@ -80,17 +80,11 @@ def encoder_tokenizer(path: str | Path) -> PreTrainedTokenizerFast | None:
     return tokenizer
 
 
-def resolve_max_model_len(model_dir: Path, cfg: BertConfig, requested: int | None) -> int:
-    """An encoder's context length: ``requested`` (checked against the position table), else
-    sentence-transformers' ``max_seq_length`` from ``sentence_bert_config.json`` capped by the
-    position table, else the position table (``cfg.max_input_len``). Raises ``ValueError``."""
+def resolve_max_model_len(model_dir: Path, cfg: BertConfig) -> int:
+    """An encoder's default context length: sentence-transformers' ``max_seq_length`` from
+    ``sentence_bert_config.json`` capped by the position table, else the position table
+    (``cfg.max_input_len``). Raises ``ValueError``."""
     limit = cfg.max_input_len
-    if requested is not None:
-        if requested > limit:
-            raise ValueError(f"max_model_len {requested} exceeds the model's {limit} positions")
-        if requested < 1:
-            raise ValueError("max_model_len must be at least 1")
-        return requested
     st_path = model_dir / "sentence_bert_config.json"
     if st_path.exists():
         try:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +47,7 @@ VERSION = 1
 Axes = tuple[str | None, ...]
 
 
+@runtime_checkable
 class RestoreTarget(Protocol):
     """What a sharding-aware ``place`` hook adds for orbax restores."""
 
@@ -119,7 +120,7 @@ def load(path: Path, opts: LoadOptions) -> LoadedModel[ModelConfig]:
         if shape != tuple(p.shape):
             raise ModelLoadError(f"{path}: weight {name} is stored as {shape}, the model "
                                  f"expects {tuple(p.shape)}")
-        if hasattr(place, "restore_target"):
+        if isinstance(place, RestoreTarget):
             targets[name], fixes[name] = place.restore_target(name, _axes(p), shape, jdtype)
         else:
             targets[name], fixes[name] = jax.ShapeDtypeStruct(shape, jdtype,

@@ -82,12 +82,6 @@ def error_response(status: int, message: str, param: str | None = None,
                         headers=headers, content_type="application/json")
 
 
-def param_from_value_error(exc: ValueError) -> str | None:
-    """``SamplingParams.validate`` messages start with the field name ("top_p must be ...")."""
-    first = str(exc).split(" ", 1)[0]
-    return first if first.isidentifier() else None
-
-
 class OpenAIErrorHandler(ErrorHandler):
     """Sanic's error handler, replaced so that every error leaves in the OpenAI shape."""
 

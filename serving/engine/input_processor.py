@@ -76,8 +76,9 @@ class InputProcessor:
                                f"{', '.join(f.tasks)}).")
         try:
             params.validate(f.vocab_size)
-        except ValueError as e:
-            raise RequestError(str(e), str(e).split(" ", 1)[0]) from None
+        except ValueError as e:  # its messages start with the field name ("top_p must be ...")
+            field = str(e).split(" ", 1)[0]
+            raise RequestError(str(e), field if field.isidentifier() else None) from None
         ids = list(prompt_ids)
         t = params.truncate_prompt_tokens
         if t is not None:
