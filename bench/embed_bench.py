@@ -149,7 +149,8 @@ def ours_worker(payload_path: str, threads: int, seconds: float) -> None:
     # input), 1024 (32 inputs) and 8192 (256 inputs of ~30 tokens, one step of 256 rows).
     args = EngineArgs(model=str(model_dir / gguf) if gguf else str(model_dir),
                       task="embed" if gguf else "auto", dtype="float32", max_model_len=64,
-                      max_num_seqs=256, max_num_batched_tokens=8192, token_buckets=(32, 1024))
+                      max_num_seqs=256, max_num_batched_tokens=8192, token_buckets=(32, 1024),
+                      tensor_parallel_size=payload.get("tp", 1))
     client = AsyncEngineClient.from_args(args)
     loop = asyncio.new_event_loop()
     loop.run_until_complete(client.start())
@@ -189,12 +190,16 @@ def run_worker(python: str, kind: str, payload: Path, threads: int, seconds: flo
     return result
 
 
-def xla_env(threads: int) -> dict[str, str]:
-    """XLA's CPU client: one thread, or its default thread pool (every core) otherwise."""
+def xla_env(threads: int, devices: int = 1) -> dict[str, str]:
+    """XLA's CPU client: one thread, or its default thread pool (every core) otherwise; and
+    ``devices`` simulated CPU devices for a sharded run."""
     env = dict(os.environ)
+    flags = ""
     if threads == 1:
         flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
+    if devices > 1:
+        flags += f" --xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
     return env
 
 
@@ -205,6 +210,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--model", choices=("minilm", "smollm2"), default="minilm",
                     help="minilm: the BERT encoder; smollm2: decoder (last-token) embeddings")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1,
+                    help="ours sharded over this many simulated CPU devices (a check that it "
+                         "serves, not a speed-up: the devices share the same cores)")
     ap.add_argument("--torch-worker", help=argparse.SUPPRESS)
     ap.add_argument("--ours-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -235,7 +243,8 @@ def main() -> int:
           f"(mean {np.mean(lens):.1f})")
     payload = Path(f"/tmp/embed_bench_{os.getpid()}.json")
     payload.write_text(json.dumps({"model_dir": str(model_dir), "gguf_file": gguf_file,
-                                   "inputs": inputs, "batches": list(BATCHES)}))
+                                   "inputs": inputs, "batches": list(BATCHES),
+                                   "tp": args.tensor_parallel_size}))
     torch_env = {**os.environ, "PYTHONPATH": ""}
     thread_counts = sorted({1, args.threads})
     load_before = os.getloadavg()
@@ -245,9 +254,11 @@ def main() -> int:
         # Alternate the two sides so that load changes hit both; ours at 1 thread runs again at
         # the end, and its two runs disagreeing shows how much the load moved.
         for n in thread_counts:
-            ours[n] = run_worker(sys.executable, "ours", payload, n, args.seconds, xla_env(n))
+            ours[n] = run_worker(sys.executable, "ours", payload, n, args.seconds,
+                                 xla_env(n, args.tensor_parallel_size))
             refs[n] = run_worker(args.ref_python, "torch", payload, n, args.seconds, torch_env)
-        again = run_worker(sys.executable, "ours", payload, 1, args.seconds, xla_env(1))
+        again = run_worker(sys.executable, "ours", payload, 1, args.seconds,
+                           xla_env(1, args.tensor_parallel_size))
     finally:
         payload.unlink()
     load_after = os.getloadavg()

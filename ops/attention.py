@@ -192,8 +192,10 @@ def ragged_paged_attention_reference(
     return out.transpose(1, 0, 2, 3).reshape(num_tokens, num_q, head).astype(q.dtype)
 
 
-# Query rows per tile of the encoder attention: each sequence starts on a tile boundary.
+# Query (and key) rows per tile of the encoder attention, and query tiles per outer iteration of
+# its sequence-aligned path (256 query rows: enough batch for the small matmuls).
 ENCODER_TILE = 32
+ENCODER_GROUP_TILES = 8
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "tile"))
@@ -212,63 +214,165 @@ def ragged_encoder_attention_reference(
     to back as in ``ragged_paged_attention_reference``'s metadata, with no KV pages (nothing is
     cached; ``kv_lens``, ``page_table`` and ``slot_mapping`` play no part).
 
-    Sequences are re-laid so that each starts on a tile boundary (``tile`` rows; the aligned axis
-    has the static bound ``T + (S + 1) * tile``); every query tile then belongs to one sequence
-    and reads that sequence's key tiles only, one per loop iteration with an online softmax. The
-    loop runs ``ceil(max(len) / tile)`` times, so a step costs what its longest sequence needs,
-    not what the token bucket could hold. Masked keys are zeroed before the value product, so
-    NaN in padding rows cannot leak.
+    Two exact evaluations, chosen per step on device: sequence-aligned tiles
+    (``encoder_attention_aligned``) when whole tiles waste at most half their rows, the band on
+    the packed axis (``encoder_attention_banded``) when many sequences are much shorter than a
+    tile. Either way the cost follows the real tokens and the longest sequence, not the number of
+    sequence rows ``S`` the bucket allows. Padding rows (NaN included) cannot leak; their outputs
+    are zeros.
+    """
+    num_tokens = q.shape[0]
+    tile = min(tile, num_tokens)
+    lens = cu_q_lens[1:] - cu_q_lens[:-1]
+    needed = jnp.sum((lens + tile - 1) // tile)
+    return jax.lax.cond(
+        needed * tile <= 2 * num_tokens,
+        functools.partial(encoder_attention_aligned, sm_scale=sm_scale, tile=tile),
+        functools.partial(encoder_attention_banded, sm_scale=sm_scale, tile=tile),
+        q, k, v, cu_q_lens)
+
+
+def _online_softmax_step(carry: tuple[jax.Array, jax.Array, jax.Array], s: jax.Array,
+                         vb: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Fold one key block into (max, denominator, accumulator) over the last axis of ``s``
+    ([..., Q, O] scores, -inf where masked; ``vb`` [..., O, H] zero where masked)."""
+    m, denom, acc = carry  # [..., Q], [..., Q], [..., Q, H]
+    m_new = jnp.maximum(m, s.max(axis=-1))
+    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    p = jnp.exp(s - m_safe[..., None])
+    corr = jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf))
+    denom = denom * corr + p.sum(axis=-1)
+    acc = acc * corr[..., None] + jnp.einsum("...qo,...oh->...qh", p, vb)
+    return m_new, denom, acc
+
+
+def _softmax_init(shape: tuple[int, ...], head: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    return (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+            jnp.zeros((*shape, head), jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "tile"))
+def encoder_attention_aligned(
+    q: jax.Array,  # [T, N, H]
+    k: jax.Array,  # [T, K, H]
+    v: jax.Array,  # [T, K, H]
+    cu_q_lens: jax.Array,  # i32[S + 1]
+    *,
+    sm_scale: float,
+    tile: int,
+) -> jax.Array:  # [T, N, H]
+    """``ragged_encoder_attention_reference`` over sequence-aligned tiles.
+
+    Sequence ``s`` owns ``ceil(len_s / tile)`` query tiles; the outer loop takes
+    ``ENCODER_GROUP_TILES`` of them at a time (a dynamic trip count: only the tiles this step
+    needs), gathers their query rows from the packed axis, and the inner loop walks each tile's
+    own sequence one key tile at a time with an online softmax. Rows past a sequence's end are
+    gathered as zeros, masked, and never written back.
     """
     num_tokens, num_q, head = q.shape
     num_kv = k.shape[1]
     group = num_q // num_kv
     num_seqs = cu_q_lens.shape[0] - 1
+    group_tiles = min(ENCODER_GROUP_TILES, -(-num_tokens // tile))
     lens = cu_q_lens[1:] - cu_q_lens[:-1]  # [S]
-    seq_tiles = (lens + tile - 1) // tile  # [S]
-    first_tile = jnp.cumsum(seq_tiles) - seq_tiles  # [S]
-    num_tiles = -(-num_tokens // tile) + num_seqs  # static: >= sum(ceil(len / tile))
-    size = num_tiles * tile
+    tile_ends = jnp.cumsum((lens + tile - 1) // tile)  # [S] each sequence's last tile + 1
+    first_tile = tile_ends - (lens + tile - 1) // tile  # [S]
+    rows = jnp.arange(tile, dtype=jnp.int32)
+    qs = q.astype(jnp.float32) * sm_scale
+    kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
 
-    t = jnp.arange(num_tokens, dtype=jnp.int32)
-    seq = jnp.clip(jnp.searchsorted(cu_q_lens[1:], t, side="right"), 0, num_seqs - 1)
-    real = t < cu_q_lens[num_seqs]
-    dest = jnp.where(real, first_tile[seq] * tile + t - cu_q_lens[seq], size)  # [T]
+    def gather(x: jax.Array, idx: jax.Array) -> jax.Array:  # [T, X, H], i32[A, R] -> [A, R, X, H]
+        return jnp.take(x, idx, axis=0, mode="fill", fill_value=0.0)
 
-    def aligned(x: jax.Array) -> jax.Array:  # [T, ...] -> [size, ...], padding rows dropped
-        out = jnp.zeros((size, *x.shape[1:]), jnp.float32)
-        return out.at[dest].set(x.astype(jnp.float32), mode="drop")
+    def tiles_of(i: jax.Array, out: jax.Array) -> jax.Array:
+        tiles = i * group_tiles + jnp.arange(group_tiles, dtype=jnp.int32)  # [A] (A: tiles)
+        seq = jnp.clip(jnp.searchsorted(tile_ends, tiles, side="right"), 0, num_seqs - 1)
+        start = cu_q_lens[seq]  # [A]
+        n = jnp.where(tiles < tile_ends[-1], lens[seq], 0)  # [A] 0 for tiles past the last
+        pos = (tiles - first_tile[seq])[:, None] * tile + rows  # [A, Q] position in sequence
+        q_idx = jnp.where(pos < n[:, None], start[:, None] + pos, num_tokens)  # T: drop
+        qt = gather(qs, q_idx).reshape(group_tiles, tile, num_kv, group, head)
+        qt = qt.transpose(0, 2, 3, 1, 4).reshape(group_tiles, num_kv, group * tile, head)
 
-    qa = aligned(q * sm_scale).reshape(num_tiles, tile, num_kv, group, head)
-    ka = aligned(k).reshape(num_tiles, tile, num_kv, head)
-    va = aligned(v).reshape(num_tiles, tile, num_kv, head)
-    tiles = jnp.arange(num_tiles, dtype=jnp.int32)
-    tile_seq = jnp.clip(jnp.searchsorted(first_tile + seq_tiles, tiles, side="right"), 0,
-                        num_seqs - 1)
-    tile_first, tile_len = first_tile[tile_seq], lens[tile_seq]  # [A] (A: tiles)
+        def key_tile(j: jax.Array, carry: tuple) -> tuple:
+            k_pos = j * tile + rows  # [O]
+            k_ok = k_pos < n[:, None]  # [A, O]
+            k_idx = jnp.where(k_ok, start[:, None] + k_pos, num_tokens)
+            kb = gather(kf, k_idx).transpose(0, 2, 1, 3)  # [A, K, O, H]
+            vb = gather(vf, k_idx).transpose(0, 2, 1, 3)
+            s = jnp.einsum("akqh,akoh->akqo", qt, kb)  # [A, K, G*Q, O]
+            s = jnp.where(k_ok[:, None, None, :], s, -jnp.inf)
+            return _online_softmax_step(carry, s, vb)
 
-    def body(j: jax.Array, carry: tuple[jax.Array, jax.Array, jax.Array]) -> tuple:
-        m, denom, acc = carry  # [A,K,G,Q], [A,K,G,Q], [A,K,G,Q,H]
-        src = jnp.minimum(tile_first + j, num_tiles - 1)
-        kb, vb = ka[src], va[src]  # [A, O, K, H] (O: key rows of the tile)
-        valid = (j * tile + jnp.arange(tile, dtype=jnp.int32))[None, :] < tile_len[:, None]
-        s = jnp.einsum("aqkgh,aokh->akgqo", qa, kb)  # [A, K, G, Q, O]
-        s = jnp.where(valid[:, None, None, None, :], s, -jnp.inf)
-        m_new = jnp.maximum(m, s.max(axis=-1))
-        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        p = jnp.exp(s - m_safe[..., None])
-        corr = jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf))
-        denom = denom * corr + p.sum(axis=-1)
-        vb = jnp.where(valid[:, :, None, None], vb, 0.0)
-        acc = acc * corr[..., None] + jnp.einsum("akgqo,aokh->akgqh", p, vb)
-        return m_new, denom, acc
+        init = _softmax_init((group_tiles, num_kv, group * tile), head)
+        _, denom, acc = jax.lax.fori_loop(0, (jnp.max(n) + tile - 1) // tile, key_tile, init)
+        o = acc / jnp.where(denom > 0, denom, 1.0)[..., None]  # [A, K, G*Q, H]
+        o = o.reshape(group_tiles, num_kv, group, tile, head).transpose(0, 3, 1, 2, 4)
+        return out.at[q_idx.reshape(-1)].set(o.reshape(-1, num_q, head), mode="drop")
 
-    init = (
-        jnp.full((num_tiles, num_kv, group, tile), -jnp.inf, jnp.float32),
-        jnp.zeros((num_tiles, num_kv, group, tile), jnp.float32),
-        jnp.zeros((num_tiles, num_kv, group, tile, head), jnp.float32),
-    )
-    _, denom, acc = jax.lax.fori_loop(0, jnp.max(seq_tiles), body, init)
-    out = acc / jnp.where(denom > 0, denom, 1.0)[..., None]  # [A, K, G, Q, H]
-    out = out.transpose(0, 3, 1, 2, 4).reshape(size, num_q, head)
-    out = jnp.where(real[:, None, None], out[jnp.minimum(dest, size - 1)], 0.0)
+    steps = (tile_ends[-1] + group_tiles - 1) // group_tiles
+    out = jax.lax.fori_loop(0, steps, tiles_of, jnp.zeros((num_tokens, num_q, head), jnp.float32))
     return out.astype(q.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "tile"))
+def encoder_attention_banded(
+    q: jax.Array,  # [T, N, H]
+    k: jax.Array,  # [T, K, H]
+    v: jax.Array,  # [T, K, H]
+    cu_q_lens: jax.Array,  # i32[S + 1]
+    *,
+    sm_scale: float,
+    tile: int,
+) -> jax.Array:  # [T, N, H]
+    """``ragged_encoder_attention_reference`` as banded block attention on the packed axis.
+
+    Query tile ``a`` (``tile`` consecutive packed tokens, possibly of several sequences) reads the
+    key tiles from the one holding its first token's sequence start to the one holding its last
+    token's sequence end, one per iteration, and a key counts for a query only when both belong
+    to the same sequence. The loop runs as often as the widest band (at most 3 times when every
+    sequence fits in a tile), over all ``ceil(T / tile)`` query tiles.
+    """
+    num_tokens, num_q, head = q.shape
+    num_kv = k.shape[1]
+    group = num_q // num_kv
+    num_seqs = cu_q_lens.shape[0] - 1
+    num_tiles = -(-num_tokens // tile)
+    size = num_tiles * tile  # the packed axis padded to whole tiles
+
+    t = jnp.arange(size, dtype=jnp.int32)
+    real = t < cu_q_lens[num_seqs]
+    seq = jnp.clip(jnp.searchsorted(cu_q_lens[1:], t, side="right"), 0, num_seqs - 1)
+    seg = jnp.where(real, seq, -1).reshape(num_tiles, tile)  # sequence of each token, -1: none
+    tiled_real = real.reshape(num_tiles, tile)
+    start = cu_q_lens[seq].reshape(num_tiles, tile)
+    end = cu_q_lens[seq + 1].reshape(num_tiles, tile)
+    lo = jnp.min(jnp.where(tiled_real, start, size), axis=1) // tile  # [A] first key tile
+    hi = jnp.max(jnp.where(tiled_real, end - 1, -1), axis=1) // tile  # [A] last key tile
+    width = jnp.maximum(hi - lo + 1, 0)  # [A]
+
+    def tiled(x: jax.Array, scale: float = 1.0) -> jax.Array:  # [T, X, H] -> [A, X, tile, H]
+        x = jnp.pad(x.astype(jnp.float32) * scale, ((0, size - num_tokens), (0, 0), (0, 0)))
+        return x.reshape(num_tiles, tile, *x.shape[1:]).transpose(0, 2, 1, 3)
+
+    qt = tiled(q, sm_scale).reshape(num_tiles, num_kv, group, tile, head)
+    qt = qt.reshape(num_tiles, num_kv, group * tile, head)
+    kt, vt = tiled(k), tiled(v)  # [A, K, O, H] (O: key rows of a tile)
+    q_seg = jnp.tile(seg, (1, group))  # [A, G*Q] in qt's row order
+
+    def key_tile(j: jax.Array, carry: tuple) -> tuple:
+        src = jnp.clip(lo + j, 0, num_tiles - 1)  # [A]
+        key_seg = seg[src]  # [A, O]
+        valid = ((j < width)[:, None, None] & (q_seg[:, :, None] == key_seg[:, None, :])
+                 & (key_seg >= 0)[:, None, :])  # [A, G*Q, O]
+        s = jnp.einsum("akqh,akoh->akqo", qt, kt[src])  # [A, K, G*Q, O]
+        s = jnp.where(valid[:, None], s, -jnp.inf)
+        vb = jnp.where((key_seg >= 0)[:, None, :, None], vt[src], 0.0)
+        return _online_softmax_step(carry, s, vb)
+
+    init = _softmax_init((num_tiles, num_kv, group * tile), head)
+    _, denom, acc = jax.lax.fori_loop(0, jnp.max(width), key_tile, init)
+    out = acc / jnp.where(denom > 0, denom, 1.0)[..., None]  # [A, K, G*Q, H]
+    out = out.reshape(num_tiles, num_kv, group, tile, head).transpose(0, 3, 1, 2, 4)
+    out = out.reshape(size, num_q, head)[:num_tokens]
+    return jnp.where(real[:num_tokens, None, None], out, 0.0).astype(q.dtype)

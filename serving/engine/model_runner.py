@@ -89,12 +89,15 @@ class RunnerConfig:
     max_num_batched_tokens: int
     max_model_len: int
     generates: bool = True  # the LM head, the sampler and prompt logprobs are compiled
-    pools: bool = False  # the pooled-row outputs are compiled
+    pools: bool = False  # the pooled-row outputs are compiled (into the step when it does not
+    # generate)
     min_token_bucket: int = 1
     buckets: tuple[int, ...] | None = None  # explicit token buckets (max_num_batched_tokens
     # is added); None: powers of two from min_token_bucket
 
     def __post_init__(self) -> None:
+        if not (self.generates or self.pools):
+            raise ValueError("a runner generates, pools, or both")
         if self.buckets is not None and any(
                 not 1 <= b <= self.max_num_batched_tokens for b in self.buckets):
             raise ValueError(f"token buckets must be in [1, max_num_batched_tokens="
@@ -191,8 +194,8 @@ class ModelRunner:
     def _step_fn(self, state: dict[str, Any], kv: KVCache, inp: StepInputs) -> tuple[Any, ...]:
         model = self._model(state)
         h, kv = model(kv, inp)  # [T, D]
-        if not self.cfg.generates:
-            return kv, h
+        if not self.cfg.generates:  # every step pools: one executable, one dispatch
+            return kv, self._pool_fn(state, h, inp), h
         logits = model.logits(h[inp.logits_indices])  # f32[S, V]
         if self.sharder is not None:  # whole vocab rows: the sampler is the same on any mesh
             logits = self.sharder.gather_logits(logits)
@@ -253,7 +256,7 @@ class ModelRunner:
                     self._compile(("sample", s), sample, lg, si)
                     self._compile(("argmax", s),
                                   lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32), lg)
-            if self.cfg.pools:
+            if self.cfg.pools and self.cfg.generates:
                 self._compile(("pool", t), self._pool_fn, self.state, h_spec, inp)
             self.compile_seconds[t] = dt = time.perf_counter() - t0
             log.info("compiled bucket T=%d S=%d in %.2fs", t, s, dt)
@@ -394,7 +397,8 @@ class ModelRunner:
                 ids = self.sharder.put_inputs(ids)
             plp = self._exe[("prompt_lp", t)](self.state, h, ids)
         if batch.pool:
-            pooled = self._exe[("pool", t)](self.state, h, inp)
+            pooled = outs[1] if not self.cfg.generates else \
+                self._exe[("pool", t)](self.state, h, inp)
         return sampled, plp, pooled, h
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
