@@ -57,6 +57,7 @@ from serving.engine.sampler import (
     SamplerOutput,
     Sampling,
     SamplingFlags,
+    argmax,
     prompt_logprobs,
     sample,
 )
@@ -254,8 +255,7 @@ class ModelRunner:
                 if ("sample", s) not in self._exe:
                     si = self._abstract(self._sampling_inputs(s, [], all_flags=True))
                     self._compile(("sample", s), sample, lg, si)
-                    self._compile(("argmax", s),
-                                  lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32), lg)
+                    self._compile(("argmax", s), argmax, lg)
             if self.cfg.pools and self.cfg.generates:
                 self._compile(("pool", t), self._pool_fn, self.state, h_spec, inp)
             self.compile_seconds[t] = dt = time.perf_counter() - t0

@@ -1,14 +1,35 @@
-"""On-device sampling from per-row arrays, called inside the compiled step.
+"""On-device sampling from per-row arrays: its own compiled executable after the model step.
 
-Every row is processed independently of the others, and its randomness comes only from its own
-``(seed, counter)`` key, so a request samples the same tokens whatever else shares the batch.
-Optional work (penalties, logit bias, top-k/top-p/min-p filtering, logprobs) sits behind
-``lax.cond`` on ``SamplingFlags`` the runner computes per step: XLA runs only the branch taken.
-A step whose rows are all greedy with nothing to adjust skips the sampler for a plain argmax.
+Contract (axis letters: S rows, V vocab, C candidates, E bias entries, X any):
+- Rows are independent. A row's randomness is a counter-based hash of ``(seed, counter, token
+  id)``, so a request draws the same tokens whatever else shares the batch and whichever S bucket
+  runs it, and a token's noise does not depend on where it sits in any intermediate array.
+- Order (vLLM v1): penalties, logit bias and min_tokens bans, temperature; then min-p and top-k
+  set a floor, and top-p keeps the nucleus of what is above the floor. Every filter keeps a set
+  ``{y >= tau}`` for an exact per-row value ``tau`` (ties with ``tau`` are kept, as vLLM's
+  value-based masks do), so top-k, top-p and min-p select the same token set as their definition.
+- The draw is Gumbel-max over the kept set: ``argmax(y + g(seed, counter, id))``, an exact sample
+  of ``softmax(y)`` restricted to the set, up to the 24-bit uniforms behind ``g`` (a token more
+  than 20.2 nats below the best one is never drawn: its probability is below 2e-9 of
+  the best one's).
+
+Cost at S=32, V=49152 on XLA:CPU is what shaped this: a full sort of the logits costs ~270 ms and
+threefry Gumbel noise over the vocabulary ~15-60 ms, against ~150 ms for the whole model step. So:
+- Filters are settled from the ``CANDIDATES`` largest values (``lax.top_k``) whenever the kept
+  set ends inside them, and those rows draw among the candidates only. A row whose set does not
+  (no filter, top-k above ``CANDIDATES``, or a wider nucleus) draws over the vocabulary, with
+  noise from a few integer ops and two logs per entry instead of threefry; with filters, such
+  rows are done one at a time (its floor found exactly by bisection over the float order of its
+  values), so a step pays only for the rows that need it.
+- Greedy rows and the all-greedy executable use "max, then the first index equal to it", which
+  returns ``jnp.argmax``'s index at a third of its cost on XLA:CPU.
+Optional stages (penalties, bias, sampling, logprobs) sit behind ``lax.cond`` on ``SamplingFlags``
+that the runner sets per step; XLA runs only the branch taken.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic
 
@@ -18,6 +39,12 @@ import numpy as np
 
 from models.inputs import A
 from serving.engine.sampling_params import MAX_LOGPROBS
+
+# Candidate values per row for the filters and the narrow draw. lax.top_k at [32, 49152] costs
+# ~2.3 ms for 64 candidates, ~3.3 for 128 and ~4.9 for 256; SmolLM2 at temperature 0.8 and top-p
+# 0.95 has 15% / 7% / 2% of its nuclei wider than that, which take the exact per-row path
+# (~0.7 ms a row). 128 gave the lowest sampler time in bench/sampler_bench.py.
+CANDIDATES = 128
 
 
 @jax.tree_util.register_dataclass
@@ -68,77 +95,244 @@ class SamplerOutput:
     top_logprobs: jax.Array  # f32[S, MAX_LOGPROBS]
 
 
+def argmax(x: jax.Array) -> jax.Array:
+    """``jnp.argmax(x, axis=-1)`` (the first maximum) as max, then the least index equal to it:
+    XLA:CPU runs argmax's variadic reduce ~3x slower than these two plain reductions."""
+    v = x.shape[-1]
+    best = jnp.max(x, axis=-1, keepdims=True)
+    idx = jnp.min(jnp.where(x == best, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+    return jnp.minimum(idx, v - 1)  # a NaN row matches nothing
+
+
+# ---- logit adjustments ----------------------------------------------------------------------
 def _apply_penalties(logits: jax.Array, si: SamplingInputs) -> jax.Array:
-    """vLLM semantics: repetition over prompt+output tokens; presence/frequency over output."""
+    """vLLM semantics: repetition over prompt+output tokens; then frequency (per occurrence)
+    and presence (once) over output tokens.
+
+    Sparse, on the [S, C] history rather than dense [S, V] counts (three times cheaper at
+    C=1024): each update is a scatter whose duplicate indices all write the same value (computed
+    from a gather before it) or add the same amount, so their order cannot matter."""
     s, v = logits.shape
     hist = si.history
-    idx = jnp.arange(hist.shape[1])[None, :]
-    valid = hist >= 0
-    is_out = valid & (idx >= si.prompt_lens[:, None])
-    ids = jnp.where(valid, hist, v)  # v: a dump column dropped below
     rows = jnp.arange(s)[:, None]
-    out_counts = jnp.zeros((s, v + 1), jnp.int32).at[rows, ids].add(is_out.astype(jnp.int32))
-    seen = jnp.zeros((s, v + 1), jnp.bool_).at[rows, ids].max(valid)
-    out_counts, seen = out_counts[:, :v], seen[:, :v]
+    valid = hist >= 0
+    is_out = valid & (jnp.arange(hist.shape[1])[None, :] >= si.prompt_lens[:, None])
+    seen = jnp.where(valid, hist, v)  # v: out of range, dropped
+    out = jnp.where(is_out, hist, v)
     rep = si.repetition[:, None]
-    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
-    logits = logits - si.frequency[:, None] * out_counts
-    return logits - si.presence[:, None] * (out_counts > 0)
+    old = logits.at[rows, seen].get(mode="fill", fill_value=0.0)
+    logits = logits.at[rows, seen].set(jnp.where(old > 0, old / rep, old * rep), mode="drop")
+    logits = logits.at[rows, out].add(-jnp.broadcast_to(si.frequency[:, None], out.shape),
+                                      mode="drop")
+    old = logits.at[rows, out].get(mode="fill", fill_value=0.0)
+    return logits.at[rows, out].set(old - si.presence[:, None], mode="drop")
 
 
 def _apply_bias(logits: jax.Array, si: SamplingInputs) -> jax.Array:
     s, v = logits.shape
-    ids = jnp.where(si.bias_ids >= 0, si.bias_ids, v)
-    rows = jnp.arange(s)[:, None]
-    bias = jnp.zeros((s, v + 1), jnp.float32).at[rows, ids].add(si.bias_vals)
-    return logits + bias[:, :v]
+    ids = jnp.where(si.bias_ids >= 0, si.bias_ids, v)  # v: out of range, dropped
+    return logits.at[jnp.arange(s)[:, None], ids].add(si.bias_vals, mode="drop")
 
 
-def _filter(logits: jax.Array, si: SamplingInputs) -> jax.Array:
-    """top-k, then top-p over what is left, then min-p; masked entries become -inf."""
-    v = logits.shape[-1]
-    sorted_desc = -jnp.sort(-logits, axis=-1)  # [S, V]
-    k = jnp.where(si.top_k > 0, jnp.minimum(si.top_k, v), v)
-    kth = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)  # [S, 1]
-    ranks = jnp.arange(v)[None, :]
-    sorted_k = jnp.where(ranks < k[:, None], sorted_desc, -jnp.inf)
-    probs = jax.nn.softmax(sorted_k, axis=-1)
-    cum_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = (cum_before < si.top_p[:, None]) & (ranks < k[:, None])
-    keep = keep.at[:, 0].set(True)
-    n_keep = keep.sum(axis=-1)
-    thresh = jnp.take_along_axis(sorted_desc, (n_keep - 1)[:, None], axis=-1)
-    thresh = jnp.maximum(thresh, kth)
-    logits = jnp.where(logits < thresh, -jnp.inf, logits)
-    # p >= min_p * p_max  <=>  logit >= max_logit + log(min_p): no normalisation needed.
-    min_keep = sorted_desc[:, :1] + jnp.log(jnp.maximum(si.min_p[:, None], 1e-38))
-    return jnp.where((si.min_p[:, None] > 0) & (logits < min_keep), -jnp.inf, logits)
+# ---- thresholds -----------------------------------------------------------------------------
+def _order_key(x: jax.Array) -> jax.Array:
+    """f32 -> u32 with the same order (negative floats reversed), for bisection over values."""
+    i = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jnp.where(i >> 31 == 1, ~i, i | jnp.uint32(0x80000000))
 
 
-def _gumbel(seeds: jax.Array, counters: jax.Array, v: int) -> jax.Array:
-    def one(seed: jax.Array, counter: jax.Array) -> jax.Array:
-        key = jax.random.fold_in(jax.random.key(seed), counter)
-        return jax.random.gumbel(key, (v,), jnp.float32)
-    return jax.vmap(one)(seeds, counters)
+def _from_key(k: jax.Array) -> jax.Array:
+    i = jnp.where(k >> 31 == 1, k & jnp.uint32(0x7FFFFFFF), ~k)
+    return jax.lax.bitcast_convert_type(i, jnp.float32)
 
 
+def _least_value_where(pred: Callable[[jax.Array], jax.Array], lo: jax.Array,
+                       hi: jax.Array) -> jax.Array:
+    """The least float ``t`` in ``[lo, hi]`` (f32[] each) with ``pred(t)``, given ``pred``
+    monotone in ``t`` (false below some point, true from it on) and true at ``hi``.
+
+    Bisection over the order keys: exact, at most 32 rounds. Called for one row at a time, so
+    each round reads one row (~200 KB at V=49152, cache-resident) and a step pays only for the
+    rows that need it. For the predicates used here the answer is always one of the row's values
+    (they change only there).
+    """
+    def halve(c: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        lo_k, hi_k = c
+        mid = lo_k + (hi_k - lo_k) // 2
+        ok = pred(_from_key(mid))
+        return jnp.where(ok, lo_k, mid), jnp.where(ok, mid, hi_k)
+
+    # lo's key minus one stands for "below lo": never evaluated, taken as false.
+    _, hi_k = jax.lax.while_loop(lambda c: c[1] - c[0] > 1, halve,
+                                 (_order_key(lo) - 1, _order_key(hi)))
+    return _from_key(hi_k)
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Candidates:
+    """What the ``CANDIDATES`` largest values settle for every row at once (f32/i32/bool[S]
+    unless noted)."""
+
+    vals: jax.Array  # f32[S, C]; the largest values, descending
+    ids: jax.Array  # i32[S, C]; their token ids
+    best: jax.Array  # the largest value
+    tau: jax.Array  # the floor, where ``exact`` is false; -inf keeps everything
+    inside: jax.Array  # the kept set lies inside the candidates (the narrow draw suffices)
+    exact: jax.Array  # top-k above C, or a nucleus that may go past C: see ``row_floor``
+    floor: jax.Array  # min-p's floor, and top-k's when k <= C
+
+
+def candidates(y: jax.Array, si: SamplingInputs) -> Candidates:
+    """min-p, top-k and top-p from the ``CANDIDATES`` largest values of temperature-scaled
+    logits ``y`` [S, V]: exact for every row but those flagged ``exact``."""
+    s, v = y.shape
+    c = min(CANDIDATES, v)
+    # XLA:CPU replaces lax.top_k's full sort with its TopK call only while the sort's one user is
+    # a slice: slicing ``vals`` again would be merged into it (and cost ~270 ms at [32, 49152]),
+    # so it is only read through reductions, comparisons and gathers below.
+    vals, ids = jax.lax.top_k(y, c)  # [S, C]
+    best = jnp.max(y, axis=-1)
+    last = jnp.min(vals, axis=-1)  # the C-th largest value
+    neg_inf = jnp.full((s,), -jnp.inf, jnp.float32)
+    # min-p: p >= min_p * p_max  <=>  y >= max + log(min_p); no normalisation needed.
+    tau_min_p = jnp.where(si.min_p > 0, best + jnp.log(jnp.maximum(si.min_p, 1e-38)), neg_inf)
+    # top-k: the k-th largest value, known here when k <= C.
+    k = si.top_k
+    use_k = (k > 0) & (k < v)
+    kth = jnp.take_along_axis(vals, jnp.clip(k - 1, 0, c - 1)[:, None], axis=-1)[:, 0]
+    floor = jnp.maximum(tau_min_p, jnp.where(use_k & (k <= c), kth, neg_inf))
+    # top-p over the set above the floor, renormalised (vLLM: top-p after top-k and min-p): a
+    # token is kept when the mass strictly above its value is below top_p of the set's mass.
+    use_p = si.top_p < 1.0
+    w = jnp.where(y >= floor[:, None], jnp.exp(y - best[:, None]), 0.0)  # [S, V]
+    budget = si.top_p * jnp.sum(w, axis=-1)
+    wc = jnp.where(vals >= floor[:, None], jnp.exp(vals - best[:, None]), 0.0)  # [S, C]
+    # the candidates' mass strictly above each candidate's value: the mass before it in rank
+    # order, taken at the first of its run of equal values (ties share it)
+    above = jnp.cumsum(wc, axis=-1) - wc
+    rank = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (s, c))
+    prev = jnp.take_along_axis(vals, jnp.maximum(rank - 1, 0), axis=-1)
+    first = jax.lax.cummax(jnp.where((rank == 0) | (vals != prev), rank, 0), axis=1)
+    above = jnp.take_along_axis(above, first, axis=-1)
+    kept = (above < budget[:, None]) & (vals >= floor[:, None])
+    tau_p = jnp.where(use_p, jnp.min(jnp.where(kept, vals, jnp.inf), axis=-1), neg_inf)
+    tau = jnp.maximum(floor, tau_p)
+    # every candidate kept: the nucleus may go on past them
+    exact = (use_k & (k > c)) | (use_p & jnp.all(kept, axis=-1))
+    inside = (last < tau) & ~exact  # the C-th candidate is out, so is everything below it
+    return Candidates(vals, ids, best, tau, inside, exact, floor)
+
+
+def row_floor(y: jax.Array, si: SamplingInputs, cand: Candidates, r: jax.Array) -> jax.Array:
+    """Row ``r``'s exact floor (f32[]): ``cand.tau[r]``, or for a row flagged ``exact`` the
+    k-th largest value and the nucleus found by bisection over the whole row."""
+    yr = y[r]
+    k, top_p, best = si.top_k[r], si.top_p[r], cand.best[r]
+
+    def exact() -> jax.Array:
+        neg_inf = jnp.float32(-jnp.inf)
+        # count(y > t) < k first holds at the k-th largest value
+        kth = jax.lax.cond(
+            (k > 0) & (k < yr.shape[0]),
+            lambda: _least_value_where(lambda t: jnp.sum(yr > t) < k, neg_inf, best),
+            lambda: neg_inf)
+        floor = jnp.maximum(cand.floor[r], kth)
+        w = jnp.where(yr >= floor, jnp.exp(yr - best), 0.0)
+        budget = top_p * jnp.sum(w)
+        nucleus = jax.lax.cond(
+            top_p < 1.0,
+            lambda: _least_value_where(lambda t: jnp.sum(jnp.where(yr > t, w, 0.0)) < budget,
+                                       floor, best),
+            lambda: neg_inf)
+        return jnp.maximum(floor, nucleus)
+
+    return jax.lax.cond(cand.exact[r], exact, lambda: cand.tau[r])
+
+
+def floors(y: jax.Array, si: SamplingInputs) -> jax.Array:
+    """Every row's exact floor (f32[S]): the filters keep ``{y >= floor}``."""
+    cand = candidates(y, si)
+    todo = jnp.nonzero(cand.exact, size=y.shape[0], fill_value=0)[0]
+
+    def one(i: jax.Array, out: jax.Array) -> jax.Array:
+        return out.at[todo[i]].set(row_floor(y, si, cand, todo[i]))
+
+    return jax.lax.fori_loop(0, jnp.sum(cand.exact), one, cand.tau)
+
+
+# ---- randomness -----------------------------------------------------------------------------
+def _mix32(h: jax.Array) -> jax.Array:
+    """A bijective 32-bit integer finaliser with low bias (xorshift-multiply, "lowbias32")."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x7FEB352D)
+    h = h ^ (h >> 15)
+    h = h * jnp.uint32(0x846CA68B)
+    return h ^ (h >> 16)
+
+
+def _row_keys(seeds: jax.Array, counters: jax.Array) -> jax.Array:
+    """u32[S]: one key per (seed, output index)."""
+    return _mix32(_mix32(seeds.astype(jnp.uint32) ^ jnp.uint32(0x9E3779B9))
+                  + counters.astype(jnp.uint32) * jnp.uint32(0x85EBCA6B))
+
+
+def _gumbel(keys: jax.Array, ids: jax.Array) -> jax.Array:
+    """Standard Gumbel noise f32[S, X] for token ``ids`` [S, X] (or [X]) of rows with ``keys``
+    [S]: a function of (key, id) only. Two hash rounds, then a 24-bit uniform in (0, 1)."""
+    h = _mix32(_mix32(ids.astype(jnp.uint32) + keys[:, None]) ^ (keys[:, None] >> 7))
+    u = ((h >> 8).astype(jnp.float32) + 0.5) * jnp.float32(2.0 ** -24)
+    return -jnp.log(-jnp.log(u))
+
+
+def _draw(y: jax.Array, si: SamplingInputs, keys: jax.Array, filtered: jax.Array
+          ) -> jax.Array:
+    """Gumbel-max over each row's kept set (greedy rows, temperature 0: no noise, the argmax).
+    ``filtered`` (bool[], traced) says whether some row filters; without, every row draws over
+    the whole vocabulary at once."""
+    s, v = y.shape
+    noisy = si.temperature > 0
+    vocab = jnp.arange(v, dtype=jnp.int32)
+
+    def unfiltered(y: jax.Array) -> jax.Array:
+        return argmax(y + jnp.where(noisy[:, None], _gumbel(keys, vocab), 0.0))
+
+    def with_filters(y: jax.Array) -> jax.Array:
+        cand = candidates(y, si)
+        z = cand.vals + jnp.where(noisy[:, None], _gumbel(keys, cand.ids), 0.0)
+        z = jnp.where(cand.vals >= cand.tau[:, None], z, -jnp.inf)
+        tokens = jnp.take_along_axis(cand.ids, argmax(z)[:, None], axis=-1)[:, 0]
+        # The rows whose set is not inside their candidates, one at a time: the exact floor,
+        # then noise over the vocabulary for that row only. A row's own values decide which
+        # draw it takes, so its token does not depend on its neighbours.
+        wide = noisy & ~cand.inside
+        todo = jnp.nonzero(wide, size=s, fill_value=0)[0]
+
+        def one(i: jax.Array, tokens: jax.Array) -> jax.Array:
+            r = todo[i]
+            zr = y[r] + _gumbel(keys[r][None], vocab)[0]
+            zr = jnp.where(y[r] >= row_floor(y, si, cand, r), zr, -jnp.inf)
+            return tokens.at[r].set(argmax(zr[None])[0])
+
+        return jax.lax.fori_loop(0, jnp.sum(wide), one, tokens)
+
+    return jax.lax.cond(filtered, with_filters, unfiltered, y)
+
+
+# ---- the sampler ----------------------------------------------------------------------------
 def sample(logits: jax.Array, si: SamplingInputs) -> SamplerOutput:
     """logits: f32[S, V] straight from the LM head; rows the step does not sample are ignored."""
-    s, v = logits.shape
+    s, _ = logits.shape
     flags = si.flags
     raw = logits
     x = jax.lax.cond(flags.penalties, _apply_penalties, lambda lg, _: lg, logits, si)
     x = jax.lax.cond(flags.bias, _apply_bias, lambda lg, _: lg, x, si)
-    greedy_tok = jnp.argmax(x, axis=-1).astype(jnp.int32)
 
     def sampled(x: jax.Array) -> jax.Array:
         t = jnp.where(si.temperature > 0, si.temperature, 1.0)[:, None]
-        y = x / t
-        y = jax.lax.cond(flags.filter, _filter, lambda lg, _: lg, y, si)
-        tok = jnp.argmax(y + _gumbel(si.seeds, si.counters, v), axis=-1).astype(jnp.int32)
-        return jnp.where(si.temperature > 0, tok, greedy_tok)
+        return _draw(x / t, si, _row_keys(si.seeds, si.counters), flags.filter)
 
-    tokens = jax.lax.cond(flags.sample, sampled, lambda _: greedy_tok, x)
+    tokens = jax.lax.cond(flags.sample, sampled, argmax, x)
 
     def logprobs(raw: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         lp = jax.nn.log_softmax(raw, axis=-1)
