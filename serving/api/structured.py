@@ -24,7 +24,7 @@ from concurrent.futures import Executor
 from typing import Any
 
 from serving.api.errors import BadRequest
-from serving.engine.sampling_params import StructuredSpec
+from serving.engine.sampling_params import StructuredKind, StructuredSpec
 from serving.engine.structured_output import CompiledGrammar, GrammarBackend, GrammarError
 
 # The server's one grammar backend, in vLLM's name for llguidance.
@@ -59,8 +59,10 @@ def structured_spec(req: Any, *, server_backend: str = SERVER_BACKEND) -> Struct
     if pattern is not None:
         options["whitespace_pattern"] = _string(pattern, "guided_whitespace_pattern")
 
-    for field, kind in (("guided_json", "json"), ("guided_regex", "regex"),
-                        ("guided_choice", "choice"), ("guided_grammar", "grammar")):
+    guided: tuple[tuple[str, StructuredKind], ...] = (
+        ("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+        ("guided_grammar", "grammar"))
+    for field, kind in guided:
         value = getattr(req, field, None)
         if value is not None:
             found.append((field, _kind_spec(kind, value, field)))
@@ -136,7 +138,7 @@ def _schema_text(value: Any, field: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def _kind_spec(kind: str, value: Any, field: str) -> StructuredSpec:
+def _kind_spec(kind: StructuredKind, value: Any, field: str) -> StructuredSpec:
     if kind == "json":
         return StructuredSpec("json", _schema_text(value, field))
     if kind == "choice":
@@ -149,7 +151,7 @@ def _kind_spec(kind: str, value: Any, field: str) -> StructuredSpec:
         if isinstance(value, dict):
             return StructuredSpec("structural_tag", json.dumps(value, ensure_ascii=False))
         return StructuredSpec("structural_tag", _string(value, field))
-    return StructuredSpec(kind, _string(value, field))  # type: ignore[arg-type]
+    return StructuredSpec(kind, _string(value, field))
 
 
 def _structured_outputs(so: Any, options: dict[str, Any]) -> list[tuple[str, StructuredSpec]]:
@@ -161,7 +163,8 @@ def _structured_outputs(so: Any, options: dict[str, Any]) -> list[tuple[str, Str
         raise BadRequest(f"structured_outputs has unknown fields: {', '.join(unknown)}.",
                          param="structured_outputs")
     found = []
-    for kind in ("json", "regex", "choice", "grammar", "structural_tag"):
+    kinds: tuple[StructuredKind, ...] = ("json", "regex", "choice", "grammar", "structural_tag")
+    for kind in kinds:
         if so.get(kind) is not None:
             field = f"structured_outputs.{kind}"
             found.append((field, _kind_spec(kind, so[kind], field)))

@@ -126,11 +126,13 @@ class GrammarBackend:
         *,
         cache_size: int = GRAMMAR_CACHE_SIZE,
         fill_threads: int | None = None,
+        limits: llguidance.LLParserLimits | None = None,
     ) -> None:
         """``tokenizer_json``: the HF ``tokenizer.json`` text (``backend_tokenizer.to_str()``);
         ``eos_ids``: every id that ends generation (a stopped grammar allows exactly these);
         ``vocab_size``: the logits width V, which the masks cover; ``fill_threads``: the
-        parallel fill's threads (None: llguidance's default, most of the cores)."""
+        parallel fill's threads (None: llguidance's default, most of the cores); ``limits``:
+        the parser limits of every grammar and matcher (None: ``parser_limits()``)."""
         eos = sorted(set(eos_ids))
         if not eos:
             raise ValueError("a grammar backend needs at least one EOS id")
@@ -140,7 +142,7 @@ class GrammarBackend:
                                                 eos_token=eos)
         self.vocab_size = vocab_size
         self.mask_width = (vocab_size + 31) // 32
-        self._limits = parser_limits()
+        self._limits = limits if limits is not None else parser_limits()
         self._cache_size = cache_size
         # spec -> the serialized grammar, or the GrammarError message (a bad grammar sent again
         # is refused from the cache instead of being compiled again).

@@ -16,6 +16,7 @@ from typing import Any
 
 import jsonschema
 import lark
+import llguidance
 import numpy as np
 import pytest
 
@@ -317,6 +318,32 @@ def test_refused_token_is_an_error_state(backend: GrammarBackend, tokenizer: Any
     buf[0] = 0
     backend.fill_masks(buf, [m])  # the row must still allow something; the owner ends it
     assert (buf[0] == -1).all()
+
+
+def test_parser_limits_end_a_matcher_not_the_caller(tokenizer: Any) -> None:
+    """A mask that would cost more than the limits allow puts the matcher into its error state
+    (its owner ends the request); a grammar over the size limit does not compile."""
+    def backend_with(**limits: Any) -> GrammarBackend:
+        return GrammarBackend.from_hf_tokenizer(
+            tokenizer, [tokenizer.eos_token_id], LOGITS_WIDTH,
+            limits=llguidance.LLParserLimits(verbose_errors=False, **limits))
+
+    spec = StructuredSpec("json", json.dumps(PERSON))
+    tight = backend_with(step_lexer_fuel=10)
+    m = tight.new_matcher(tight.compile(spec))
+    buf = tight.allocate_masks(1)
+    for tok in tokenizer.encode('{"name": "Ann"', add_special_tokens=False):
+        tight.fill_masks(buf, [m])
+        if m.is_error():
+            break
+        m.consume(tok)
+    assert m.is_error() and "lexer" in m.error()
+    buf[0] = 0
+    tight.fill_masks(buf, [m])  # the row still allows something until the request ends
+    assert (buf[0] == -1).all()
+    small = backend_with(max_grammar_size=10)
+    with pytest.raises(GrammarError, match="too big"):
+        small.compile(spec)
 
 
 def test_lru_cache_is_bounded(tokenizer: Any) -> None:

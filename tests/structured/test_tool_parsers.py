@@ -172,18 +172,27 @@ def test_arguments_stream_in_fragments(tokenizer: Any) -> None:
     assert deltas[-1].tool_calls and deltas[-1].tool_calls[0].function.arguments == "}"
 
 
-@pytest.mark.parametrize(("name", "text"), [
-    ("hermes", '<tool_call>{"name": "f", "arguments": {"n": }}</tool_call>'),
-    ("hermes", '<tool_call>{"name": "f", "arguments": {"n": 1}} trailing'),
-    ("llama3_json", '{"name": "f", "parameters": {"a": 1}} and text'),
-    ("mistral", "[TOOL_CALLS]"),
-    ("pythonic", "[f(1, 2)]"),
-    ("pythonic", "[f(a=open('x'))]"),
-    ("qwen3_xml", "<tool_call>\n<function=f>\n<parameter=a>\n1"),
+@pytest.mark.parametrize(("name", "text", "announced"), [
+    ("hermes", '<tool_call>{"name": "f", "arguments": {"n": }}</tool_call>', True),
+    ("hermes", '<tool_call>{"name": "f", "arguments": {"n": 1}} trailing', True),
+    ("llama3_json", '{"name": "f", "parameters": {"a": 1}} and text', True),
+    ("llama3_json", "{not a call}", False),
+    ("mistral", "[TOOL_CALLS]", False),
+    ("pythonic", "[f(1, 2)]", True),  # announced at "f("
+    ("pythonic", "[f(a=open('x'))]", True),
+    ("qwen3_xml", "<tool_call>\n<function=f>\n<parameter=a>\n1", True),
 ])
-def test_malformed_output_is_content(name: str, text: str, tokenizer: Any) -> None:
+def test_malformed_output_is_content(name: str, text: str, announced: bool,
+                                     tokenizer: Any) -> None:
     out = parser(name, tokenizer).extract_tool_calls(text)
     assert out == ExtractedToolCalls(False, (), text)
+    # Streamed, it ends as the same content, unless a call had already been announced (a
+    # stream cannot take it back; it stops there).
+    content, calls = assemble(stream(parser(name, tokenizer), tokenizer, text))
+    if announced:
+        assert calls and calls[0][1] == "f"
+    else:
+        assert (content, calls) == (text, [])
 
 
 def test_validate_tools() -> None:

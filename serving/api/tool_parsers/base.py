@@ -157,8 +157,16 @@ class ToolParser(ABC):
         return self._delta(self._parse(current_text, final=False))
 
     def finish_streaming(self, text: str) -> DeltaMessage | None:
-        """After the last step: what the end of the output completes (the final fragment)."""
-        return self._delta(self._parse(text, final=True))
+        """After the last step: what the end of the output completes (the final fragment).
+
+        An output that turns out to hold no valid call, while no call was streamed yet, ends as
+        content (the rest of the text), as ``extract_tool_calls`` answers it; calls already
+        streamed cannot be taken back, so a malformed output after them just stops."""
+        p = self._parse(text, final=True)
+        complete = p.ok and p.calls and all(c.name is not None and c.complete for c in p.calls)
+        if not complete and not self._stream.calls:
+            p = Parsed(text)
+        return self._delta(p)
 
     @property
     def streamed_tool_calls(self) -> int:
