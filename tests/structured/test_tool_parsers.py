@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -18,6 +19,7 @@ from serving.api.tool_parsers import (
     ExtractedToolCalls,
     ToolParser,
     get_tool_parser,
+    load_tool_parser_plugin,
     tool_parser_names,
 )
 from serving.api.tool_parsers.tool_choice import (
@@ -133,6 +135,27 @@ def test_registry() -> None:
         tool_parser_names())
     with pytest.raises(KeyError, match=r"valid names: .*hermes"):
         get_tool_parser("nope")
+
+
+def test_plugin_registers_a_parser(tmp_path: Path) -> None:
+    plugin = tmp_path / "my_parser.py"
+    plugin.write_text(
+        "from serving.api.tool_parsers import register_tool_parser\n"
+        "from serving.api.tool_parsers.hermes import HermesToolParser\n"
+        "@register_tool_parser('test_plugin_hermes')\n"
+        "class P(HermesToolParser):\n"
+        "    pass\n")
+    load_tool_parser_plugin(str(plugin))
+    assert "test_plugin_hermes" in tool_parser_names()
+    out = get_tool_parser("test_plugin_hermes")().extract_tool_calls(
+        '<tool_call>{"name": "f", "arguments": {}}</tool_call>')
+    assert out.tools_called
+    with pytest.raises(ValueError, match="not found"):
+        load_tool_parser_plugin(str(tmp_path / "missing.py"))
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise RuntimeError('boom')\n")
+    with pytest.raises(ValueError, match="failed to load: RuntimeError: boom"):
+        load_tool_parser_plugin(str(broken))
 
 
 @pytest.mark.parametrize(("name", "text", "content", "calls"), GOLDEN)

@@ -16,11 +16,13 @@ content and arguments. A parser instance serves one choice of one request (strea
 
 from __future__ import annotations
 
+import importlib.util
 import secrets
 import string
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 _ALPHANUMERIC = string.ascii_letters + string.digits
@@ -235,3 +237,21 @@ def get_tool_parser(name: str) -> type[ToolParser]:
 
 def tool_parser_names() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def load_tool_parser_plugin(path: str) -> None:
+    """``--tool-parser-plugin PATH``: run a Python file whose parsers register themselves with
+    ``@register_tool_parser(NAME)``, so that ``--tool-call-parser NAME`` finds them. Raises
+    ``ValueError`` when the file is missing or fails to import."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ValueError(f"tool parser plugin not found: {file}")
+    spec = importlib.util.spec_from_file_location(f"xlaserve_tool_plugin_{file.stem}", file)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"tool parser plugin is not a Python module: {file}")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        raise ValueError(f"tool parser plugin {file} failed to load: "
+                         f"{type(e).__name__}: {e}") from e
