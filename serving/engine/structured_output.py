@@ -38,12 +38,14 @@ if TYPE_CHECKING:
 # vLLM and sglang keep 128 compiled grammars.
 GRAMMAR_CACHE_SIZE = 128
 
-# Caps on the work of one mask (llguidance's own speed estimates in the comments): lexer fuel
-# ~14k/ms, Earley items ~20k/ms, so one mask costs at most about 15 ms + 3 ms whatever the
-# grammar; lexer states cost 1-2 kB each, so one matcher holds at most about 256 MB of them.
-# These are llguidance's defaults written out, so the bound is ours and cannot drift with a
-# library upgrade. verbose_errors=False: an error message must not echo parser internals.
+# Caps on the work of one mask. By llguidance's own speed figures (lexer fuel ~14k/ms, Earley
+# items ~20k/ms) one mask costs at most about 15 ms + 3 ms whatever the grammar; lexer states
+# cost 1-2 kB each, so a matcher's lexer is bounded at 250-500 MB (a pathological grammar hits
+# the limit and errors long before a normal one comes near it). These are llguidance's defaults
+# written out, so the bound is ours and cannot drift with a library upgrade.
+# verbose_errors=False: an error message must not echo parser state or the grammar.
 def parser_limits() -> llguidance.LLParserLimits:
+    """The limits every grammar and matcher of a ``GrammarBackend`` runs under by default."""
     return llguidance.LLParserLimits(
         max_items_in_row=2_000,
         initial_lexer_fuel=1_000_000,
