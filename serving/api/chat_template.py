@@ -414,9 +414,13 @@ class ChatRenderer:
     def render_sync(self, messages: Sequence[Mapping[str, Any]], *,
                     add_generation_prompt: bool = True, continue_final_message: bool = False,
                     documents: list[dict[str, str]] | None = None,
+                    tools: list[dict[str, Any]] | None = None,
                     template_kwargs: Mapping[str, Any] | None = None,
                     template: str | None = None) -> str:
-        """Render in the calling thread under the deadline; raises ``ChatTemplateError``."""
+        """Render in the calling thread under the deadline; raises ``ChatTemplateError``.
+
+        ``tools``: the request's tool definitions (``{"type": "function", "function": {...}}``)
+        for templates with a tools section; None renders the conversation without them."""
         source = template if template is not None else self.template_source
         if source is None:
             raise ChatTemplateError(
@@ -445,7 +449,7 @@ class ChatRenderer:
         try:
             rendered = compiled.render(
                 **{**self.special_tokens, **kwargs},
-                messages=chat, tools=None, documents=documents,
+                messages=chat, tools=tools, documents=documents,
                 add_generation_prompt=add_generation_prompt)
         except ChatTemplateError:
             raise

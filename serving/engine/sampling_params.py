@@ -12,11 +12,49 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 # Largest top-k logprobs a request may ask for; the compiled step always returns this many.
 MAX_LOGPROBS = 20
 # Largest number of logit_bias entries (the OpenAI API's own limit).
 MAX_LOGIT_BIAS = 300
+
+
+StructuredKind = Literal["json", "regex", "choice", "grammar", "json_object", "structural_tag"]
+STRUCTURED_KINDS: tuple[str, ...] = get_args(StructuredKind)
+
+
+@dataclass(frozen=True)
+class StructuredSpec:
+    """One output constraint, whichever request form it came from (vLLM's ``structured_outputs``).
+
+    ``spec`` by kind: ``json``: the JSON schema as JSON text (key order kept: it is the order
+    properties are generated in); ``regex``: the pattern (Rust ``regex`` syntax, so ``\\d`` is
+    Unicode); ``choice``: the strings, in order; ``grammar``: Lark or GBNF text; ``json_object``:
+    ""; ``structural_tag``: JSON text ``{"structures": [{"begin", "schema", "end"}, ...],
+    "triggers": [...]}``. The options apply to ``json`` and ``json_object`` only. Frozen and
+    hashable: the grammar cache is keyed by the whole value. ``__post_init__`` checks only the
+    types (``ValueError``); whether the grammar compiles is the grammar backend's question.
+    """
+
+    kind: StructuredKind
+    spec: str | tuple[str, ...] = ""
+    whitespace_pattern: str | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_KINDS:
+            raise ValueError(f"structured kind must be one of {', '.join(STRUCTURED_KINDS)}, "
+                             f"got {self.kind!r}.")
+        if self.kind == "choice":
+            if isinstance(self.spec, str) or not all(isinstance(c, str) for c in self.spec):
+                raise ValueError("a choice spec must be a tuple of strings.")
+            if not self.spec:
+                raise ValueError("Choice '[]' cannot be an empty list")
+            object.__setattr__(self, "spec", tuple(self.spec))
+        elif not isinstance(self.spec, str):
+            raise ValueError(f"a {self.kind} spec must be a string.")
 
 
 @dataclass(frozen=True)
@@ -43,6 +81,7 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens; -1: max_model_len
     detokenize: bool = True
+    structured: StructuredSpec | None = None  # guided decoding; None: unconstrained
 
     def __post_init__(self) -> None:
         # Frozen: normalised once here, so every stage reads the same immutable value.
