@@ -2,10 +2,16 @@
 
     .venv/bin/python -m bench.compare_servers --concurrency 1,8,32 --max-tokens 128 \
         --peer llama-server-f32 --peer llama-cpp-python-q4_1 --json-out /tmp/compare.json
+    .venv/bin/python -m bench.compare_servers --concurrency 32 --sampling greedy,top-p \
+        --peer llama-server-f16 --rounds 2
 
 Each server is started alone (they would fight over the 2 cores otherwise), warmed up, measured
 at every concurrency level with the same prompts (``--prompt-len`` random words, seed 0,
-``ignore_eos`` so every request yields exactly ``--max-tokens``), then stopped. Peers are built
+``ignore_eos`` so every request yields exactly ``--max-tokens``), then stopped. ``--sampling``
+names the request settings (``SAMPLING``), run one after the other at each level so that load
+changes hit them alike, each on its own prompts (``--seed`` = its index: the same prompts twice
+would let the second setting skip its prefill through the servers' prompt caches);
+``--rounds`` repeats the whole set of servers. Peers are built
 outside the repo by scripts/build_peers.sh (see bench/peers/README.md); their paths come from
 ``$PEERS_DIR`` (default /work/peers).
 """
@@ -27,6 +33,13 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 PEERS = Path(os.environ.get("PEERS_DIR", "/work/peers"))
+# The same request body to every server. llama-server fills what a request leaves out with its
+# own sampler defaults (top_k 40, min_p 0.05, ...), xlaserve with vLLM's (off).
+SAMPLING: dict[str, dict[str, float]] = {
+    "greedy": {"temperature": 0.0},
+    "top-p": {"temperature": 0.8, "top_p": 0.95},
+    "top-k+min-p": {"temperature": 0.8, "top_k": 40, "min_p": 0.05},
+}
 
 
 def free_port() -> int:
@@ -89,11 +102,13 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--num-requests", type=int, default=None)
+    ap.add_argument("--sampling", default="greedy", help=f"comma-separated: {', '.join(SAMPLING)}")
+    ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()
     names = ([] if args.no_xlaserve else ["xlaserve"]) + args.peer
     results: dict[str, Any] = {}
-    for name in names:
+    for rnd, name in ((r, n) for r in range(args.rounds) for n in names):
         port = free_port()
         cmd, extra = server_cmd(name, port, args)
         log = open(f"/tmp/compare_{name}.log", "w")  # noqa: SIM115 (lives as long as proc)
@@ -102,23 +117,23 @@ def main() -> None:
         base = f"http://127.0.0.1:{port}"
         try:
             startup = wait_ready(base, proc)
-            print(f"== {name} (ready in {startup:.0f}s)", flush=True)
+            print(f"== {name} (ready in {startup:.0f}s), round {rnd + 1}", flush=True)
             levels = []
             for c in [int(x) for x in args.concurrency.split(",")]:
-                out = Path(f"/tmp/compare_{name}_{c}.json")
-                # One wave per level (at least 4 requests): a fixed total would make the
-                # concurrency-1 level dominate the run time.
-                n = args.num_requests or max(4, c)
-                bench = [sys.executable, str(REPO / "bench/serve_bench.py"), "--base-url", base,
-                         "--concurrency", str(c), "--num-requests", str(n),
-                         "--max-tokens", str(args.max_tokens), "--prompt-len",
-                         str(args.prompt_len), "--ignore-eos", "--temperature", "0",
-                         "--label", name, "--json-out", str(out)]
-                if extra:
-                    bench += ["--extra-body", json.dumps(extra)]
-                subprocess.run(bench, check=True)
-                levels.append(json.loads(out.read_text()))
-            results[name] = {"startup_s": startup, "levels": levels}
+                for i, mode in enumerate(args.sampling.split(",")):
+                    out = Path(f"/tmp/compare_{name}_{c}_{mode}.json")
+                    # One wave per level (at least 4 requests): a fixed total would make the
+                    # concurrency-1 level dominate the run time.
+                    n = args.num_requests or max(4, c)
+                    bench = [sys.executable, str(REPO / "bench/serve_bench.py"), "--base-url",
+                             base, "--concurrency", str(c), "--num-requests", str(n),
+                             "--max-tokens", str(args.max_tokens), "--prompt-len",
+                             str(args.prompt_len), "--ignore-eos", "--seed", str(i),
+                             "--label", f"{name} {mode}", "--json-out", str(out),
+                             "--extra-body", json.dumps({**SAMPLING[mode], **extra})]
+                    subprocess.run(bench, check=True)
+                    levels.append({"sampling": mode, **json.loads(out.read_text())})
+            results[f"{name} round {rnd + 1}"] = {"startup_s": startup, "levels": levels}
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             try:
