@@ -194,12 +194,14 @@ def xla_env(threads: int, devices: int = 1) -> dict[str, str]:
     """XLA's CPU client: one thread, or its default thread pool (every core) otherwise; and
     ``devices`` simulated CPU devices for a sharded run."""
     env = dict(os.environ)
-    flags = ""
+    flags = []
     if threads == 1:
-        flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        flags.append("--xla_cpu_multi_thread_eigen=false")
     if devices > 1:
-        flags += f" --xla_force_host_platform_device_count={devices}"
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    # Every token must be a --flag: XLA stops reading XLA_FLAGS at the first one that is not
+    # (an earlier "intra_op_parallelism_threads=1" here, a TensorFlow option, hid the ones after).
+    env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""), *flags]).strip()
     return env
 
 
