@@ -2,6 +2,8 @@
 
     .venv/bin/python -m bench.sampler_bench                       # SmolLM2 f32, 1 and 32 seqs
     .venv/bin/python -m bench.sampler_bench --seqs 32 --settings top-p
+    git show 0f558d2^:serving/engine/sampler.py > /tmp/old_sampler.py
+    .venv/bin/python -m bench.sampler_bench --synthetic --baseline-sampler /tmp/old_sampler.py
 
 For each number of sequences and each setting, the engine decodes ``--output-len`` tokens for that
 many chat prompts (ignore_eos). Each executable is timed to completion (``block_until_ready``)
@@ -9,12 +11,19 @@ around its own call: the model step and the sampler (``sample``, or ``argmax`` f
 medians over the steps in which every sequence decodes, and the sampler's share of step + sampler.
 It also replays the logits of those steps through the top-p filter in numpy to count how often a
 nucleus is wider than the sampler's ``CANDIDATES`` (the rows that take the exact bisection).
+
+``--synthetic`` times the sampler alone instead, on [32, 49152] logits drawn from N(0, 2.5²)
+(far flatter than a model's: every top-p row is wider than the candidates), medians of 15 calls,
+beside another sampler module given by ``--baseline-sampler`` (a file with the same ``sample``,
+``Sampling`` and ``SamplingFlags``), alternating between the two.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import sys
 import time
 from collections import defaultdict
 from typing import Any
@@ -23,6 +32,7 @@ import jax
 import numpy as np
 
 from bench.offline_throughput import prompts
+from serving.engine import sampler as current
 from serving.engine.llm import LLM
 from serving.engine.sampler import CANDIDATES
 from serving.engine.sampling_params import SamplingParams
@@ -64,6 +74,67 @@ def wide_nuclei(logits: list[np.ndarray], seqs: int, temperature: float, top_p: 
     return wide / max(total, 1)
 
 
+SYNTHETIC: dict[str, dict[str, Any]] = {
+    "temperature": dict(temperature=0.8),
+    "top-p 0.95": dict(temperature=0.8, top_p=0.95),
+    "top-p 0.5": dict(temperature=0.8, top_p=0.5),
+    "top-k 50, min-p 0.05": dict(temperature=0.8, top_k=50, min_p=0.05),
+    "top-k 500": dict(temperature=0.8, top_k=500),
+    "top-p 0.95 + penalties": dict(temperature=0.8, top_p=0.95, penalties=True),
+    "temperature + logprobs": dict(temperature=0.8, logprobs=True),
+}
+
+
+def synthetic_inputs(mod: Any, s: int, v: int, rng: np.random.Generator, *,
+                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                     min_p: float = 0.0, penalties: bool = False, logprobs: bool = False) -> Any:
+    def rows(x: float, dtype: Any) -> np.ndarray:
+        return np.full(s, x, dtype)
+    flags = mod.SamplingFlags(*(np.asarray(b) for b in (
+        temperature > 0, top_k > 0 or top_p < 1 or min_p > 0, penalties, False, logprobs)))
+    return mod.Sampling(
+        temperature=rows(temperature, np.float32), top_k=rows(top_k, np.int32),
+        top_p=rows(top_p, np.float32), min_p=rows(min_p, np.float32),
+        presence=rows(0.5 if penalties else 0.0, np.float32),
+        frequency=rows(0.5 if penalties else 0.0, np.float32),
+        repetition=rows(1.1 if penalties else 1.0, np.float32),
+        seeds=np.arange(s, dtype=np.uint32), counters=rows(3, np.int32),
+        bias_ids=np.full((s, 8), -1, np.int32), bias_vals=np.zeros((s, 8), np.float32),
+        history=rng.integers(0, v, (s, 1024)).astype(np.int32), prompt_lens=rows(100, np.int32),
+        flags=flags)
+
+
+def run_synthetic(baseline: str | None) -> list[dict[str, Any]]:
+    s, v = 32, 49152
+    rng = np.random.default_rng(0)
+    logits = jax.numpy.asarray((rng.standard_normal((s, v)) * 2.5).astype(np.float32))
+    mods = {"current": current}
+    if baseline:
+        spec = importlib.util.spec_from_file_location("baseline_sampler", baseline)
+        assert spec is not None and spec.loader is not None
+        mods["baseline"] = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mods["baseline"])
+
+    def median_ms(fn: Any, *args: Any) -> float:
+        jax.block_until_ready(fn(*args))
+        ts = []
+        for _ in range(15):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            ts.append(time.perf_counter() - t0)
+        return round(1e3 * float(np.median(ts)), 2)
+
+    rows = []
+    for name, kw in SYNTHETIC.items():
+        row: dict[str, Any] = {"setting": name}
+        for label, mod in mods.items():
+            si = jax.device_put(synthetic_inputs(mod, s, v, rng, **kw))
+            row[f"{label}_ms"] = median_ms(jax.jit(mod.sample), logits, si)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,8 +142,16 @@ def main() -> None:
     ap.add_argument("--seqs", default="1,32")
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--settings", default=",".join(SETTINGS))
+    ap.add_argument("--synthetic", action="store_true", help="the sampler alone (see above)")
+    ap.add_argument("--baseline-sampler", default=None, help="with --synthetic: a sampler.py")
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()
+    if args.synthetic:
+        rows = run_synthetic(args.baseline_sampler)
+        if args.json_out:
+            with open(args.json_out, "w") as f:
+                json.dump({"cpu": cpu_name(), "rows": rows}, f, indent=1)
+        return
     levels = [int(x) for x in args.seqs.split(",")]
     llm = LLM(args.model, dtype="float32", max_model_len=1024, max_num_seqs=max(levels))
     eng, runner, tok = llm.engine, llm.engine.runner, llm.tokenizer
