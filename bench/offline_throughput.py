@@ -5,8 +5,11 @@
 
 For each concurrency c: c distinct chat prompts, 128 output tokens each (ignore_eos), greedy.
 Reports aggregate output tok/s (prefill included), the mean decode-step time once every sequence
-is decoding, and the same for transformers+torch (run from .venv-ref in a subprocess, 2 threads).
-A random-weight Llama-3-8B-shaped model (``--random-weights llama3-8b``) serves the GPU check.
+is decoding, the time to each request's first token (TTFT, from when the level's requests are
+all added), and the same for transformers+torch (run from .venv-ref in a subprocess, 2 threads).
+A random-weight Llama-3-8B-shaped model (``--random-weights llama3-8b``) serves the GPU check,
+which also asks for the compile time of every bucket cold and warm (``--compile-cache DIR``: a
+fresh persistent cache, filled by the first engine, read by a second one built afterwards).
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ def run_xlaserve(args: argparse.Namespace, levels: list[int]) -> list[dict[str, 
     if args.max_num_batched_tokens:
         kw["max_num_batched_tokens"] = args.max_num_batched_tokens
     kw["attention_backend"] = args.attention_backend
+    if args.compile_cache:  # a private cache: the first engine's compile is cold
+        kw.update(compilation_cache=True, cache_dir=args.compile_cache)
     if args.random_weights:
         from bench.random_models import random_loaded
         kw["loaded"] = random_loaded(args.random_weights, args.dtype, args.attention_backend)
@@ -70,6 +75,7 @@ def run_xlaserve(args: argparse.Namespace, levels: list[int]) -> list[dict[str, 
             llm.outputs.add(spec)
             eng.add_request(spec)
         decode_times: list[float] = []
+        ttft: dict[str, float] = {}
         n_out = 0
         t0 = time.perf_counter()
         while eng.has_work:
@@ -81,15 +87,48 @@ def run_xlaserve(args: argparse.Namespace, levels: list[int]) -> list[dict[str, 
             outs = llm.outputs.process(eng.step()).outputs
             if sched_all_decode and running == min(c, len(batch)):
                 decode_times.append(time.perf_counter() - ts)
+            now = time.perf_counter() - t0
+            for o in outs:
+                if o.request_id not in ttft and any(d.token_ids for d in o.outputs):
+                    ttft[o.request_id] = now
             n_out += sum(len(d.token_ids) for o in outs for d in o.outputs)
         dt = time.perf_counter() - t0
+        firsts = sorted(ttft.values())
         step = sum(decode_times) / max(1, len(decode_times))
         rows.append({"system": "xlaserve", "concurrency": c, "requests": len(batch),
                      "output_tokens": n_out, "seconds": dt, "tok_per_s": n_out / dt,
                      "decode_step_ms": 1e3 * step, "decode_tok_per_s": c / step if step else 0,
-                     "startup_s": startup, "recompiles": eng.runner.num_recompiles})
+                     "ttft_mean_ms": 1e3 * sum(firsts) / max(1, len(firsts)),
+                     "ttft_max_ms": 1e3 * firsts[-1] if firsts else 0.0,
+                     "startup_s": startup, "compile_s": eng.compile_seconds,
+                     "recompiles": eng.runner.num_recompiles})
         print(json.dumps(rows[-1]), flush=True)
+    if args.compile_cache:
+        cold = dict(eng.runner.compile_seconds), eng.compile_seconds
+        del llm, eng  # the second engine needs the memory
+        rows.append(compile_times(*cold, kw, args))
     return rows
+
+
+def compile_times(cold: dict[int, float], cold_total: float, kw: dict[str, Any],
+                  args: argparse.Namespace) -> dict[str, Any]:
+    """Every bucket's compile time cold (``cold``: the first engine's, on a fresh cache) and warm
+    (a second engine built now, once the first is dropped, reading the cache it filled)."""
+    import gc
+
+    from serving.engine.llm import LLM
+    kw.pop("loaded", None)
+    gc.collect()
+    if args.random_weights:
+        from bench.random_models import random_loaded
+        kw["loaded"] = random_loaded(args.random_weights, args.dtype, args.attention_backend)
+    warm_engine = LLM(args.model, **kw).engine
+    row = {"system": "xlaserve", "compile_cold_s": cold_total,
+           "compile_warm_s": warm_engine.compile_seconds,
+           "buckets": {str(t): {"cold_s": cold[t], "warm_s": warm_engine.runner.compile_seconds[t]}
+                       for t in cold}}
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def run_peer(args: argparse.Namespace, levels: list[int]) -> list[dict[str, Any]]:
@@ -131,6 +170,8 @@ def main() -> None:
     ap.add_argument("--random-weights", default=None, help="e.g. llama3-8b (bench/random_models)")
     ap.add_argument("--input-len", type=int, default=None, help="random prompts of this length")
     ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--compile-cache", default=None,
+                    help="fresh directory: also report every bucket's compile time cold/warm")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()
@@ -141,6 +182,8 @@ def main() -> None:
     print("\n| system | concurrency | output tok/s | decode step (ms) |")
     print("|---|---|---|---|")
     for r in rows:
+        if "concurrency" not in r:  # the compile-time row
+            continue
         step = f"{r['decode_step_ms']:.1f}" if "decode_step_ms" in r else "-"
         print(f"| {r['system']} | {r['concurrency']} | {r['tok_per_s']:.1f} | {step} |")
     if args.json_out:

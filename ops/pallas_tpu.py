@@ -57,6 +57,18 @@ def _interpret_params(interpret: bool | pltpu.InterpretParams) -> Any:
     return pltpu.InterpretParams() if interpret else False
 
 
+def _div(a: jax.Array, b: int) -> jax.Array:
+    """``a // b`` for ``a >= 0``, ``b > 0`` inside a kernel, as a truncating ``lax.div``.
+
+    Why not ``//``: ``jnp.floor_divide`` on integers corrects truncation with ``lax.sign``, and
+    Pallas' Mosaic lowering rule for ``sign`` reads ``tpu_info.get_tpu_info()`` (bf16 support by
+    chip generation), which raises ``Unsupported TPU device kind: cpu`` when the lowering runs on
+    a host without a TPU (cross-platform export in CI). With non-negative operands truncation is
+    floor, so nothing is lost, and the kernel no longer depends on the local chip.
+    """
+    return lax.div(a, jnp.int32(b))
+
+
 def _start_pair(ck: Any, cv: Any) -> None:
     ck.start()
     cv.start()
@@ -103,10 +115,12 @@ def _rpa_kernel(
     kv_len = blk_kv_len_ref[b]
     hi = jnp.where(rows > 0, jnp.minimum(kv_len, pos0 + rows), 0)  # keys needed: [lo, hi)
     lo = jnp.int32(0) if sliding_window is None else jnp.maximum(pos0 - sliding_window + 1, 0)
-    page_lo = lo // page
-    page_hi = (hi + page - 1) // page  # pages [page_lo, page_hi) of the sequence hold the keys
-    j_lo = page_lo // ppb
-    j_hi = (page_hi + ppb - 1) // ppb
+    # lax.div, not //: every operand is >= 0 (truncation = floor), and jnp's floor division
+    # lowers through lax.sign, whose Mosaic rule asks for the local chip (see _div).
+    page_lo = _div(lo, page)
+    page_hi = _div(hi + page - 1, page)  # pages [page_lo, page_hi) of the sequence hold the keys
+    j_lo = _div(page_lo, ppb)
+    j_hi = _div(page_hi + ppb - 1, ppb)
 
     row_tok = row_tok_ref[...]  # [Mp, 1]
     row_ok = row_tok < rows
@@ -139,7 +153,7 @@ def _rpa_kernel(
 
     def body(j: jax.Array, carry: tuple[jax.Array, jax.Array, jax.Array]) -> tuple:
         m, denom, acc = carry  # [Mp, 1], [Mp, 1], [Mp, H] f32
-        slot = (j - j_lo) % 2
+        slot = lax.rem(j - j_lo, 2)  # j >= j_lo
         pl.when(j + 1 < j_hi)(lambda: start(j + 1, 1 - slot))  # prefetch the next block
         wait(j, slot)
         k = k_buf[slot].reshape(block_kv, head)  # [BK, H]
@@ -359,7 +373,7 @@ def _write_kv_kernel(
 
     def copies(t: jax.Array) -> tuple[Any, Any]:
         slot = jnp.maximum(slot_ref[t], 0)
-        pg, off = slot // page, slot % page
+        pg, off = _div(slot, page), lax.rem(slot, page)  # slot >= 0
         # One strided DMA per token and cache: [K, H] -> the K slabs of that slot.
         ck = pltpu.make_async_copy(k_hbm.at[t], k_cache_hbm.at[:, pg, off], sems.at[0])
         cv = pltpu.make_async_copy(v_hbm.at[t], v_cache_hbm.at[:, pg, off], sems.at[1])

@@ -62,6 +62,7 @@ from serving.engine.sampler import (
     sample,
 )
 from serving.engine.sampling_params import MAX_LOGIT_BIAS
+from sharding.rules import KV_CACHE_AXES
 
 log = logging.getLogger("xlaserve.runner")
 
@@ -80,6 +81,17 @@ class KVLayout:
     def bytes_per_page(self, page_size: int) -> int:
         return 2 * self.num_layers * self.num_kv_heads * page_size * self.head_dim * \
             jnp.dtype(self.dtype).itemsize
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One executable as ``warmup`` builds it: ``jax.jit(fn, donate_argnums=donate)
+    .lower(*args)`` with ``args`` abstract (``jax.ShapeDtypeStruct`` trees)."""
+
+    key: tuple[str, int]
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    donate: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -148,7 +160,10 @@ class DeviceBatch:
 
 class ModelRunner:
     def __init__(self, model: nnx.Module, cfg: RunnerConfig, kv: KVLayout | None,
-                 sharder: Any = None) -> None:
+                 sharder: Any = None, abstract: bool = False) -> None:
+        """``abstract``: ``model`` may be abstract (``nnx.eval_shape``) and the KV cache is
+        ``jax.ShapeDtypeStruct``s with the sharder's layout, nothing allocated: such a runner
+        only hands out ``variants`` (lowering for another platform), it cannot run."""
         if (kv is None) != (cfg.num_pages == 0):
             raise ValueError("a KV layout needs KV pages, and pages need a KV layout")
         self.cfg = cfg
@@ -163,8 +178,12 @@ class ModelRunner:
         self.kv_bytes = 0
         if kv is not None:
             shape = (kv.num_kv_heads, cfg.num_pages, cfg.page_size, kv.head_dim)
-            make = (lambda: jnp.zeros(shape, kv.dtype)) if sharder is None else \
-                (lambda: sharder.zeros_kv(shape, kv.dtype))
+            make: Callable[[], Any] = (lambda: jnp.zeros(shape, kv.dtype)) if sharder is None \
+                else (lambda: sharder.zeros_kv(shape, kv.dtype))
+            if abstract:
+                spec = jax.ShapeDtypeStruct(shape, kv.dtype, sharding=None if sharder is None
+                                            else sharder.sharding(KV_CACHE_AXES, shape))
+                make = lambda: spec
             self.kv = [(make(), make()) for _ in range(kv.num_layers)]
             self.kv_bytes = kv.bytes_per_page(cfg.page_size) * cfg.num_pages
         self.num_labels = int(getattr(getattr(model, "cfg", None), "num_labels", 0) or 0) \
@@ -261,6 +280,31 @@ class ModelRunner:
             self.compile_seconds[t] = dt = time.perf_counter() - t0
             log.info("compiled bucket T=%d S=%d in %.2fs", t, s, dt)
         return time.perf_counter() - t_all
+
+    def variants(self, t: int) -> list[Variant]:
+        """The executables ``warmup`` builds for token bucket ``t`` that a generating step runs
+        (``step``, then ``sample`` and ``argmax`` on its logits), each with the function, abstract
+        arguments (weights and KV cache included, with their shardings) and donated positions,
+        so that other tools can lower exactly what the engine compiles, for another platform,
+        without weights (``abstract=True``). The sampler's logits are replicated (the step
+        gathers them, ``Sharder.gather_logits``)."""
+        s = self.cfg.num_seq_rows(t)
+        state = jax.tree_util.tree_map(self._like, self.state)
+        kv = jax.tree_util.tree_map(self._like, self.kv)
+        inp = self._abstract(self.empty_inputs(t))
+        step = Variant(("step", t), self._step_fn, (state, kv, inp), donate=(1,))
+        out = jax.eval_shape(self._step_fn, state, kv, inp)
+        lg = self._spec(out[1].shape, out[1].dtype)
+        si = self._abstract(self._sampling_inputs(s, [], all_flags=True))
+        return [step, Variant(("sample", s), sample, (lg, si)),
+                Variant(("argmax", s), argmax, (lg,))]
+
+    def _like(self, x: Any) -> jax.ShapeDtypeStruct:
+        """``x`` (array or ShapeDtypeStruct) as a ShapeDtypeStruct keeping its sharding."""
+        sharding = getattr(x, "sharding", None)
+        if sharding is None and self.sharder is not None:
+            sharding = self.sharder.replicated
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
     def step_hlo(self, t: int) -> str:
         """The optimized HLO of the model step for token bucket ``t`` (tools and tests: the

@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from models.bert import BertConfig
+from models.config import ModelConfig
 from models.registry import LoadedModel, build_model
 from ops.attention import ragged_encoder_attention_reference
 from serving.engine.config import EngineArgs
@@ -87,6 +88,19 @@ def _params(model: nnx.Module) -> dict[str, nnx.Param]:
             if isinstance(node, nnx.Param)}
 
 
+def sharded_decoder(cfg: ModelConfig, dtype: Any, attn_fn: Any, write_fn: Any,
+                    sharder: Sharder) -> tuple[ModelConfig, nnx.Module]:
+    """The decoder ``cfg`` rebuilt for ``sharder``'s mesh, abstract (no weights): its config
+    with kv heads replicated as the mesh needs (raises ShardingError naming valid sizes when
+    the heads do not split), and the model with ``attn_fn`` / ``write_fn`` (single-device ops,
+    or already wrapped) in ``shard_map`` over kv heads. Parameters are placed by the caller."""
+    r = sharder.kv_replicas(cfg.num_heads, cfg.num_kv_heads)
+    new_cfg = dataclasses.replace(cfg, num_kv_heads=cfg.num_kv_heads * r) if r > 1 else cfg
+    model = build_model(new_cfg, dtype, ShardedAttention(unwrap(attn_fn), sharder.mesh),
+                        ShardedWriteKV(unwrap(write_fn), sharder.mesh), abstract=True)
+    return new_cfg, model
+
+
 def shard_loaded(loaded: LoadedModel, sharder: Sharder) -> LoadedModel:
     """``loaded`` rebuilt for ``sharder``'s mesh; ``loaded`` itself is left as it was.
 
@@ -97,6 +111,7 @@ def shard_loaded(loaded: LoadedModel, sharder: Sharder) -> LoadedModel:
     another mesh) are placed now, kv heads regrouped on the way.
     """
     cfg = loaded.config
+    new_cfg: ModelConfig | BertConfig
     if isinstance(cfg, BertConfig):
         n = cfg.num_attention_heads
         sharder.kv_replicas(n, n)  # heads must split evenly (raises naming valid sizes)
@@ -105,12 +120,9 @@ def shard_loaded(loaded: LoadedModel, sharder: Sharder) -> LoadedModel:
         attn = ShardedEncoderAttention(ragged_encoder_attention_reference, sharder.mesh)
         model = nnx.eval_shape(lambda: family(cfg, loaded.dtype, attn_fn=attn))
     else:
-        r = sharder.kv_replicas(cfg.num_heads, cfg.num_kv_heads)
-        new_cfg = dataclasses.replace(cfg, num_kv_heads=cfg.num_kv_heads * r) if r > 1 else cfg
-        attn_fn, write_fn = _attention_ops(loaded.model)
-        model = build_model(new_cfg, loaded.dtype,
-                            ShardedAttention(unwrap(attn_fn), sharder.mesh),
-                            ShardedWriteKV(unwrap(write_fn), sharder.mesh), abstract=True)
+        dec_cfg, model = sharded_decoder(cfg, loaded.dtype, *_attention_ops(loaded.model),
+                                         sharder)
+        r, new_cfg = dec_cfg.num_kv_heads // cfg.num_kv_heads, dec_cfg
     old = _params(loaded.model)
     for path, p in _params(model).items():
         axes = p.get_metadata().get("logical_axes", (None,) * len(p.shape))

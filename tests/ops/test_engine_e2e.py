@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 
+import jax
 import pytest
 
 from models.testing import tiny_loaded
@@ -51,4 +52,16 @@ def test_engine_with_tpu_kernel_matches_reference_path(family: str) -> None:
     """The TPU (Mosaic) kernel in TPU interpret mode (slow to compile)."""
     want = _greedy_tokens("reference", family, _prompts())
     got = _greedy_tokens("pallas-interpret", family, _prompts(), platform="tpu")
+    assert got == want
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_engine_with_compiled_gpu_kernel_matches_reference_path(family: str) -> None:
+    """On a GPU (``bench/gpu_check.sh``): the compiled Triton kernel, as ``--attention-backend
+    pallas`` runs it, against the reference path on the same device."""
+    want = _greedy_tokens("reference", family, _prompts())
+    got = _greedy_tokens("pallas", family, _prompts())
+    assert all(len(t) == 12 for t in want)
     assert got == want
