@@ -301,7 +301,7 @@ def test_tokenize_detokenize(http: httpx.Client) -> None:
     ("/v1/completions", {"prompt": "x", "suffix": "y"}, 400, "suffix"),
     ("/v1/completions", {"prompt": "x", "model": "nope"}, 404, "The model `nope` does not"),
     ("/v1/chat/completions", {"messages": FRANCE, "tools": [
-        {"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+        {"type": "function", "function": {"name": "f"}}]}, 400, "--enable-auto-tool-choice"),
     ("/v1/chat/completions", {"messages": FRANCE, "guided_regex": "(unclosed"}, 400,
      "Grammar error"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
