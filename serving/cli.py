@@ -304,7 +304,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[EngineArgs, ServerArg
     if not values["api_keys"] and os.environ.get("XLASERVE_API_KEY"):
         values["api_keys"] = [os.environ["XLASERVE_API_KEY"]]
     engine = EngineArgs(**{f.name: values[f.name] for f in fields(EngineArgs)})
-    server = ServerArgs(**{f.name: values[f.name] for f in fields(ServerArgs)})
+    try:  # options that only make sense together (--enable-auto-tool-choice and a parser)
+        server = ServerArgs(**{f.name: values[f.name] for f in fields(ServerArgs)})
+    except ValueError as e:
+        parser.error(str(e))
     return engine, server
 
 

@@ -240,6 +240,10 @@ def test_declaration_mistakes_fail_loudly() -> None:
     (["--allowed-origins", "[1]"], "expected a JSON list of strings"),
     (["--max-model-len", "1.5"], "not a whole number of tokens"),
     (["--max-request-body", "lots"], "invalid size 'lots'"),
+    (["--enable-auto-tool-choice"], "--enable-auto-tool-choice needs --tool-call-parser"),
+    (["--tool-call-parser", "nope"], "--tool-call-parser nope: unknown parser; valid names: "
+                                     "hermes, llama3_json"),
+    (["--tool-parser-plugin", "/no/such/plugin.py"], "tool parser plugin not found"),
 ])
 def test_checks_declared_on_the_fields(capsys: pytest.CaptureFixture[str], argv: list[str],
                                        message: str) -> None:
@@ -281,3 +285,18 @@ def test_docs_name_real_options_and_their_defaults() -> None:
         value = shown.strip().removesuffix(" s").replace(" ", "")
         convert = action.type if callable(action.type) else str
         assert convert(value) == action.default, (opt, shown)
+
+
+def test_tool_parser_plugin_registers_before_the_parser_is_checked(tmp_path: Path) -> None:
+    """--tool-parser-plugin runs while the options are read, so --tool-call-parser can name a
+    parser the plugin registers (in either order on the command line)."""
+    plugin = tmp_path / "cli_plugin.py"
+    plugin.write_text(
+        "from serving.api.tool_parsers import register_tool_parser\n"
+        "from serving.api.tool_parsers.hermes import HermesToolParser\n"
+        "@register_tool_parser('cli_plugin_parser')\n"
+        "class P(HermesToolParser):\n"
+        "    pass\n")
+    _, server = parse_args(["--enable-auto-tool-choice", "--tool-call-parser",
+                            "cli_plugin_parser", "--tool-parser-plugin", str(plugin)])
+    assert server.tool_call_parser == "cli_plugin_parser" and server.enable_auto_tool_choice

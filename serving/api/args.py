@@ -18,16 +18,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from serving.api.chat_template import load_chat_template
+from serving.api.tool_parsers import load_tool_parser_plugin, tool_parser_names
 from serving.engine.sampling_params import MAX_LOGPROBS
 from serving.options import byte_size, int_in_range, option
 
 CHAT = "Chat templates"
+TOOLS = "Tool calling"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
 def _loadable_template(value: str) -> str:
     """A ``--chat-template`` that cannot be read stops ``serve`` before the model loads."""
     load_chat_template(value)  # ValueError names the path
+    return value
+
+
+def _tool_parser_plugin(value: str) -> str:
+    """``--tool-parser-plugin``: loaded now, so that its parsers are registered before
+    ``--tool-call-parser`` is checked against them."""
+    load_tool_parser_plugin(value)  # ValueError names the file
     return value
 
 
@@ -103,3 +112,25 @@ class ServerArgs:
     enable_force_include_usage: bool = option(
         False, "Send the usage chunk at the end of every stream, even without "
                "stream_options.include_usage.")
+    enable_auto_tool_choice: bool = option(
+        False, "Let the model decide when to call tools (tool_choice \"auto\", the default when "
+               "a request has tools); needs --tool-call-parser.", group=TOOLS)
+    tool_call_parser: str | None = option(
+        None, "How tool calls are read from the model's output with tool_choice \"auto\": "
+              "hermes, llama3_json, mistral, pythonic, qwen3_xml, or a name a "
+              "--tool-parser-plugin registers.", metavar="NAME", group=TOOLS)
+    tool_parser_plugin: str | None = option(
+        None, "A Python file whose tool parsers register themselves "
+              "(@register_tool_parser(NAME) from serving.api.tool_parsers).",
+        parse=_tool_parser_plugin, metavar="PATH", group=TOOLS)
+    exclude_tools_when_tool_choice_none: bool = option(
+        False, "Do not show the tools to the chat template when tool_choice is \"none\".",
+        group=TOOLS)
+
+    def __post_init__(self) -> None:
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
+        if self.tool_call_parser is not None and \
+                self.tool_call_parser not in tool_parser_names():
+            raise ValueError(f"--tool-call-parser {self.tool_call_parser}: unknown parser; "
+                             f"valid names: {', '.join(tool_parser_names())}")

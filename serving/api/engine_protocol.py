@@ -20,6 +20,7 @@ from serving.engine.pooling_params import (
 )
 from serving.engine.request import EngineRequest
 from serving.engine.sampling_params import SamplingParams
+from serving.engine.structured_output import CompiledGrammar, GrammarBackend
 
 
 class EngineStatsLike(Protocol):
@@ -67,11 +68,15 @@ class EngineClient(ServingEngine, Protocol):
     yields deltas for it; closing the iterator early aborts the request and frees its KV pages
     (the server relies on this for client disconnects). ``cache_salt`` namespaces the request's
     prefix-cache pages: requests with different salts (None is the shared namespace) never
-    reuse each other's cached K/V."""
+    reuse each other's cached K/V. ``grammars`` compiles structured-output specs (thread-safe,
+    seconds at worst: off the event loop); None when the engine cannot constrain its output.
+    A request with ``params.structured`` passes its compiled ``grammar`` to ``make_request``."""
+
+    grammars: GrammarBackend | None
 
     def make_request(self, request_id: str, prompt_token_ids: list[int],
-                     params: SamplingParams, *, cache_salt: str | None = None
-                     ) -> EngineRequest: ...
+                     params: SamplingParams, *, cache_salt: str | None = None,
+                     grammar: CompiledGrammar | None = None) -> EngineRequest: ...
 
     def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]: ...
 

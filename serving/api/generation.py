@@ -5,6 +5,8 @@ Both generation routes (completions, chat) go through here:
 1. ``check_unsupported`` refuses fields this server does not implement (400 naming the field);
 2. ``build_sampling_params`` maps request fields and the model's generation defaults onto
    ``SamplingParams`` (with the checks only the API can make: its own limits and field forms);
+   ``request_grammar`` reads the structured-output fields into one spec and compiles it in the
+   worker pool (a grammar error is a 400 before the engine sees the request);
 3. ``make_requests`` has the engine validate each prompt with its params, once
    (``EngineClient.make_request``: ranges, vocabulary, truncation, the context length, the KV
    pool), before any response starts: a refusal is a 400 naming the field, in the API's names;
@@ -21,6 +23,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,9 +35,11 @@ from serving.api.protocol import (
     UNSUPPORTED_SAMPLING,
     SamplingFields,
 )
+from serving.api.structured import compile_grammar
 from serving.engine.outputs import RequestOutput
 from serving.engine.request import EngineRequest
-from serving.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from serving.engine.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredSpec
+from serving.engine.structured_output import CompiledGrammar
 
 logger = logging.getLogger("xlaserve.api")
 
@@ -60,15 +65,6 @@ def check_unsupported(req: Any, table: Mapping[str, str]) -> None:
 def check_common(req: SamplingFields, max_n: int) -> None:
     """Checks shared by both generation APIs that do not depend on the prompt."""
     check_unsupported(req, UNSUPPORTED_SAMPLING)
-    if req.response_format is not None:
-        if req.response_format.type != "text":
-            raise BadRequest(f"response_format type '{req.response_format.type}' is not "
-                             "supported yet (structured outputs arrive in a later release); only "
-                             "'text' is.", param="response_format")
-        if req.response_format.json_schema is not None:
-            raise BadRequest("response_format.json_schema only applies to type 'json_schema', "
-                             "which is not supported yet (structured outputs arrive in a later "
-                             "release).", param="response_format")
     if req.cache_salt is not None and not req.cache_salt:
         raise BadRequest("Parameter 'cache_salt' must be a non-empty string if provided.",
                          param="cache_salt")
@@ -126,9 +122,11 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
 
 def build_sampling_params(req: SamplingFields, *, defaults: Mapping[str, Any],
                           logprobs: int | None, max_logprobs: int,
-                          max_tokens: int | None) -> SamplingParams:
+                          max_tokens: int | None,
+                          structured: StructuredSpec | None = None) -> SamplingParams:
     """SamplingParams for ``req``; the engine validates them with each prompt
-    (``make_requests``). ``max_tokens`` None: up to the context length.
+    (``make_requests``). ``max_tokens`` None: up to the context length. ``structured``: the
+    request's output constraint (``serving.api.structured.structured_spec``).
 
     Precedence for temperature, top_p, top_k, min_p and repetition_penalty: the request, then
     the model's generation_config defaults, then the neutral value (as vLLM).
@@ -162,22 +160,39 @@ def build_sampling_params(req: SamplingFields, *, defaults: Mapping[str, Any],
         skip_special_tokens=req.skip_special_tokens,
         spaces_between_special_tokens=req.spaces_between_special_tokens,
         truncate_prompt_tokens=req.truncate_prompt_tokens,
+        structured=structured,
     )
+
+
+async def request_grammar(engine: Any, spec: StructuredSpec | None, pool: Executor
+                          ) -> CompiledGrammar | None:
+    """``spec`` compiled by the engine's grammar backend in ``pool``, the API's worker pool
+    (never on the event loop or the engine thread; a cached grammar costs a dictionary lookup).
+    A grammar that does not compile is a 400 "Grammar error: ..."; so is any constraint on an
+    engine that cannot build grammars."""
+    if spec is None:
+        return None
+    if engine.grammars is None:
+        raise BadRequest("Structured outputs are not available for this model (it has no "
+                         "tokenizer to build grammars over).", param="structured_outputs")
+    return await compile_grammar(engine.grammars, spec, pool)
 
 
 def make_requests(engine: Any, prompts: list[Prompt], params: list[SamplingParams],
                   base_id: str, *, cache_salt: str | None = None,
-                  names: Mapping[str, str] | None = None) -> list[EngineRequest]:
+                  names: Mapping[str, str] | None = None,
+                  grammar: CompiledGrammar | None = None) -> list[EngineRequest]:
     """One validated engine request per prompt (``EngineClient.make_request``); a refusal is a
     400 whose ``param`` is the engine's field name, or its API name from ``names`` (chat:
     ``max_tokens`` may be ``max_completion_tokens``, the prompt is ``messages``). A truncated
-    prompt's ``Prompt`` gets the ids actually used (and no text: echo shows those tokens)."""
+    prompt's ``Prompt`` gets the ids actually used (and no text: echo shows those tokens).
+    ``grammar``: the params' compiled structured-output constraint (``request_grammar``)."""
     suffix = secrets.token_hex(4)  # engine ids stay unique even when clients reuse request ids
     out = []
     for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
         try:
             spec = engine.make_request(f"{base_id}-{i}-{suffix}", p.token_ids, sp,
-                                       cache_salt=cache_salt)
+                                       cache_salt=cache_salt, grammar=grammar)
         except ValueError as e:
             param = getattr(e, "param", None)
             raise BadRequest(str(e), param=(names or {}).get(param or "", param)) from None

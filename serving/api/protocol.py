@@ -94,10 +94,7 @@ class SamplingFields(OpenAIBaseModel):
     # Salts the prefix-cache hashes (vLLM): requests with different salts never share cached
     # pages. A non-empty string; checked in ``serving.api.generation.check_common``.
     cache_salt: str | None = Field(None, max_length=MAX_CACHE_SALT_CHARS)
-    # Declared so that they can be refused with a clear 400 (see UNSUPPORTED_SAMPLING).
-    use_beam_search: bool = False
-    allowed_token_ids: Any = None
-    bad_words: Any = None
+    # Structured outputs (serving.api.structured reads and checks them).
     structured_outputs: Any = None
     guided_json: Any = None
     guided_regex: Any = None
@@ -105,6 +102,10 @@ class SamplingFields(OpenAIBaseModel):
     guided_grammar: Any = None
     guided_decoding_backend: Any = None
     guided_whitespace_pattern: Any = None
+    # Declared so that they can be refused with a clear 400 (see UNSUPPORTED_SAMPLING).
+    use_beam_search: bool = False
+    allowed_token_ids: Any = None
+    bad_words: Any = None
     structural_tag: Any = None
     logits_processors: Any = None
     kv_transfer_params: Any = None
@@ -150,7 +151,8 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: str | None = None  # a chat template input
     include_reasoning: bool = True  # false is refused: there is no reasoning parser yet
-    # Only constrains tool calls, and tools are refused: accepted, nothing to do (vLLM 0.11).
+    # Accepted and ignored, as vLLM 0.11 does: a named choice makes one call, and required /
+    # auto calls are as many as the model writes.
     parallel_tool_calls: bool | None = None
     tools: Any = None
     tool_choice: Any = None
@@ -192,19 +194,12 @@ class DetokenizeRequest(OpenAIBaseModel):
 
 # Field → why it is refused. A request carrying any of these with a non-default value gets a 400
 # that names the field, instead of being answered as if the field were absent.
-LATER = "is not supported yet (structured outputs and tool calling arrive in a later release)"
 UNSUPPORTED_SAMPLING: dict[str, str] = {
     "use_beam_search": "beam search is not supported",
     "allowed_token_ids": "allowed_token_ids is not supported",
     "bad_words": "bad_words is not supported",
-    "structured_outputs": f"structured_outputs {LATER}",
-    "guided_json": f"guided_json {LATER}",
-    "guided_regex": f"guided_regex {LATER}",
-    "guided_choice": f"guided_choice {LATER}",
-    "guided_grammar": f"guided_grammar {LATER}",
-    "guided_decoding_backend": f"guided_decoding_backend {LATER}",
-    "guided_whitespace_pattern": f"guided_whitespace_pattern {LATER}",
-    "structural_tag": f"structural_tag {LATER}",
+    "structural_tag": "a top-level structural_tag is not supported; send it as response_format "
+                      "{type: structural_tag, ...} or structured_outputs.structural_tag",
     "logits_processors": "per-request logits_processors are not supported",
     "kv_transfer_params": "kv_transfer_params is not supported",
     "vllm_xargs": "vllm_xargs is not supported",
@@ -215,9 +210,8 @@ UNSUPPORTED_COMPLETION: dict[str, str] = {
     "prompt_embeds": "prompt_embeds is not supported",
 }
 UNSUPPORTED_CHAT: dict[str, str] = {
-    "tools": f"tools {LATER}",
-    "functions": f"functions {LATER}",
-    "function_call": f"function_call {LATER}",
+    "functions": "functions (deprecated by OpenAI) is not supported; use tools",
+    "function_call": "function_call (deprecated by OpenAI) is not supported; use tool_choice",
     "audio": "audio output is not supported",
     "prediction": "prediction (predicted outputs) is not supported",
     "web_search_options": "web_search_options is not supported",
@@ -353,6 +347,7 @@ class ChatCompletionResponse(StrictModel):
 class DeltaMessage(StrictModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatStreamChoice(StrictModel):

@@ -10,9 +10,8 @@ kind across all of them; anything else is a ``BadRequest`` (400) naming the fiel
 answers it. Whether the grammar compiles is ``compile_grammar``'s question (a 400 "Grammar
 error: ..."), asked off the event loop.
 
-Phase 1 of structured outputs: nothing calls these from the routes yet. The routes keep refusing
-the fields (``serving.api.protocol.UNSUPPORTED_SAMPLING``) until the engine applies masks, so a
-constrained request is never accepted and run unconstrained.
+Both generation routes call ``structured_spec`` and then compile through
+``serving.api.generation.request_grammar``; the engine applies the grammar as a token mask.
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ from serving.engine.pooling_params import PoolingInput, PoolingOutput, PoolingPa
 from serving.engine.request import EngineRequest
 from serving.engine.sampling_params import SamplingParams
 from serving.engine.sharded import shard_loaded
+from serving.engine.structured_output import CompiledGrammar, GrammarBackend
 from sharding.mesh import MeshError, make_mesh, replica_meshes, resolve_shape
 from sharding.sharder import Sharder
 
@@ -54,6 +55,8 @@ class DataParallelClient:
         self.tokenizer: Any = first.tokenizer
         self.generation_defaults: dict[str, Any] = first.generation_defaults
         self.supported_tasks: tuple[str, ...] = first.supported_tasks
+        # A grammar compiled by one replica's backend holds for all: same tokenizer, same width.
+        self.grammars: GrammarBackend | None = first.grammars
         self._owner: dict[str, AsyncEngineClient] = {}
         self._rr = itertools.count()
 
@@ -133,12 +136,13 @@ class DataParallelClient:
         return ties[next(self._rr) % len(ties)]
 
     def make_request(self, request_id: str, prompt_token_ids: list[int],
-                     params: SamplingParams, *, cache_salt: str | None = None) -> EngineRequest:
+                     params: SamplingParams, *, cache_salt: str | None = None,
+                     grammar: CompiledGrammar | None = None) -> EngineRequest:
         """As ``AsyncEngineClient.make_request`` (every replica serves the same model)."""
         if request_id in self._owner:
             raise ValueError(f"request id {request_id!r} is already in flight")
         return self.replicas[0].make_request(request_id, prompt_token_ids, params,
-                                             cache_salt=cache_salt)
+                                             cache_salt=cache_salt, grammar=grammar)
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
         """As ``AsyncEngineClient.generate``, on the least-loaded replica."""

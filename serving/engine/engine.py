@@ -46,6 +46,7 @@ from serving.engine.pooling_params import PoolingModelInfo
 from serving.engine.request import EngineRequest
 from serving.engine.scheduler import Scheduler, SchedulerConfig
 from serving.engine.sharded import log_layout, make_sharder, shard_loaded
+from serving.engine.structured_output import GrammarBackend
 
 log = logging.getLogger("xlaserve.engine")
 
@@ -201,7 +202,14 @@ class LLMEngine:
                          buckets=args.token_buckets),
             kv_layout, sharder)
         self.kv = KVCacheManager(num_pages, args.block_size, args.enable_prefix_caching)
-        self.scheduler = Scheduler(self.sched_cfg, self.kv)
+        # Structured outputs: one llguidance tokenizer per engine, built now (0.2-2.5 s), off
+        # every request's path; masks as wide as the logits, every EOS id allowed at the end.
+        self.grammars: GrammarBackend | None = None
+        if generates and self.tokenizer is not None and hasattr(self.tokenizer,
+                                                                "backend_tokenizer"):
+            self.grammars = GrammarBackend.from_hf_tokenizer(
+                self.tokenizer, self._eos_ids(), cfg.vocab_size)
+        self.scheduler = Scheduler(self.sched_cfg, self.kv, self.grammars)
         weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(self.runner.state))
         log.info("KV cache: %d pages x %d tokens = %d tokens, %.1f MiB (weights %.1f MiB)",
                  num_pages, args.block_size, self.kv.num_usable * args.block_size,
@@ -230,6 +238,10 @@ class LLMEngine:
             type_vocab_size=getattr(cfg, "type_vocab_size", 0), has_kv_cache=not encoder,
             max_tokens_cap=self.generation_defaults().get("max_tokens"))
         self.compile_seconds = self.runner.warmup() if warmup else 0.0
+        if warmup and self.grammars is not None and \
+                self.grammars.mask_width != self.runner.mask_width:
+            raise ModelLoadError(f"grammar masks are {self.grammars.mask_width} words wide but "
+                                 f"the logits need {self.runner.mask_width}")
         self._prompt_tokens = 0
 
     def _eos_ids(self) -> frozenset[int]:
@@ -249,7 +261,7 @@ class LLMEngine:
 
     def input_processor(self) -> InputProcessor:
         """A validator for this engine's requests, for the caller's thread."""
-        return InputProcessor(self.facts, self.tokenizer, self.args.seed)
+        return InputProcessor(self.facts, self.tokenizer, self.args.seed, self.grammars)
 
     def pooling_post(self) -> PoolingPost | None:
         if self.pooler is None:
@@ -293,7 +305,7 @@ class LLMEngine:
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> list[SeqOutput]:
         sched = self.scheduler.schedule()
-        result = self.runner.execute(sched)
+        result = self.runner.execute(sched, self.scheduler.fill_masks)
         return self.scheduler.update_from_output(sched, result)
 
     def get_stats(self) -> EngineStats:

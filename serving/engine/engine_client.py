@@ -31,6 +31,7 @@ from serving.engine.outputs import CompletionDelta, RequestOutput, SeqOutput
 from serving.engine.pooling_params import PoolingInput, PoolingOutput, PoolingParams
 from serving.engine.request import EngineRequest
 from serving.engine.sampling_params import SamplingParams
+from serving.engine.structured_output import CompiledGrammar, GrammarBackend
 
 log = logging.getLogger("xlaserve.client")
 
@@ -49,6 +50,7 @@ class AsyncEngineClient:
         self.generation_defaults: dict[str, Any] = engine.generation_defaults()
         self.supported_tasks: tuple[str, ...] = engine.tasks
         self.processor = engine.input_processor()
+        self.grammars: GrammarBackend | None = engine.grammars  # thread-safe compile
         self.outputs = OutputProcessor(engine.tokenizer, engine.pooling_post())
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
@@ -111,11 +113,13 @@ class AsyncEngineClient:
             raise EngineDeadError(self.error or "the engine is not running")
 
     def make_request(self, request_id: str, prompt_token_ids: list[int],
-                     params: SamplingParams, *, cache_salt: str | None = None) -> EngineRequest:
+                     params: SamplingParams, *, cache_salt: str | None = None,
+                     grammar: CompiledGrammar | None = None) -> EngineRequest:
         """Validate a generation request (the only validation it gets): a ``RequestError``
-        (``ValueError``, a 400 for the server) names what is wrong; nothing is queued."""
+        (``ValueError``, a 400 for the server) names what is wrong; nothing is queued.
+        ``grammar``: ``params.structured`` compiled by ``grammars`` (off the event loop)."""
         return self.processor.sampling_request(request_id, prompt_token_ids, params,
-                                               cache_salt=cache_salt)
+                                               cache_salt=cache_salt, grammar=grammar)
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
         """Stream the outputs of a request from ``make_request``; leaving the loop early

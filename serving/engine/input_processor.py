@@ -25,6 +25,7 @@ from serving.engine.pooling_params import (
 )
 from serving.engine.request import EngineRequest
 from serving.engine.sampling_params import SamplingParams
+from serving.engine.structured_output import CompiledGrammar, GrammarBackend, GrammarError
 
 # Wording of the too-long error per pooling task (vLLM's "... tokens in the input for <what>").
 _TASK_WHAT = {"embed": "embedding generation", "encode": "embedding generation",
@@ -58,18 +59,23 @@ class ModelFacts:
 
 
 class InputProcessor:
-    def __init__(self, facts: ModelFacts, tokenizer: Any, seed: int = 0) -> None:
+    def __init__(self, facts: ModelFacts, tokenizer: Any, seed: int = 0,
+                 grammars: GrammarBackend | None = None) -> None:
         self.facts = facts
         self.tokenizer = tokenizer
+        self.grammars = grammars  # None: structured outputs are refused
         self._rng = random.Random(seed)
 
     # ---- generation --------------------------------------------------------------------------
     def sampling_request(self, request_id: str, prompt_ids: Sequence[int],
                          params: SamplingParams, *, cache_salt: str | None = None,
-                         arrival: float | None = None) -> EngineRequest:
+                         arrival: float | None = None,
+                         grammar: CompiledGrammar | None = None) -> EngineRequest:
         """Validate a generation request; truncate its prompt (``truncate_prompt_tokens``) and
         resolve ``max_tokens`` (None: up to the context length, capped by the model's
-        ``max_new_tokens``)."""
+        ``max_new_tokens``). ``params.structured`` needs its compiled ``grammar``: the HTTP
+        layer compiles it off the event loop; without one it is compiled here (the offline API),
+        a ``RequestError`` if it does not compile."""
         f = self.facts
         if "generate" not in f.tasks:
             raise RequestError("This model does not generate text (it serves "
@@ -112,12 +118,32 @@ class InputProcessor:
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
             raise RequestError("Parameter 'cache_salt' must be a non-empty string if provided.",
                                "cache_salt")
+        grammar = self._grammar(params, grammar)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
         return EngineRequest(
             request_id, tuple(ids), time.time() if arrival is None else arrival,
             sampling=params, seed=int(seed) & 0xFFFFFFFF, max_tokens=max_tokens,
             eos_ids=f.eos_ids, cache_salt=cache_salt or "",
-            full_prompt=params.prompt_logprobs is not None)
+            full_prompt=params.prompt_logprobs is not None, grammar=grammar)
+
+    def _grammar(self, params: SamplingParams, grammar: CompiledGrammar | None
+                 ) -> CompiledGrammar | None:
+        spec = params.structured
+        if spec is None:
+            if grammar is not None:
+                raise ValueError("a compiled grammar was given for unconstrained params")
+            return None
+        if grammar is not None:
+            if grammar.spec != spec:
+                raise ValueError("the compiled grammar is not the params' structured spec")
+            return grammar
+        if self.grammars is None:
+            raise RequestError("Structured outputs are not available for this model (it has "
+                               "no tokenizer to build grammars over).", "structured_outputs")
+        try:
+            return self.grammars.compile(spec)
+        except GrammarError as e:
+            raise RequestError(str(e), "structured_outputs") from None
 
     # ---- pooling -----------------------------------------------------------------------------
     def pooling_request(self, request_id: str, inp: PoolingInput,

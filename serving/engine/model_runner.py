@@ -14,16 +14,24 @@ Variants (axis letters: T tokens, S sequences, W page-table width, V vocab, D mo
   ``max_num_batched_tokens`` (from 1: on XLA:CPU an 8-row step costs about twice a 1-row one);
   W is fixed by max_model_len (0 without a KV cache). Context length is not a compiled dimension:
   the attention loops over as many KV blocks as the longest sequence needs.
-- ``sample[S]`` / ``argmax[S]``: the on-device sampler, or a plain argmax for all-greedy steps.
+- ``sample[S]`` / ``argmax[S]``: the on-device sampler, or a plain argmax for all-greedy steps
+  without a grammar-constrained row.
 - ``prompt_lp[T]``: prompt logprobs from the hidden states (rare; built when generating).
 - ``pool[T]``: per-row first / last / summed hidden states and the classifier head's scores, for
   pooling requests (built when the engine serves pooling).
 Separate executables rather than one: the model step varies with T only, the sampler with S only,
 so compile time grows with the sum of the bucket counts instead of their product.
+
+Grammar masks (structured outputs): a row whose ``SamplingRow.constrained`` is set needs its mask
+row, which only the scheduler can compute (it owns the matchers). ``execute`` takes a fill
+callback and calls it after dispatching the model step and before the sampler, so that the host
+fill runs while the device computes the step; on a multi-host mesh it runs before the step is
+shared, since the followers replay the leader's sampler inputs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -143,6 +151,10 @@ class PooledRows:
     scores: jax.Array  # f32[S, L]: the classifier head on ``first`` (L = 0 without one)
 
 
+# Writes the mask rows of a step's scheduled rows into the buffer (row i for ``rows[i]``).
+MaskFill = Callable[[SchedulerOutput, np.ndarray], None]
+
+
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["inputs", "sampling", "prompt_next_ids"],
                    meta_fields=["greedy_only", "pool"])
@@ -154,6 +166,7 @@ class DeviceBatch:
     inputs: HostStepInputs
     sampling: HostSamplingInputs | None  # None: no row draws a token this step
     greedy_only: bool  # every drawing row is greedy with nothing to adjust: argmax
+    # (the mask of a constrained row is one more thing to adjust)
     prompt_next_ids: np.ndarray | None  # i32[T]: next prompt token per position (-1: none)
     pool: bool
 
@@ -194,6 +207,7 @@ class ModelRunner:
         self._consts: dict[tuple[str, int], jax.Array] = {}
         self.num_steps = 0
         self.num_padded_tokens = 0  # the T bucket of every step, summed
+        self.mask_width = 0  # ceil(V / 32), the words of a grammar mask row; set by warmup
 
     @property
     def num_recompiles(self) -> int:
@@ -269,6 +283,7 @@ class ModelRunner:
             h_spec = self._spec(out[-1].shape, out[-1].dtype, step.output_shardings[-1])
             if self.cfg.generates:
                 lg = self._spec(out[1].shape, out[1].dtype, step.output_shardings[1])
+                self.mask_width = -(-int(out[1].shape[1]) // 32)
                 ids = self._spec((t,), jnp.int32)
                 self._compile(("prompt_lp", t), self._prompt_lp_fn, self.state, h_spec, ids)
                 if ("sample", s) not in self._exe:
@@ -339,7 +354,7 @@ class ModelRunner:
         seeds = np.zeros(s, np.uint32)
         counters = np.zeros(s, np.int32)
         prompt_lens = np.zeros(s, np.int32)
-        any_sample = any_filter = any_pen = any_bias = any_lp = all_flags
+        any_sample = any_filter = any_pen = any_bias = any_lp = any_mask = all_flags
         for i, row in enumerate(rows):
             sr = row.sampling
             if sr is None:
@@ -354,6 +369,7 @@ class ModelRunner:
             any_pen |= p.uses_penalties
             any_bias |= bool(p.logit_bias) or bool(sr.banned)
             any_lp |= p.logprobs is not None
+            any_mask |= sr.constrained
         if any_bias and rows:
             bias_ids = np.full((s, BIAS_WIDTH), -1, np.int32)
             bias_vals = np.zeros((s, BIAS_WIDTH), np.float32)
@@ -380,12 +396,14 @@ class ModelRunner:
             history = self._put(hist)
         else:
             history = self._const("history", s, lambda: np.full((s, hw), -1, np.int32))
+        # All ones; a step with a constrained row gets its filled mask later (``_with_mask``).
+        mask = self._const("mask", s, lambda: np.full((s, self.mask_width), -1, np.int32))
         flags = SamplingFlags(*(np.asarray(f, np.bool_) for f in (
-            any_sample, any_filter, any_pen, any_bias, any_lp)))
+            any_sample, any_filter, any_pen, any_bias, any_lp, any_mask)))
         return Sampling(
             temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, presence=pres,
             frequency=freq, repetition=rep, seeds=seeds, counters=counters, bias_ids=b_ids,
-            bias_vals=b_vals, history=history, prompt_lens=prompt_lens, flags=flags)
+            bias_vals=b_vals, history=history, prompt_lens=prompt_lens, mask=mask, flags=flags)
 
     def _batch(self, sched: SchedulerOutput) -> tuple[DeviceBatch, np.ndarray]:
         """The step's device batch, and each row's first token offset (i32[len(rows)])."""
@@ -403,7 +421,8 @@ class ModelRunner:
         if any(r.sampling is not None for r in rows):
             sampling = self._sampling_inputs(s, rows)
             f = sampling.flags
-            greedy_only = not any(bool(x) for x in (f.sample, f.penalties, f.bias, f.logprobs))
+            greedy_only = not any(bool(x) for x in (f.sample, f.penalties, f.bias, f.logprobs,
+                                                    f.mask))
         next_ids = None
         if any(r.prompt_logprobs is not None for r in rows):
             next_ids = np.full(t, -1, np.int32)
@@ -413,9 +432,26 @@ class ModelRunner:
         pool = any(r.pooling is not None for r in rows)
         return DeviceBatch(inp, sampling, greedy_only, next_ids, pool), offsets
 
-    def _run(self, batch: DeviceBatch) -> tuple[Any, ...]:
+    def _with_mask(self, batch: DeviceBatch, fill: Callable[[np.ndarray], None] | None
+                   ) -> DeviceBatch:
+        """``batch`` with its grammar mask filled by ``fill``, when a row is constrained."""
+        si = batch.sampling
+        if fill is None or si is None or not bool(si.flags.mask):
+            return batch
+        buf = np.full((int(si.temperature.shape[0]), self.mask_width), -1, np.int32)
+        fill(buf)
+        return dataclasses.replace(batch, sampling=dataclasses.replace(si, mask=self._put(buf)))
+
+    def _run(self, batch: DeviceBatch, fill: Callable[[np.ndarray], None] | None = None
+             ) -> tuple[Any, ...]:
         """Run a batch's executables; returns (sampler output, prompt logprobs, pooled rows,
-        hidden states), each None when not run. Leader and followers both come through here."""
+        hidden states), each None when not run. Leader and followers both come through here
+        (a follower's batch already holds the leader's mask). ``fill`` writes the mask rows of
+        the constrained rows; it runs while the device computes the model step, except on a
+        multi-host mesh, where the mask must be in the batch the leader shares."""
+        if self.sharder is not None and self.sharder.lockstep is not None:
+            batch = self._with_mask(batch, fill)
+            fill = None
         if self.sharder is not None:
             batch = self.sharder.share_step(batch)  # multi-host leader: followers replay it
         inp = batch.inputs
@@ -425,6 +461,7 @@ class ModelRunner:
             inp = self.sharder.put_inputs(inp)
         outs = self._exe[("step", t)](self.state, self.kv, inp)
         self.kv, h = outs[0], outs[-1]
+        batch = self._with_mask(batch, fill)  # dispatched: the host fill overlaps the step
         sampled = plp = pooled = None
         if batch.sampling is not None:
             logits = outs[1]
@@ -445,15 +482,22 @@ class ModelRunner:
                 self._exe[("pool", t)](self.state, h, inp)
         return sampled, plp, pooled, h
 
-    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        """Run one step; ``RunnerOutput.rows[i]`` belongs to ``sched.rows[i]``."""
+    def execute(self, sched: SchedulerOutput, fill_masks: MaskFill | None = None
+                ) -> RunnerOutput:
+        """Run one step; ``RunnerOutput.rows[i]`` belongs to ``sched.rows[i]``.
+        ``fill_masks(sched, buf)`` writes the grammar mask rows (``buf``: all ones, i32[S,
+        mask_width]); a step with a constrained row and no fill is an error."""
         if sched.empty:
             return RunnerOutput()
+        if fill_masks is None and any(r.sampling is not None and r.sampling.constrained
+                                      for r in sched.rows):
+            raise ValueError("a grammar-constrained row needs a mask fill")
         with self.compiles.watching():
             batch, offsets = self._batch(sched)
             self.num_steps += 1
             self.num_padded_tokens += int(batch.inputs.token_ids.shape[0])
-            sampled, plp, pooled, h = self._run(batch)
+            fill = None if fill_masks is None else functools.partial(fill_masks, sched)
+            sampled, plp, pooled, h = self._run(batch, fill)
             return self._results(sched, batch, offsets, sampled, plp, pooled, h)
 
     def _results(self, sched: SchedulerOutput, batch: DeviceBatch, offsets: np.ndarray,

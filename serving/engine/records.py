@@ -27,6 +27,9 @@ class SamplingRow:
     prompt_len: int
     history: tuple[int, ...] | None  # prompt + output ids, only when penalties are on
     banned: tuple[int, ...]  # eos / stop ids banned while below min_tokens (-inf bias)
+    # A grammar constrains the token drawn now: the scheduler fills this row's mask (the row
+    # itself carries no grammar state; the matcher stays with the sequence).
+    constrained: bool = False
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from models.pooling import PoolingType
 from serving.engine.pooling_params import PoolingKind, PoolingParams
 from serving.engine.records import PooledChunk
 from serving.engine.sampling_params import SamplingParams
+from serving.engine.structured_output import CompiledGrammar, GrammarMatcher
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,9 @@ class EngineRequest:
     # Every prompt position must be computed here (prompt logprobs, MEAN / CLS / per-token
     # pooling, encoders): the prefix cache may not skip any.
     full_prompt: bool = False
+    # The compiled grammar of ``sampling.structured`` (compiled and validated before the request
+    # reaches the engine); None: unconstrained.
+    grammar: CompiledGrammar | None = None
 
     @property
     def n(self) -> int:
@@ -107,6 +111,9 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens that came from the prefix cache
     status: SeqStatus = SeqStatus.WAITING
     pool: PoolAccumulator | None = None
+    # The grammar state after the output tokens so far (kept through preemption: the tokens
+    # are kept too); None: unconstrained.
+    matcher: GrammarMatcher | None = None
 
     @property
     def spec(self) -> EngineRequest:

@@ -16,6 +16,12 @@ are checked off the engine thread (``serving.engine.output_processor``), which t
 sequence through ``finish_sequence``. Pooling requests are prompts with no output tokens: they
 finish, with their pooled result, in the update of the step that computes their last prompt token.
 Pages never leak (see ``KVCacheManager.check``).
+
+Structured outputs: each sequence of a constrained request owns a grammar matcher (``n > 1``: one
+copy each), advanced here by every appended token. Rows only say that they are constrained;
+``fill_masks`` writes their mask rows when the runner asks (while the device runs the step). A
+token the grammar refuses, or a matcher over its parser limits, finishes that sequence with
+"error"; a complete grammar lets EOS through even below ``min_tokens`` (it allows nothing else).
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from dataclasses import dataclass
+
+import numpy as np
 
 from serving.engine.kv_cache_manager import KVCacheManager
 from serving.engine.outputs import SeqOutput
@@ -34,6 +42,7 @@ from serving.engine.records import (
     SchedulerOutput,
 )
 from serving.engine.request import EngineRequest, PoolAccumulator, Request, SeqStatus, Sequence
+from serving.engine.structured_output import GrammarBackend, GrammarMatcher
 
 
 @dataclass(frozen=True)
@@ -55,9 +64,11 @@ class SchedulerConfig:
 
 
 class Scheduler:
-    def __init__(self, cfg: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(self, cfg: SchedulerConfig, kv: KVCacheManager,
+                 grammars: GrammarBackend | None = None) -> None:
         self.cfg = cfg
         self.kv = kv
+        self.grammars = grammars  # None: constrained requests are refused
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.requests: dict[str, Request] = {}
@@ -68,14 +79,22 @@ class Scheduler:
 
     # ---- admission and release ---------------------------------------------------------------
     def add(self, spec: EngineRequest) -> None:
-        """Queue a validated request: one sequence per choice."""
+        """Queue a validated request: one sequence per choice. Raises ``ValueError`` for a
+        duplicate id, or a grammar without a backend or whose matcher cannot be built."""
         if spec.request_id in self.requests:
             raise ValueError(f"duplicate request id {spec.request_id!r}")
+        matcher: GrammarMatcher | None = None
+        if spec.grammar is not None:
+            if self.grammars is None:
+                raise ValueError("this engine has no grammar backend (structured outputs)")
+            matcher = self.grammars.new_matcher(spec.grammar)
         req = Request(spec)
         for i in range(spec.n):
             seq = Sequence(next(self._seq_ids), req, i, list(spec.prompt_ids))
             if spec.pooling is not None:
                 seq.pool = PoolAccumulator()
+            if matcher is not None:
+                seq.matcher = matcher if i == 0 else matcher.copy()
             req.seqs.append(seq)
             self.seqs[seq.seq_id] = seq
             self.waiting.append(seq)
@@ -106,6 +125,7 @@ class Scheduler:
             self.waiting.remove(seq)
         self.kv.free_seq(seq)
         seq.status = SeqStatus.FINISHED
+        seq.matcher = None
         del self.seqs[seq.seq_id]
         if seq.request.finished:
             self.requests.pop(seq.request.request_id, None)
@@ -163,7 +183,9 @@ class Scheduler:
         p = spec.sampling
         if p is not None and end == len(seq.tokens):
             banned: tuple[int, ...] = ()
-            if seq.num_output < p.min_tokens:
+            # a complete grammar allows only EOS: banning it would leave nothing to draw
+            if seq.num_output < p.min_tokens and not (
+                    seq.matcher is not None and seq.matcher.is_stopped()):
                 bans = set(p.stop_token_ids) | (set() if p.ignore_eos else set(spec.eos_ids))
                 banned = tuple(sorted(bans))
             sampling = SamplingRow(
@@ -171,7 +193,7 @@ class Scheduler:
                 num_output=seq.num_output, prompt_len=seq.prompt_len,
                 history=tuple(seq.tokens[:self.cfg.max_model_len]) if p.uses_penalties
                 else None,
-                banned=banned)
+                banned=banned, constrained=seq.matcher is not None)
         plp = None
         if p is not None and p.prompt_logprobs is not None and seq.index == 0 and \
                 start < seq.prompt_len - 1:
@@ -182,6 +204,16 @@ class Scheduler:
         return ScheduledRow(seq.seq_id, tuple(seq.tokens[start:end]), start, tuple(seq.pages),
                             sampling=sampling, prompt_logprobs=plp, pooling=spec.pooling_kind,
                             token_type_ids=types)
+
+    def fill_masks(self, sched: SchedulerOutput, out: np.ndarray) -> None:
+        """Write the grammar mask of each constrained row of ``sched`` into row i of ``out``
+        (``i32[S, ceil(V/32)]``, all ones where no grammar applies); the runner's fill callback,
+        called on the engine thread between ``schedule`` and ``update_from_output``."""
+        matchers = [self.seqs[r.seq_id].matcher
+                    if r.sampling is not None and r.sampling.constrained else None
+                    for r in sched.rows]
+        if self.grammars is not None and any(m is not None for m in matchers):
+            self.grammars.fill_masks(out, matchers)
 
     def _preempt(self, seq: Sequence) -> None:
         self.kv.free_seq(seq)
@@ -219,6 +251,9 @@ class Scheduler:
             seq.tokens.append(tok)
             self.num_generated += 1
             finish, stop_reason = self._stop(seq, tok)
+            m = seq.matcher
+            if m is not None and finish != "stop" and (m.is_error() or not m.consume(tok)):
+                finish, stop_reason = "error", None  # this sequence only, never the engine
             p = row.sampling.params
             outs.append(SeqOutput(
                 spec.request_id, seq.index, (tok,),
@@ -234,6 +269,8 @@ class Scheduler:
         spec = seq.spec
         p = spec.sampling
         assert p is not None
+        if seq.matcher is not None and seq.matcher.is_stopped() and tok in spec.eos_ids:
+            return "stop", None  # the grammar is complete; EOS was all it allowed
         if seq.num_output >= p.min_tokens:
             if tok in p.stop_token_ids:
                 return "stop", tok

@@ -37,6 +37,7 @@ from serving.engine.input_processor import InputProcessor, ModelFacts
 from serving.engine.outputs import CompletionDelta, RequestOutput, TokenLogprob
 from serving.engine.request import EngineRequest
 from serving.engine.sampling_params import SamplingParams
+from serving.engine.structured_output import CompiledGrammar, GrammarBackend
 
 CANNED = ("The capital of France is Paris. It is known for the Eiffel Tower, museums, cafés "
           "and long walks along the Seine.")
@@ -95,6 +96,10 @@ class FakeEngineClient:
             vocab_size=self.vocab_size, max_model_len=max_model_len, page_size=16,
             usable_pages=1 << 20, eos_ids=frozenset({self.eos}), tasks=("generate",),
             max_tokens_cap=self.generation_defaults.get("max_tokens")), self.tokenizer)
+        # The real grammar backend: requests with grammars are compiled and validated as the
+        # real server does them (the canned output ignores the grammar).
+        self.grammars = GrammarBackend.from_hf_tokenizer(self.tokenizer, [self.eos],
+                                                         self.vocab_size)
         self._stats = FakeStats()
         self._running: dict[str, int] = {}
         self._healthy = True
@@ -141,9 +146,10 @@ class FakeEngineClient:
             f.write(json.dumps(entry) + "\n")
 
     def make_request(self, request_id: str, prompt_token_ids: list[int],
-                     params: SamplingParams, *, cache_salt: str | None = None) -> EngineRequest:
+                     params: SamplingParams, *, cache_salt: str | None = None,
+                     grammar: CompiledGrammar | None = None) -> EngineRequest:
         return self.processor.sampling_request(request_id, prompt_token_ids, params,
-                                               cache_salt=cache_salt)
+                                               cache_salt=cache_salt, grammar=grammar)
 
     async def generate(self, spec: EngineRequest) -> AsyncIterator[RequestOutput]:
         self._record(spec)

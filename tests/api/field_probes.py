@@ -61,9 +61,9 @@ IGNORED: dict[str, str] = {
     # OpenAI: "a unique identifier representing your end-user, which can help OpenAI to monitor
     # and detect abuse"; vLLM ignores it too.
     "user": "an end-user id for the provider's abuse monitoring; changes no output",
-    # Only constrains tool calls, and every tools field is refused with a 400, so there is never
-    # a call to constrain (vLLM 0.11 ignores it as well).
-    "parallel_tool_calls": "constrains tool calls, which cannot happen while tools are refused",
+    # vLLM 0.11 ignores it too: a named choice makes one call, required / auto as many as the
+    # model writes.
+    "parallel_tool_calls": "accepted and ignored, as vLLM 0.11 does",
 }
 
 # A chat template that reads every input the server hands to templates, so that a dropped
@@ -82,6 +82,7 @@ FIELDS_TEMPLATE = (
     "{% for d in documents or [] %}[doc {{ d.title }}: {{ d.text }}]{% endfor %}"
     "{% if reasoning_effort %}[effort {{ reasoning_effort }}]{% endif %}"
     "{% if enable_thinking %}[thinking]{% endif %}"
+    "{% for t in tools or [] %}[tool {{ t.function.name }}]{% endfor %}"
     "{% if add_generation_prompt %}<assistant>{% endif %}"
 )
 
@@ -310,18 +311,11 @@ REFUSED_SAMPLING = {
     "length_penalty": Probe(0.5),
     "priority": Probe(1),
     "service_tier": Probe("flex"),
-    "response_format.type": Probe("json_object"),
     "response_format.json_schema": Probe({"type": "object"}, {"response_format": {"type": "text"}}),
     "use_beam_search": Probe(True),
     "allowed_token_ids": Probe([5]),
     "bad_words": Probe(["Paris"]),
-    "structured_outputs": Probe({"choice": ["a", "b"]}),
-    "guided_json": Probe({"type": "object"}),
-    "guided_regex": Probe("[a-z]+"),
-    "guided_choice": Probe(["a", "b"]),
-    "guided_grammar": Probe('root ::= "a"'),
-    "guided_decoding_backend": Probe("xgrammar"),
-    "guided_whitespace_pattern": Probe(" "),
+    "guided_decoding_backend": Probe("xgrammar"),  # only the server's own backend
     "structural_tag": Probe("{}"),
     "logits_processors": Probe(["pkg.module:processor"]),
     "kv_transfer_params": Probe({"do_remote_prefill": True}),
@@ -329,8 +323,20 @@ REFUSED_SAMPLING = {
     "mm_processor_kwargs": Probe({"key": 1}),
 }
 
+# Structured outputs: the constraint reaches the engine (``SamplingParams.structured``).
+STRUCTURED = {
+    "response_format.type": Probe("json_object"),
+    "structured_outputs": Probe({"choice": ["a", "b"]}),
+    "guided_json": Probe({"type": "object"}),
+    "guided_regex": Probe("[a-z]+"),
+    "guided_choice": Probe(["a", "b"]),
+    "guided_grammar": Probe('root ::= "a"'),
+    "guided_whitespace_pattern": Probe("[ ]?", {"guided_json": {"type": "object"}}),
+}
+
 SAMPLING = {
     **REFUSED_SAMPLING,
+    **STRUCTURED,
     "model": Probe("no-such-model"),
     "n": Probe(2),
     "temperature": Probe(0.5),
@@ -410,8 +416,9 @@ CHAT = Route("chat", "/v1/chat/completions", ChatCompletionRequest, CHAT_BASE, {
     "reasoning_effort": Probe("low"),
     "include_reasoning": Probe(False),
     "parallel_tool_calls": Probe(False),
-    "tools": Probe([{"type": "function", "function": {"name": "f"}}]),
-    "tool_choice": Probe("auto"),
+    "tools": Probe([{"type": "function", "function": {"name": "f"}}], {"tool_choice": "none"}),
+    "tool_choice": Probe("required", {"tools": [{"type": "function", "function": {"name": "f"}}],
+                                      "tool_choice": "none"}),
     "functions": Probe([{"name": "f"}]),
     "function_call": Probe("auto"),
     "store": Probe(True),

@@ -301,9 +301,9 @@ def test_tokenize_detokenize(http: httpx.Client) -> None:
     ("/v1/completions", {"prompt": "x", "suffix": "y"}, 400, "suffix"),
     ("/v1/completions", {"prompt": "x", "model": "nope"}, 404, "The model `nope` does not"),
     ("/v1/chat/completions", {"messages": FRANCE, "tools": [
-        {"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
-    ("/v1/chat/completions", {"messages": FRANCE, "response_format": {"type": "json_object"}},
-     400, "response_format"),
+        {"type": "function", "function": {"name": "f"}}]}, 400, "--enable-auto-tool-choice"),
+    ("/v1/chat/completions", {"messages": FRANCE, "guided_regex": "(unclosed"}, 400,
+     "Grammar error"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"messages": FRANCE, "top_p": 0}, 400, "top_p"),
 ])

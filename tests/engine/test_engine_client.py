@@ -95,7 +95,7 @@ def test_engine_crash_fails_inflight_requests_and_reports_unhealthy() -> None:
                       compilation_cache=False)
     eng = LLMEngine(args, loaded=tiny_loaded())
 
-    def broken(_: Any) -> Any:
+    def broken(*_: Any) -> Any:
         raise RuntimeError("device lost")
 
     async def main() -> None:

@@ -31,6 +31,7 @@ from serving.engine.sampler import (
 
 BIAS_WIDTH = 4
 HISTORY = 8
+MASK_WIDTH = 49152 // 32  # words: wide enough for every vocabulary used here
 
 
 def inputs(s: int, *, temperature: float | np.ndarray = 1.0, top_k: int | np.ndarray = 0,
@@ -44,7 +45,8 @@ def inputs(s: int, *, temperature: float | np.ndarray = 1.0, top_k: int | np.nda
     flags = SamplingFlags(
         sample=np.asarray(bool((temp > 0).any())),
         filter=np.asarray(bool(((k > 0) | (p < 1) | (mp > 0)).any())),
-        penalties=np.asarray(False), bias=np.asarray(False), logprobs=np.asarray(False))
+        penalties=np.asarray(False), bias=np.asarray(False), logprobs=np.asarray(False),
+        mask=np.asarray(False))
     return Sampling(
         temperature=temp, top_k=k, top_p=p, min_p=mp, presence=row(0, np.float32),
         frequency=row(0, np.float32), repetition=row(1, np.float32),
@@ -52,7 +54,8 @@ def inputs(s: int, *, temperature: float | np.ndarray = 1.0, top_k: int | np.nda
         counters=row(0, np.int32) if counters is None else counters.astype(np.int32),
         bias_ids=np.full((s, BIAS_WIDTH), -1, np.int32),
         bias_vals=np.zeros((s, BIAS_WIDTH), np.float32),
-        history=np.full((s, HISTORY), -1, np.int32), prompt_lens=row(0, np.int32), flags=flags)
+        history=np.full((s, HISTORY), -1, np.int32), prompt_lens=row(0, np.int32),
+        mask=np.full((s, MASK_WIDTH), -1, np.int32), flags=flags)
 
 
 def reference_kept(y: np.ndarray, top_k: int, top_p: float, min_p: float
@@ -251,8 +254,80 @@ def test_compiled_sampler_never_sorts_the_vocabulary() -> None:
     sampler with every stage on must hold no sort."""
     s, v = 32, 49152
     si = dataclasses.replace(inputs(s, top_k=50, top_p=0.9, min_p=0.05),
-                             flags=SamplingFlags(*(np.asarray(True) for _ in range(5))))
+                             flags=SamplingFlags(*(np.asarray(True) for _ in range(6))))
     hlo = jax.jit(sample).lower(jax.ShapeDtypeStruct((s, v), jnp.float32), si).compile()
     text = hlo.as_text() or ""
     assert "TopK" in text
     assert " sort(" not in text
+
+
+# ---- grammar masks --------------------------------------------------------------------------
+def pack_mask(allowed: np.ndarray) -> np.ndarray:
+    """bool[S, V] -> the i32[S, MASK_WIDTH] bitmask (bit t % 32 of word t // 32), built
+    independently of the sampler (numpy's little-endian bit packing)."""
+    s, v = allowed.shape
+    bits = np.zeros((s, MASK_WIDTH * 32), np.uint8)
+    bits[:, :v] = allowed
+    return np.packbits(bits.reshape(s, -1, 32), axis=-1, bitorder="little").reshape(
+        s, -1).view(np.int32)
+
+
+def with_mask(si: Sampling, mask: np.ndarray | None) -> Sampling:
+    flags = dataclasses.replace(si.flags, mask=np.asarray(mask is not None))
+    return dataclasses.replace(si, mask=si.mask if mask is None else mask, flags=flags)
+
+
+def test_all_ones_mask_is_an_exact_identity() -> None:
+    """An unconstrained row's mask is all ones: with the mask stage on or off, every output
+    (tokens, logprobs, ranks, top-k) is bit for bit the same, greedy or sampled, filtered."""
+    rng = np.random.default_rng(9)
+    s, v = 8, 1003  # not a multiple of 32: the last mask word is partial
+    x = (rng.standard_normal((s, v)) * 3).astype(np.float32)
+    for temp, k, p in [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.8, 40, 0.9)]:
+        si = inputs(s, temperature=temp, top_k=k, top_p=p, seeds=np.arange(s) * 31)
+        si = dataclasses.replace(si, flags=dataclasses.replace(si.flags,
+                                                               logprobs=np.asarray(True)))
+        off = jax.device_get(jax.jit(sample)(jnp.asarray(x), with_mask(si, None)))
+        on = jax.device_get(jax.jit(sample)(
+            jnp.asarray(x), with_mask(si, np.full((s, MASK_WIDTH), -1, np.int32))))
+        for a, b in zip(jax.tree_util.tree_leaves(off), jax.tree_util.tree_leaves(on),
+                        strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("temp, k, p", [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.9, 20, 0.95)])
+def test_masked_rows_draw_only_allowed_tokens_with_masked_logprobs(temp: float, k: int,
+                                                                   p: float) -> None:
+    """Every drawn token is allowed by its row's mask (the best tokens are forbidden, so an
+    unmasked draw would pick them), unmasked rows are untouched, and the logprobs are those of
+    the masked distribution (vLLM applies the mask first): log_softmax over the allowed set."""
+    rng = np.random.default_rng(int(temp * 10) + k)
+    s, v = 6, 1003
+    x = (rng.standard_normal((s, v)) * 2).astype(np.float32)
+    allowed = np.ones((s, v), bool)
+    for r in range(0, s, 2):  # even rows constrained: a random tenth, never their argmax
+        allowed[r] = rng.random(v) < 0.1
+        allowed[r, np.argmax(x[r])] = False
+        x[r, np.argmax(x[r])] += 20.0
+    allowed[0, :] = False
+    allowed[0, 1002] = True  # a single token, in the partial last word
+    si = inputs(s, temperature=temp, top_k=k, top_p=p, seeds=np.arange(s) + 5)
+    si = dataclasses.replace(si, flags=dataclasses.replace(si.flags, logprobs=np.asarray(True)))
+    unmasked = jax.device_get(jax.jit(sample)(jnp.asarray(x), si))
+    first = jax.device_get(jax.jit(sample)(jnp.asarray(x), with_mask(si, pack_mask(allowed))))
+    odd = np.arange(1, s, 2)  # all-ones rows: bit for bit what they get without a mask stage
+    for a, b in zip(jax.tree_util.tree_leaves(first), jax.tree_util.tree_leaves(unmasked),
+                    strict=True):
+        np.testing.assert_array_equal(a[odd], b[odd])
+    assert not any(allowed[r, unmasked.tokens[r]] for r in range(0, s, 2))
+    for _ in range(5):
+        si = dataclasses.replace(si, counters=si.counters + 1)
+        out = jax.device_get(jax.jit(sample)(jnp.asarray(x), with_mask(si, pack_mask(allowed))))
+        assert all(allowed[r, out.tokens[r]] for r in range(s)), out.tokens
+    assert out.tokens[0] == 1002
+    ref = np.where(allowed, x.astype(np.float64), -np.inf)
+    ref = ref - np.log(np.exp(ref - ref.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - ref.max(-1, keepdims=True)
+    np.testing.assert_allclose(out.logprob, ref[np.arange(s), out.tokens], atol=1e-4)
+    assert out.logprob[0] == 0.0  # the only allowed token has all the mass
+    assert np.isneginf(out.top_logprobs[0, 1:]).all()

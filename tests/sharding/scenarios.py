@@ -245,7 +245,7 @@ def _key(path: Any) -> str:
 # ---- the sampler on any mesh ---------------------------------------------------------------------
 def check_sampler_mesh_invariant() -> dict[str, Any]:
     """Same logits and sampling inputs → bit-identical sampler output on every mesh, with every
-    sampler feature switched on (penalties, bias, top-k/top-p/min-p, logprobs)."""
+    sampler feature switched on (grammar mask, penalties, bias, top-k/top-p/min-p, logprobs)."""
     s, v, hw = 6, 264, 32
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((s, v)).astype(np.float32) * 3
@@ -253,6 +253,8 @@ def check_sampler_mesh_invariant() -> dict[str, Any]:
     hist[:, :20] = rng.integers(0, v, (s, 20))
     bias_ids = np.full((s, 8), -1, np.int32)
     bias_ids[:, :2] = [[5, 9]] * s
+    mask = np.full((s, -(-v // 32)), -1, np.int32)
+    mask[1, :4] = 0x0F0F0F0F  # one constrained row: 64 tokens allowed
     si = Sampling(
         temperature=np.array([0, 0.7, 1.0, 1.3, 1.0, 0.5], np.float32),
         top_k=np.array([0, 20, 0, 50, 5, 0], np.int32),
@@ -262,8 +264,8 @@ def check_sampler_mesh_invariant() -> dict[str, Any]:
         repetition=np.full(s, 1.1, np.float32), seeds=np.arange(s, dtype=np.uint32) * 7919,
         counters=np.arange(s, dtype=np.int32), bias_ids=bias_ids,
         bias_vals=np.where(bias_ids >= 0, 2.0, 0).astype(np.float32), history=hist,
-        prompt_lens=np.full(s, 10, np.int32),
-        flags=SamplingFlags(*(np.asarray(True) for _ in range(5))))
+        prompt_lens=np.full(s, 10, np.int32), mask=mask,
+        flags=SamplingFlags(*(np.asarray(True) for _ in range(6))))
     ref = jax.device_get(jax.jit(sample)(jnp.asarray(logits), si))
     meshes = [MeshShape(1, 8), MeshShape(2, 4)]
     for shape in meshes:

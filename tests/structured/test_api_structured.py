@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 
 from serving.api.errors import BadRequest
-from serving.api.generation import check_common
 from serving.api.protocol import ChatCompletionRequest, CompletionRequest
 from serving.api.structured import compile_grammar, structured_spec, with_tool_constraint
 from serving.engine.sampling_params import StructuredSpec
@@ -173,17 +172,3 @@ def test_compile_runs_on_the_pool_and_grammar_errors_are_400(backend: GrammarBac
 
     asyncio.run(go())
     assert threads and all(t.startswith("cpu") for t in threads)
-
-
-@pytest.mark.parametrize("fields", [
-    {"guided_json": SCHEMA}, {"guided_regex": "a"}, {"guided_choice": ["a", "b"]},
-    {"guided_grammar": "start: \"a\""}, {"guided_whitespace_pattern": " "},
-    {"guided_decoding_backend": "guidance"}, {"structured_outputs": {"regex": "a"}},
-    {"response_format": {"type": "json_object"}},
-    {"response_format": {"type": "json_schema", "json_schema": {"schema": SCHEMA}}},
-    {"response_format": TAG},
-])
-def test_routes_still_refuse_constrained_requests(fields: dict[str, Any]) -> None:
-    """Until the engine applies masks, every constrained form is a 400 at the route."""
-    with pytest.raises(BadRequest, match="not supported yet"):
-        check_common(completion(**fields), max_n=8)

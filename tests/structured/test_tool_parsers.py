@@ -146,6 +146,7 @@ def test_plugin_registers_a_parser(tmp_path: Path) -> None:
         "class P(HermesToolParser):\n"
         "    pass\n")
     load_tool_parser_plugin(str(plugin))
+    load_tool_parser_plugin(str(plugin))  # loaded once: no second registration
     assert "test_plugin_hermes" in tool_parser_names()
     out = get_tool_parser("test_plugin_hermes")().extract_tool_calls(
         '<tool_call>{"name": "f", "arguments": {}}</tool_call>')

@@ -4,7 +4,9 @@ Messages are rendered with the chat template (``serving.api.chat_template``, off
 time-limited), tokenized with ``add_special_tokens`` (default False: the template writes its own
 special tokens), then generated like a completion. A stream opens with one role chunk per choice
 (``delta: {"role": "assistant", "content": ""}``), carries content deltas, and has exactly one
-chunk with a finish_reason per choice.
+chunk with a finish_reason per choice. Tools (``serving.api.tool_output``): a named or
+``required`` ``tool_choice`` constrains the output with a JSON schema and turns it into
+``tool_calls``; ``auto`` reads calls out of free text with the server's tool-call parser.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from serving.api.generation import (
     engine_stream,
     make_requests,
     raise_on_engine_error,
+    request_grammar,
 )
 from serving.api.logprobs import LogprobFormatter
 from serving.api.protocol import (
@@ -55,6 +58,14 @@ from serving.api.routes.common import (
 )
 from serving.api.state import ServerState
 from serving.api.streaming import SSEWriter
+from serving.api.structured import structured_spec, with_tool_constraint
+from serving.api.tool_output import (
+    ChoiceToolStream,
+    StreamDelta,
+    ToolPlan,
+    final_message,
+    plan_tools,
+)
 from serving.engine.outputs import TokenLogprob
 from serving.engine.request import EngineRequest
 
@@ -76,6 +87,7 @@ class _Plan:
     role: str
     echo_text: str  # prepended to each choice's content (echo of the final message)
     top_logprobs: int | None  # None: no logprobs
+    tools: ToolPlan
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -93,14 +105,15 @@ def check_template_trust(state: ServerState, template: str | None,
 async def render_prompt(state: ServerState, messages: list[ChatMessage], *,
                         add_generation_prompt: bool, continue_final_message: bool,
                         documents: list[dict[str, str]] | None,
-                        template_kwargs: dict[str, Any] | None, template: str | None) -> str:
+                        template_kwargs: dict[str, Any] | None, template: str | None,
+                        tools: list[dict[str, Any]] | None = None) -> str:
     if state.renderer is None:
         raise ServiceUnavailable("The model is still loading; retry soon.")
     try:
         return await state.renderer.render(
             message_dicts(messages), add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message, documents=documents,
-            template_kwargs=template_kwargs, template=template)
+            template_kwargs=template_kwargs, template=template, tools=tools)
     except ChatTemplateError as e:
         raise BadRequest(str(e), param="messages") from None
 
@@ -120,9 +133,7 @@ async def _plan(request: Request, state: ServerState) -> _Plan:
     engine = state.require_generate("Chat Completions API")
     check_unsupported(req, UNSUPPORTED_CHAT)
     check_common(req, state.args.max_n)
-    if req.tool_choice not in (None, "none"):
-        raise BadRequest("tool_choice is not supported yet (tool calling arrives in a later "
-                         "release); only 'none' is accepted.", param="tool_choice")
+    tools, tool_spec = plan_tools(req.tools, req.tool_choice, state.args)
     if req.store:
         raise BadRequest("store is not supported (this server stores nothing).", param="store")
     if req.modalities not in (None, [], ["text"]):
@@ -146,8 +157,11 @@ async def _plan(request: Request, state: ServerState) -> _Plan:
         requested, pname = req.max_tokens, "max_tokens"
     if requested is not None and requested < 1:
         raise BadRequest(f"{pname} must be at least 1, got {requested}.", param=pname)
+    structured = with_tool_constraint(structured_spec(req), tool_spec)
     base = build_sampling_params(req, defaults=engine.generation_defaults, logprobs=top,
-                                 max_logprobs=state.args.max_logprobs, max_tokens=requested)
+                                 max_logprobs=state.args.max_logprobs, max_tokens=requested,
+                                 structured=structured)
+    grammar = await request_grammar(engine, structured, state.cpu_pool)
     kwargs = dict(req.chat_template_kwargs or {})
     kwargs.pop("chat_template", None)
     if req.reasoning_effort is not None:
@@ -157,20 +171,21 @@ async def _plan(request: Request, state: ServerState) -> _Plan:
                                continue_final_message=req.continue_final_message,
                                documents=req.documents, template_kwargs=kwargs,
                                template=req.chat_template or
-                               (req.chat_template_kwargs or {}).get("chat_template"))
+                               (req.chat_template_kwargs or {}).get("chat_template"),
+                               tools=tools.template_tools)
     ids = await state.off_loop(engine.tokenizer.encode, text,
                                add_special_tokens=req.add_special_tokens)
     rid = request_id_for(request, req.request_id)
     prompt = Prompt(ids, text)
     (spec,) = make_requests(engine, [prompt], [base], f"chatcmpl-{rid}",
                             cache_salt=req.cache_salt,
-                            names={"max_tokens": pname, "prompt": "messages"})
+                            names={"max_tokens": pname, "prompt": "messages"}, grammar=grammar)
     role = state.args.response_role if req.add_generation_prompt else req.messages[-1].role
     echo_text = ""
     if req.echo and req.messages[-1].role == role:
         echo_text = _final_text(req.messages[-1])
     return _Plan(req, model, f"chatcmpl-{rid}", int(time.time()), prompt, spec, role, echo_text,
-                 top)
+                 top, tools)
 
 
 @bp.post("/v1/chat/completions")
@@ -220,10 +235,13 @@ async def _full(state: ServerState, plan: _Plan) -> HTTPResponse:
         logprobs = None
         if plan.top_logprobs is not None:
             logprobs = ChatLogprobs(content=fmt.chat(c.logprobs, plan.top_logprobs))
+        msg = final_message(plan.tools, "".join(c.text), c.finish_reason, engine.tokenizer)
+        content = msg.content if plan.tools.mode != "none" else plan.echo_text + (msg.content
+                                                                                 or "")
         out_choices.append(ChatChoice(
-            index=j, message=ChatMessageOut(role=plan.role,
-                                            content=plan.echo_text + "".join(c.text)),
-            logprobs=logprobs, finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+            index=j, message=ChatMessageOut(role=plan.role, content=content,
+                                            tool_calls=msg.tool_calls),
+            logprobs=logprobs, finish_reason=msg.finish_reason, stop_reason=c.stop_reason,
             token_ids=c.token_ids if req.return_token_ids else None))
     p = len(plan.prompt.token_ids)
     completion = sum(len(c.token_ids) for c in choices)
@@ -248,6 +266,8 @@ async def _stream(request: Request, state: ServerState, plan: _Plan) -> None:
     generated = [0] * n
     cached = 0
     finished: set[int] = set()
+    tool_streams = [None if plan.tools.mode == "none" else
+                    ChoiceToolStream(plan.tools, engine.tokenizer) for _ in range(n)]
 
     def dump(choices: list[ChatStreamChoice], usage: UsageInfo | None = None,
              first: bool = False) -> str:
@@ -290,8 +310,27 @@ async def _stream(request: Request, state: ServerState, plan: _Plan) -> None:
                         entries: list[ChatLogprobToken] = fmt.chat(d.logprobs or [],
                                                                    plan.top_logprobs)
                         logprobs = ChatLogprobs(content=entries)
-                    choice = ChatStreamChoice(index=d.index, delta=DeltaMessage(content=d.text),
-                                              logprobs=logprobs, finish_reason=d.finish_reason)
+                    finish = d.finish_reason
+                    ts = tool_streams[d.index]
+                    if ts is None:
+                        delta = DeltaMessage(content=d.text)
+                    else:  # tool calls: the step's pieces; the final fragment comes last
+                        step = ts.step(d.text)
+                        if finish is not None:
+                            last = ts.finish()
+                            if not last.empty:
+                                if not step.empty or logprobs is not None:
+                                    await writer.send(dump([ChatStreamChoice(
+                                        index=d.index, delta=_delta(step), logprobs=logprobs)],
+                                        usage_for(d.index)))
+                                    logprobs = None
+                                step = last
+                            finish = ts.finish_reason(finish)
+                        elif step.empty and not req.return_token_ids and logprobs is None:
+                            continue  # held back by the parser: nothing to send yet
+                        delta = _delta(step)
+                    choice = ChatStreamChoice(index=d.index, delta=delta,
+                                              logprobs=logprobs, finish_reason=finish)
                     if d.finish_reason is not None:
                         choice.stop_reason = d.stop_reason
                     if req.return_token_ids:
@@ -317,3 +356,13 @@ async def _stream(request: Request, state: ServerState, plan: _Plan) -> None:
         logger.exception("Streaming chat completion %s failed", plan.response_id)
         await writer.error(500, "Internal server error. The server logged the details.")
     await writer.done()
+
+
+def _delta(d: StreamDelta) -> DeltaMessage:
+    """A tool stream's step as a chat delta (unset fields stay out of the chunk)."""
+    fields: dict[str, Any] = {}
+    if d.content is not None:
+        fields["content"] = d.content
+    if d.tool_calls:
+        fields["tool_calls"] = list(d.tool_calls)
+    return DeltaMessage(**fields)

@@ -26,6 +26,7 @@ from serving.api.generation import (
     engine_stream,
     make_requests,
     raise_on_engine_error,
+    request_grammar,
 )
 from serving.api.logprobs import LogprobFormatter
 from serving.api.protocol import (
@@ -49,6 +50,7 @@ from serving.api.routes.common import (
 )
 from serving.api.state import ServerState
 from serving.api.streaming import SSEWriter
+from serving.api.structured import structured_spec
 from serving.engine.outputs import TokenLogprob
 from serving.engine.request import EngineRequest
 
@@ -114,9 +116,12 @@ async def _plan(request: Request, state: ServerState) -> _Plan:
         raise BadRequest("max_tokens must be at least 1, got 0 (0 is allowed only with echo).",
                          param="max_tokens")
     echo_only = req.echo and req.max_tokens == 0
+    structured = structured_spec(req)
     base = build_sampling_params(req, defaults=engine.generation_defaults, logprobs=req.logprobs,
                                  max_logprobs=state.args.max_logprobs,
-                                 max_tokens=1 if echo_only else req.max_tokens)
+                                 max_tokens=1 if echo_only else req.max_tokens,
+                                 structured=structured)
+    grammar = await request_grammar(engine, structured, state.cpu_pool)
     prompts = await _tokenize_prompts(state, req)
     if len(prompts) * req.n > state.args.max_n:
         raise BadRequest(f"This request asks for {len(prompts) * req.n} choices "
@@ -128,7 +133,7 @@ async def _plan(request: Request, state: ServerState) -> _Plan:
     rid = request_id_for(request, req.request_id)
     response_id = f"cmpl-{rid}"
     requests = make_requests(engine, prompts, [base] * len(prompts), response_id,
-                             cache_salt=req.cache_salt)
+                             cache_salt=req.cache_salt, grammar=grammar)
     for p in prompts:
         if req.echo and p.text is None:
             p.text = await state.off_loop(engine.tokenizer.decode, p.token_ids)

@@ -20,6 +20,7 @@ from serving.api.protocol import (
 )
 from serving.api.routes.chat import check_template_trust, render_prompt
 from serving.api.routes.common import json_response, state_of
+from serving.api.tool_parsers.tool_choice import validate_tools
 
 bp = Blueprint("tokenize")
 
@@ -39,9 +40,6 @@ async def tokenize(request: Request) -> HTTPResponse:
     engine = state.require_engine()
     assert state.tokens is not None
     if isinstance(req, TokenizeChatRequest):
-        if req.tools is not None:
-            raise BadRequest("tools are not supported yet (tool calling arrives in a later "
-                             "release).", param="tools")
         if req.mm_processor_kwargs is not None:
             raise BadRequest("mm_processor_kwargs is not supported (text-only models).",
                              param="mm_processor_kwargs")
@@ -52,7 +50,8 @@ async def tokenize(request: Request) -> HTTPResponse:
                                    add_generation_prompt=req.add_generation_prompt,
                                    continue_final_message=req.continue_final_message,
                                    documents=req.documents, template_kwargs=kwargs,
-                                   template=template)
+                                   template=template,
+                                   tools=validate_tools(req.tools) or None)
     else:
         text = req.prompt
     ids = await state.off_loop(engine.tokenizer.encode, text,

@@ -213,6 +213,7 @@ def holdback(text: str, markers: Sequence[str]) -> int:
 
 
 _REGISTRY: dict[str, type[ToolParser]] = {}
+_PLUGINS: set[Path] = set()  # plugin files loaded
 
 
 def register_tool_parser(*names: str) -> Callable[[type[ToolParser]], type[ToolParser]]:
@@ -242,10 +243,13 @@ def tool_parser_names() -> list[str]:
 def load_tool_parser_plugin(path: str) -> None:
     """``--tool-parser-plugin PATH``: run a Python file whose parsers register themselves with
     ``@register_tool_parser(NAME)``, so that ``--tool-call-parser NAME`` finds them. Raises
-    ``ValueError`` when the file is missing or fails to import."""
+    ``ValueError`` when the file is missing or fails to import. A file already loaded is not
+    run again (the command line and a ``--config`` file may both name it)."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise ValueError(f"tool parser plugin not found: {file}")
+    if file.resolve() in _PLUGINS:
+        return
     spec = importlib.util.spec_from_file_location(f"xlaserve_tool_plugin_{file.stem}", file)
     if spec is None or spec.loader is None:
         raise ValueError(f"tool parser plugin is not a Python module: {file}")
@@ -255,3 +259,4 @@ def load_tool_parser_plugin(path: str) -> None:
     except Exception as e:
         raise ValueError(f"tool parser plugin {file} failed to load: "
                          f"{type(e).__name__}: {e}") from e
+    _PLUGINS.add(file.resolve())
