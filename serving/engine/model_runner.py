@@ -310,6 +310,7 @@ class ModelRunner:
         step = Variant(("step", t), self._step_fn, (state, kv, inp), donate=(1,))
         out = jax.eval_shape(self._step_fn, state, kv, inp)
         lg = self._spec(out[1].shape, out[1].dtype)
+        self.mask_width = -(-int(out[1].shape[1]) // 32)  # as warmup sets it
         si = self._abstract(self._sampling_inputs(s, [], all_flags=True))
         return [step, Variant(("sample", s), sample, (lg, si)),
                 Variant(("argmax", s), argmax, (lg,))]
