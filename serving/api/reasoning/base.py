@@ -15,10 +15,11 @@ in what may be the start of a marker is held back until the next step says.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from serving.api.registry import Registry
 from serving.api.tool_parsers.base import holdback
 
 
@@ -116,28 +117,7 @@ def _single_token_id(tokenizer: Any, marker: str) -> int | None:
     return int(ids[0]) if len(ids) == 1 else None
 
 
-_REGISTRY: dict[str, type[ReasoningParser]] = {}
-
-
-def register_reasoning_parser(name: str) -> Callable[[type[ReasoningParser]],
-                                                     type[ReasoningParser]]:
-    """Class decorator: make a parser available under ``--reasoning-parser NAME``."""
-    def add(cls: type[ReasoningParser]) -> type[ReasoningParser]:
-        if name in _REGISTRY:
-            raise ValueError(f"reasoning parser {name!r} is already registered")
-        _REGISTRY[name] = cls
-        return cls
-    return add
-
-
-def get_reasoning_parser(name: str) -> type[ReasoningParser]:
-    """The parser class registered as ``name``; KeyError listing the valid names otherwise."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"reasoning parser: '{name}' not found; valid names: "
-                       f"{', '.join(sorted(_REGISTRY))}") from None
-
-
-def reasoning_parser_names() -> list[str]:
-    return sorted(_REGISTRY)
+_PARSERS: Registry[ReasoningParser] = Registry("reasoning parser")
+register_reasoning_parser = _PARSERS.register  # class decorator
+get_reasoning_parser = _PARSERS.get
+reasoning_parser_names = _PARSERS.names

@@ -20,10 +20,12 @@ import importlib.util
 import secrets
 import string
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from serving.api.registry import Registry
 
 _ALPHANUMERIC = string.ascii_letters + string.digits
 
@@ -212,32 +214,11 @@ def holdback(text: str, markers: Sequence[str]) -> int:
     return longest
 
 
-_REGISTRY: dict[str, type[ToolParser]] = {}
+_PARSERS: Registry[ToolParser] = Registry("tool call parser")
 _PLUGINS: set[Path] = set()  # plugin files loaded
-
-
-def register_tool_parser(*names: str) -> Callable[[type[ToolParser]], type[ToolParser]]:
-    """Class decorator: make a parser available under ``--tool-call-parser NAME``."""
-    def add(cls: type[ToolParser]) -> type[ToolParser]:
-        for name in names:
-            if name in _REGISTRY:
-                raise ValueError(f"tool parser {name!r} is already registered")
-            _REGISTRY[name] = cls
-        return cls
-    return add
-
-
-def get_tool_parser(name: str) -> type[ToolParser]:
-    """The parser class registered as ``name``; KeyError listing the valid names otherwise."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"tool call parser: '{name}' not found in tool_parsers; valid names: "
-                       f"{', '.join(sorted(_REGISTRY))}") from None
-
-
-def tool_parser_names() -> list[str]:
-    return sorted(_REGISTRY)
+register_tool_parser = _PARSERS.register  # class decorator
+get_tool_parser = _PARSERS.get
+tool_parser_names = _PARSERS.names
 
 
 def load_tool_parser_plugin(path: str) -> None:
