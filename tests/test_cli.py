@@ -244,6 +244,8 @@ def test_declaration_mistakes_fail_loudly() -> None:
     (["--tool-call-parser", "nope"], "--tool-call-parser nope: unknown parser; valid names: "
                                      "hermes, llama3_json"),
     (["--tool-parser-plugin", "/no/such/plugin.py"], "tool parser plugin not found"),
+    (["--reasoning-parser", "nope"], "--reasoning-parser nope: unknown parser; valid names: "
+                                     "deepseek_r1, qwen3"),
 ])
 def test_checks_declared_on_the_fields(capsys: pytest.CaptureFixture[str], argv: list[str],
                                        message: str) -> None:

@@ -18,12 +18,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from serving.api.chat_template import load_chat_template
+from serving.api.reasoning import reasoning_parser_names
 from serving.api.tool_parsers import load_tool_parser_plugin, tool_parser_names
 from serving.engine.sampling_params import MAX_LOGPROBS
 from serving.options import byte_size, int_in_range, option
 
 CHAT = "Chat templates"
 TOOLS = "Tool calling"
+REASONING = "Reasoning"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
@@ -126,6 +128,11 @@ class ServerArgs:
     exclude_tools_when_tool_choice_none: bool = option(
         False, "Do not show the tools to the chat template when tool_choice is \"none\".",
         group=TOOLS)
+    reasoning_parser: str | None = option(
+        None, "Split a thinking model's output into reasoning_content and content: "
+              "deepseek_r1 (output starts in reasoning, ends at </think>) or qwen3 (reasoning "
+              "only after a leading <think>). A request's grammar then applies only after the "
+              "reasoning ends.", metavar="NAME", group=REASONING)
 
     def __post_init__(self) -> None:
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
@@ -134,3 +141,7 @@ class ServerArgs:
                 self.tool_call_parser not in tool_parser_names():
             raise ValueError(f"--tool-call-parser {self.tool_call_parser}: unknown parser; "
                              f"valid names: {', '.join(tool_parser_names())}")
+        if self.reasoning_parser is not None and \
+                self.reasoning_parser not in reasoning_parser_names():
+            raise ValueError(f"--reasoning-parser {self.reasoning_parser}: unknown parser; "
+                             f"valid names: {', '.join(reasoning_parser_names())}")

@@ -10,6 +10,8 @@ Both generation routes (completions, chat) go through here:
 3. ``make_requests`` has the engine validate each prompt with its params, once
    (``EngineClient.make_request``: ranges, vocabulary, truncation, the context length, the KV
    pool), before any response starts: a refusal is a 400 naming the field, in the API's names;
+   with ``--reasoning-parser``, a grammar waits for the end of the reasoning unless the prompt
+   already ended it (vLLM's rule, on both routes);
 4. ``engine_stream`` submits those requests and yields ``(prompt_index, output)`` as they
    arrive. Closing it (client disconnect → Sanic cancels the handler task; or an error) closes
    every engine iterator, which aborts the engine requests and frees their KV pages.
@@ -24,7 +26,7 @@ import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from serving.api.errors import BadRequest, InternalError, ServiceUnavailable
@@ -35,6 +37,7 @@ from serving.api.protocol import (
     UNSUPPORTED_SAMPLING,
     SamplingFields,
 )
+from serving.api.reasoning import ReasoningParser, get_reasoning_parser
 from serving.api.structured import compile_grammar
 from serving.engine.outputs import RequestOutput
 from serving.engine.request import EngineRequest
@@ -178,15 +181,23 @@ async def request_grammar(engine: Any, spec: StructuredSpec | None, pool: Execut
     return await compile_grammar(engine.grammars, spec, pool)
 
 
+def new_reasoning_parser(name: str | None, tokenizer: Any) -> ReasoningParser | None:
+    """A fresh ``--reasoning-parser`` (one per choice: parsers keep streaming state)."""
+    return None if name is None else get_reasoning_parser(name)(tokenizer)
+
+
 def make_requests(engine: Any, prompts: list[Prompt], params: list[SamplingParams],
                   base_id: str, *, cache_salt: str | None = None,
                   names: Mapping[str, str] | None = None,
-                  grammar: CompiledGrammar | None = None) -> list[EngineRequest]:
+                  grammar: CompiledGrammar | None = None,
+                  reasoning: ReasoningParser | None = None) -> list[EngineRequest]:
     """One validated engine request per prompt (``EngineClient.make_request``); a refusal is a
     400 whose ``param`` is the engine's field name, or its API name from ``names`` (chat:
     ``max_tokens`` may be ``max_completion_tokens``, the prompt is ``messages``). A truncated
     prompt's ``Prompt`` gets the ids actually used (and no text: echo shows those tokens).
-    ``grammar``: the params' compiled structured-output constraint (``request_grammar``)."""
+    ``grammar``: the params' compiled structured-output constraint (``request_grammar``);
+    ``reasoning``: the server's reasoning parser, whose end marker gates the grammar unless the
+    (truncated) prompt already ended the reasoning."""
     suffix = secrets.token_hex(4)  # engine ids stay unique even when clients reuse request ids
     out = []
     for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
@@ -196,6 +207,9 @@ def make_requests(engine: Any, prompts: list[Prompt], params: list[SamplingParam
         except ValueError as e:
             param = getattr(e, "param", None)
             raise BadRequest(str(e), param=(names or {}).get(param or "", param)) from None
+        if grammar is not None and reasoning is not None and \
+                not reasoning.is_reasoning_end(spec.prompt_ids):
+            spec = replace(spec, grammar_after=reasoning.end_token)
         if len(spec.prompt_ids) != len(p.token_ids):
             p.token_ids, p.text = list(spec.prompt_ids), None
         out.append(spec)

@@ -85,6 +85,8 @@ class _EngineCollector(Collector):
         yield counter("generation_tokens", "Tokens generated.", s.generation_tokens_total)
         yield counter("engine_steps", "Engine steps executed.", s.num_steps)
         yield counter("num_recompiles", "XLA compilations after warmup.", s.num_recompiles)
+        yield gauge("grammar_cache_size", "Compiled structured-output grammars (and refused "
+                    "ones) held in the grammar cache.", getattr(s, "num_cached_grammars", 0))
 
 
 class ServerMetrics:

@@ -150,7 +150,7 @@ class ChatCompletionRequest(SamplingFields):
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: str | None = None  # a chat template input
-    include_reasoning: bool = True  # false is refused: there is no reasoning parser yet
+    include_reasoning: bool = True  # false drops reasoning_content (needs --reasoning-parser)
     # Accepted and ignored, as vLLM 0.11 does: a named choice makes one call, and required /
     # auto calls are as many as the model writes.
     parallel_tool_calls: bool | None = None
@@ -347,6 +347,7 @@ class ChatCompletionResponse(StrictModel):
 class DeltaMessage(StrictModel):
     role: str | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
 
 

@@ -127,15 +127,16 @@ class RequiredCallsParser(ToolParser):
 
 @dataclass(frozen=True)
 class StreamDelta:
-    """What one step adds to a streamed choice: content and ``tool_calls`` pieces (OpenAI's
-    delta shape: index, then id/type/name on a call's first piece)."""
+    """What one step adds to a streamed choice: reasoning, content and ``tool_calls`` pieces
+    (OpenAI's delta shape: index, then id/type/name on a call's first piece)."""
 
     content: str | None = None
     tool_calls: tuple[dict[str, Any], ...] = ()
+    reasoning_content: str | None = None
 
     @property
     def empty(self) -> bool:
-        return self.content is None and not self.tool_calls
+        return self.content is None and not self.tool_calls and self.reasoning_content is None
 
 
 class ChoiceToolStream:

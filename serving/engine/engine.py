@@ -74,6 +74,7 @@ class EngineStats:
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     num_padded_tokens: int = 0  # token slots computed (the T bucket of every step), summed
+    num_cached_grammars: int = 0  # compiled grammars (or their errors) in the backend's LRU
 
 
 def serving_tasks(task: str, config: ModelConfig | BertConfig) -> tuple[str, ...]:
@@ -317,7 +318,8 @@ class LLMEngine:
             prefix_cache_hits=self.kv.prefix_hits, num_steps=r.num_steps,
             num_recompiles=r.num_recompiles, num_executables=r.num_executables,
             prompt_tokens_total=self._prompt_tokens,
-            generation_tokens_total=s.num_generated, num_padded_tokens=r.num_padded_tokens)
+            generation_tokens_total=s.num_generated, num_padded_tokens=r.num_padded_tokens,
+            num_cached_grammars=0 if self.grammars is None else self.grammars.cache_size)
 
 
 def maybe_run_follower(args: EngineArgs, load: Any = None) -> bool:

@@ -22,6 +22,7 @@ import threading
 import time
 import traceback
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from serving.engine.config import EngineArgs
@@ -78,7 +79,11 @@ class AsyncEngineClient:
         return self.error is None and self._thread is not None and self._thread.is_alive()
 
     def stats(self) -> EngineStats:
-        return self._stats
+        """The counters of the last step; the grammar cache's size is read now (grammars are
+        compiled by the API's workers, between steps)."""
+        if self.grammars is None:
+            return self._stats
+        return replace(self._stats, num_cached_grammars=self.grammars.cache_size)
 
     @property
     def num_in_flight(self) -> int:

@@ -41,6 +41,9 @@ class EngineRequest:
     # The compiled grammar of ``sampling.structured`` (compiled and validated before the request
     # reaches the engine); None: unconstrained.
     grammar: CompiledGrammar | None = None
+    # With a grammar: it applies only once the output holds this text (the end of a reasoning
+    # model's thinking, vLLM's rule); None: from the first output token.
+    grammar_after: str | None = None
 
     @property
     def n(self) -> int:

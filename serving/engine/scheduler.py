@@ -18,7 +18,8 @@ finish, with their pooled result, in the update of the step that computes their 
 Pages never leak (see ``KVCacheManager.check``).
 
 Structured outputs: each sequence of a constrained request owns a grammar matcher (``n > 1``: one
-copy each), advanced here by every appended token. Rows only say that they are constrained;
+copy each), advanced here by every appended token (a matcher gated on the end of a reasoning
+model's thinking only watches for it). Rows only say that they are constrained;
 ``fill_masks`` writes their mask rows when the runner asks (while the device runs the step). A
 token the grammar refuses, or a matcher over its parser limits, finishes that sequence with
 "error"; a complete grammar lets EOS through even below ``min_tokens`` (it allows nothing else).
@@ -87,7 +88,7 @@ class Scheduler:
         if spec.grammar is not None:
             if self.grammars is None:
                 raise ValueError("this engine has no grammar backend (structured outputs)")
-            matcher = self.grammars.new_matcher(spec.grammar)
+            matcher = self.grammars.new_matcher(spec.grammar, spec.grammar_after)
         req = Request(spec)
         for i in range(spec.n):
             seq = Sequence(next(self._seq_ids), req, i, list(spec.prompt_ids))
@@ -193,7 +194,7 @@ class Scheduler:
                 num_output=seq.num_output, prompt_len=seq.prompt_len,
                 history=tuple(seq.tokens[:self.cfg.max_model_len]) if p.uses_penalties
                 else None,
-                banned=banned, constrained=seq.matcher is not None)
+                banned=banned, constrained=seq.matcher is not None and seq.matcher.active)
         plp = None
         if p is not None and p.prompt_logprobs is not None and seq.index == 0 and \
                 start < seq.prompt_len - 1:

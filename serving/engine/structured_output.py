@@ -7,6 +7,7 @@ grammar behind a bounded LRU cache, builds ``GrammarMatcher``s, and fills token 
 
 Masks are ``i32[rows, ceil(V/32)]`` with V the logits width: bit ``t % 32`` of word ``t // 32``
 is set when token ``t`` is allowed. A row without a matcher is all ones (-1), the identity.
+A gated matcher (reasoning not yet over) fills all ones too.
 
 Threading: ``compile`` and ``new_matcher`` are safe from any thread (the cache holds a lock, and
 llguidance drops the GIL while it builds a grammar), so the API layer runs them in its worker pool
@@ -79,35 +80,57 @@ class CompiledGrammar:
 class GrammarMatcher:
     """One sequence's grammar state: which tokens may come next, advanced by each sampled token.
 
+    A matcher may start *gated* (``after``, vLLM's rule for reasoning models): until the output
+    contains that text (the end of the reasoning, e.g. ``</think>``) it constrains nothing and
+    consumes nothing; the grammar applies from the token after the one that completed it. The
+    marker is matched on the decoded bytes of the last tokens, so it is found however the
+    tokenizer splits it (``</think>`` is three tokens in SmolLM2, ``" </"`` another of them).
+
     Never raises for grammar-level problems: a refused token, or a mask over the parser limits,
     puts the matcher into an error state for good (``is_error``, ``error``).
     """
 
-    __slots__ = ("_m",)
+    __slots__ = ("_after", "_m", "_tail", "_tokenizer")
 
-    def __init__(self, matcher: llguidance.LLMatcher) -> None:
+    def __init__(self, matcher: llguidance.LLMatcher, tokenizer: llguidance.LLTokenizer,
+                 after: bytes | None = None, tail: tuple[int, ...] = ()) -> None:
         self._m = matcher
+        self._tokenizer = tokenizer
+        self._after = after or None  # b"": no gate
+        self._tail = tail  # the last output tokens while gated (at most len(after) + 1)
 
     @property
     def ll(self) -> llguidance.LLMatcher:
         """The llguidance matcher (for the parallel fill)."""
         return self._m
 
+    @property
+    def active(self) -> bool:
+        """Whether the grammar constrains the next token (False while gated)."""
+        return self._after is None
+
     def copy(self) -> GrammarMatcher:
         """An independent matcher in the same state (each sequence of an ``n > 1`` request)."""
-        return GrammarMatcher(self._m.deep_copy())
+        return GrammarMatcher(self._m.deep_copy(), self._tokenizer, self._after, self._tail)
 
     def consume(self, token_id: int) -> bool:
-        """Advance by one sampled token; False (and the error state) if the grammar refuses it."""
+        """Advance by one sampled token; False (and the error state) if the grammar refuses it.
+        While gated: remember the token, and open the gate once the output holds the marker."""
+        if self._after is not None:
+            # A marker of L bytes spans at most L tokens, plus one it may start inside.
+            self._tail = (*self._tail, token_id)[-(len(self._after) + 1):]
+            if self._after in self._tokenizer.decode_bytes(list(self._tail)):
+                self._after, self._tail = None, ()
+            return True
         return bool(self._m.consume_token(token_id))
 
     def is_stopped(self) -> bool:
         """The grammar is complete and allows nothing but EOS (the mask is EOS only)."""
-        return bool(self._m.is_stopped())
+        return self.active and bool(self._m.is_stopped())
 
     def is_accepting(self) -> bool:
         """The text so far is a complete instance (EOS is allowed), though it may go on."""
-        return bool(self._m.is_accepting())
+        return self.active and bool(self._m.is_accepting())
 
     def is_error(self) -> bool:
         return bool(self._m.is_error())
@@ -205,14 +228,16 @@ class GrammarBackend:
             return messages[0].strip(), False
         return grammar, True
 
-    def new_matcher(self, compiled: CompiledGrammar) -> GrammarMatcher:
+    def new_matcher(self, compiled: CompiledGrammar, after: str | None = None
+                    ) -> GrammarMatcher:
         """A fresh matcher at the start of ``compiled`` (about 1 ms; up to a second for a huge
-        grammar, with the GIL dropped). Raises ``GrammarError`` if it cannot be built."""
+        grammar, with the GIL dropped), gated until the output holds ``after`` when given.
+        Raises ``GrammarError`` if it cannot be built."""
         m = llguidance.LLMatcher(self.tokenizer, compiled.grammar, log_level=0,
                                  limits=self._limits)
         if m.is_error():
             raise GrammarError(str(m.get_error()).strip())
-        return GrammarMatcher(m)
+        return GrammarMatcher(m, self.tokenizer, after.encode() if after else None)
 
     # ---- masks -------------------------------------------------------------------------------
 
@@ -236,7 +261,7 @@ class GrammarBackend:
             raise ValueError("mask buffer must be C-contiguous with a row per matcher")
         live: list[tuple[llguidance.LLMatcher, int]] = []
         for row, m in enumerate(matchers):
-            if m is None or m.is_error():
+            if m is None or m.is_error() or not m.active:
                 out[row] = -1
             else:
                 live.append((m.ll, row))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from dataclasses import replace
 
 import jsonschema
 import numpy as np
@@ -135,6 +136,30 @@ def test_a_complete_grammar_lets_eos_through_below_min_tokens(llm: LLM) -> None:
     o = r.outputs[0]
     assert o.text == "ok" and o.finish_reason == "stop"
     assert o.token_ids == [ord("o"), ord("k"), EOS]
+
+
+def test_a_gated_grammar_applies_only_after_its_marker(llm: LLM,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """``grammar_after`` (what the HTTP layer sets from ``--reasoning-parser``): the output is
+    free, token for token the unconstrained run's, up to and including the marker (here a piece
+    of that run's own text, since a random model writes no ``</think>``); after it the grammar
+    holds, and the request stops when the grammar is complete. (Each sequence of an n > 1 request
+    has its own gate: ``test_a_gate_is_copied_with_its_state``.)"""
+    p = prompts(1, seed=12)[0]
+    free = llm.generate([p], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0].text
+    marker = free[6:9]
+    end = free.index(marker) + len(marker)  # byte tokenizer: a token per character
+    make = llm.processor.sampling_request
+    monkeypatch.setattr(llm.processor, "sampling_request",
+                        lambda *a, **k: replace(make(*a, **k), grammar_after=marker))
+    res = llm.generate([p], constrained(REGEX, max_tokens=60), use_tqdm=False)[0]
+    for o in res.outputs:
+        assert o.text[:end] == free[:end], (o.text, free)
+        check(REGEX, o.text[end:])
+        assert o.finish_reason == "stop"
+    assert not re.fullmatch(r"[a-c]{2,5}-[0-9]{1,3}", free[end:end + 8], re.ASCII)
+    assert llm.engine.runner.num_recompiles == 0
 
 
 def test_a_refused_token_fails_that_request_only(llm: LLM, monkeypatch: pytest.MonkeyPatch

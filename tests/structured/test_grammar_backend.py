@@ -380,3 +380,46 @@ def test_spec_is_a_frozen_hashable_value() -> None:
         StructuredSpec("xml", "")  # type: ignore[arg-type]
     params = SamplingParams(max_tokens=8, structured=a)
     assert params.structured is a and SamplingParams().structured is None
+
+
+@pytest.mark.parametrize("thought", ["<think>\nhmm, left or right?</think>",
+                                     "I would say </think>", "no opening at all.</think>\n\n"])
+def test_a_gated_matcher_waits_for_the_end_of_the_reasoning(
+        backend: GrammarBackend, tokenizer: Any, thought: str) -> None:
+    """Gated on "</think>" (vLLM's rule for reasoning models): every token is allowed and
+    nothing is consumed until the output holds the marker, however it is tokenized ("</" or
+    " </" + "think" + ">", or a token that runs past it); then the grammar applies."""
+    m = backend.new_matcher(backend.compile(StructuredSpec("choice", ("left", "right"))),
+                            after="</think>")
+    buf = backend.allocate_masks(1)
+    ids = tokenizer.encode(thought, add_special_tokens=False)
+    # The gate opens with the token that completes the marker; the rest of that token and the
+    # tokens after it are the grammar's.
+    opens = next(k for k in range(len(ids)) if "</think>" in tokenizer.decode(ids[:k + 1]))
+    for tok in ids[:opens + 1]:
+        assert not m.active and not m.is_stopped() and not m.is_accepting()
+        buf[0] = 0
+        backend.fill_masks(buf, [m])
+        assert (buf[0] == -1).all()  # unconstrained while thinking
+        assert m.consume(tok)
+    assert m.active
+    backend.fill_masks(buf, [m])
+    assert not allowed(buf[0], tokenizer.encode("x", add_special_tokens=False)[0])
+    assert force(backend, m, tokenizer.encode("right", add_special_tokens=False))
+    assert m.is_stopped()
+
+
+def test_a_gate_is_copied_with_its_state(backend: GrammarBackend, tokenizer: Any) -> None:
+    """An ``n > 1`` copy taken mid-marker opens where the original does, independently."""
+    m = backend.new_matcher(backend.compile(StructuredSpec("regex", "[0-9]+")), after="</think>")
+    ids = tokenizer.encode("ok</think>", add_special_tokens=False)
+    for tok in ids[:-1]:
+        m.consume(tok)
+    c = m.copy()
+    assert not m.active and not c.active
+    m.consume(ids[-1])
+    assert m.active and not c.active
+    c.consume(ids[-1])
+    assert c.active
+    assert force(backend, m, tokenizer.encode("42", add_special_tokens=False))
+    assert not c.consume(tokenizer.encode("x", add_special_tokens=False)[0])  # now enforced

@@ -213,7 +213,7 @@ def test_mixed_traffic_leaves_free_requests_unchanged(http: httpx.Client) -> Non
 def test_docs_examples_run_as_written(server: ServerProcess) -> None:
     """docs/STRUCTURED.md's SDK and curl examples against this live server."""
     text = (REPO / "docs" / "STRUCTURED.md").read_text()
-    code, tools = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    code, tools, _reasoning = re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
     def run(code: str) -> list[str]:
         out = subprocess.run([sys.executable, "-c",
@@ -284,6 +284,24 @@ def test_named_tool_choice(client: openai.OpenAI) -> None:
     assert finish == "stop" and content == ""
     assert calls[0]["name"] == "get_weather"
     assert calls[0]["arguments"] == call.function.arguments  # fragments concatenate exactly
+
+
+def test_required_tool_choice(client: openai.OpenAI) -> None:
+    """required: the output is constrained to a non-empty array of closed {"name",
+    "parameters"} objects, so even SmolLM2 ends it; every element is a call whose arguments
+    validate; finish_reason "tool_calls"; streamed fragments give the same calls."""
+    kw: dict[str, Any] = dict(messages=WEATHER_Q, tools=TOOLS, max_tokens=200, temperature=0,
+                              tool_choice="required")
+    r = client.chat.completions.create(model=NAME, **kw)
+    assert r.choices[0].finish_reason == "tool_calls", r.choices[0].message
+    got = r.choices[0].message.tool_calls or []
+    assert got and not r.choices[0].message.content
+    for call in got:
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+    calls, finish, content = streamed_calls(client, **kw)
+    assert finish == "tool_calls" and not content
+    assert [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())] == \
+        [(c.function.name, json.loads(c.function.arguments)) for c in got]
 
 
 HERMES_CALL = (r'<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "[A-Z][a-z]+", '

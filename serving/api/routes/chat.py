@@ -7,6 +7,8 @@ special tokens), then generated like a completion. A stream opens with one role 
 chunk with a finish_reason per choice. Tools (``serving.api.tool_output``): a named or
 ``required`` ``tool_choice`` constrains the output with a JSON schema and turns it into
 ``tool_calls``; ``auto`` reads calls out of free text with the server's tool-call parser.
+Reasoning (``--reasoning-parser``): the output splits into ``reasoning_content`` and content
+before any tool handling (``serving.api.chat_output``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 from sanic import Blueprint, HTTPResponse, Request
 
 from serving.api.body import parse_request
+from serving.api.chat_output import ChoiceStream, OutputPlan, choice_message
 from serving.api.chat_template import ChatTemplateError
 from serving.api.errors import APIError, BadRequest, ServiceUnavailable
 from serving.api.generation import (
@@ -30,6 +33,7 @@ from serving.api.generation import (
     check_unsupported,
     engine_stream,
     make_requests,
+    new_reasoning_parser,
     raise_on_engine_error,
     request_grammar,
 )
@@ -59,13 +63,7 @@ from serving.api.routes.common import (
 from serving.api.state import ServerState
 from serving.api.streaming import SSEWriter
 from serving.api.structured import structured_spec, with_tool_constraint
-from serving.api.tool_output import (
-    ChoiceToolStream,
-    StreamDelta,
-    ToolPlan,
-    final_message,
-    plan_tools,
-)
+from serving.api.tool_output import StreamDelta, plan_tools
 from serving.engine.outputs import TokenLogprob
 from serving.engine.request import EngineRequest
 
@@ -87,7 +85,7 @@ class _Plan:
     role: str
     echo_text: str  # prepended to each choice's content (echo of the final message)
     top_logprobs: int | None  # None: no logprobs
-    tools: ToolPlan
+    output: OutputPlan  # tools and reasoning
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -138,10 +136,10 @@ async def _plan(request: Request, state: ServerState) -> _Plan:
         raise BadRequest("store is not supported (this server stores nothing).", param="store")
     if req.modalities not in (None, [], ["text"]):
         raise BadRequest("modalities other than text are not supported.", param="modalities")
-    if not req.include_reasoning:
-        raise BadRequest("include_reasoning: false needs a reasoning parser, and this server has "
-                         "none yet (one arrives in a later release): the model's reasoning would "
-                         "stay in `content`.", param="include_reasoning")
+    if not req.include_reasoning and state.args.reasoning_parser is None:
+        raise BadRequest("include_reasoning: false needs a reasoning parser (the server's "
+                         "--reasoning-parser): without one the model's reasoning stays in "
+                         "`content`.", param="include_reasoning")
     if req.top_logprobs is not None and req.top_logprobs != 0 and not req.logprobs:
         raise BadRequest("when using `top_logprobs`, `logprobs` must be set to true.",
                          param="top_logprobs")
@@ -179,13 +177,16 @@ async def _plan(request: Request, state: ServerState) -> _Plan:
     prompt = Prompt(ids, text)
     (spec,) = make_requests(engine, [prompt], [base], f"chatcmpl-{rid}",
                             cache_salt=req.cache_salt,
-                            names={"max_tokens": pname, "prompt": "messages"}, grammar=grammar)
+                            names={"max_tokens": pname, "prompt": "messages"}, grammar=grammar,
+                            reasoning=new_reasoning_parser(state.args.reasoning_parser,
+                                                           engine.tokenizer))
     role = state.args.response_role if req.add_generation_prompt else req.messages[-1].role
     echo_text = ""
     if req.echo and req.messages[-1].role == role:
         echo_text = _final_text(req.messages[-1])
+    output = OutputPlan(tools, state.args.reasoning_parser, req.include_reasoning)
     return _Plan(req, model, f"chatcmpl-{rid}", int(time.time()), prompt, spec, role, echo_text,
-                 top, tools)
+                 top, output)
 
 
 @bp.post("/v1/chat/completions")
@@ -235,12 +236,12 @@ async def _full(state: ServerState, plan: _Plan) -> HTTPResponse:
         logprobs = None
         if plan.top_logprobs is not None:
             logprobs = ChatLogprobs(content=fmt.chat(c.logprobs, plan.top_logprobs))
-        msg = final_message(plan.tools, "".join(c.text), c.finish_reason, engine.tokenizer)
-        content = msg.content if plan.tools.mode != "none" else plan.echo_text + (msg.content
-                                                                                 or "")
+        msg = choice_message(plan.output, "".join(c.text), c.finish_reason, engine.tokenizer,
+                             plan.echo_text)
         out_choices.append(ChatChoice(
-            index=j, message=ChatMessageOut(role=plan.role, content=content,
-                                            tool_calls=msg.tool_calls),
+            index=j, message=ChatMessageOut(role=plan.role, content=msg.content,
+                                            tool_calls=msg.tool_calls,
+                                            reasoning_content=msg.reasoning_content),
             logprobs=logprobs, finish_reason=msg.finish_reason, stop_reason=c.stop_reason,
             token_ids=c.token_ids if req.return_token_ids else None))
     p = len(plan.prompt.token_ids)
@@ -266,8 +267,8 @@ async def _stream(request: Request, state: ServerState, plan: _Plan) -> None:
     generated = [0] * n
     cached = 0
     finished: set[int] = set()
-    tool_streams = [None if plan.tools.mode == "none" else
-                    ChoiceToolStream(plan.tools, engine.tokenizer) for _ in range(n)]
+    shaped = [None if plan.output.plain else ChoiceStream(plan.output, engine.tokenizer)
+              for _ in range(n)]
 
     def dump(choices: list[ChatStreamChoice], usage: UsageInfo | None = None,
              first: bool = False) -> str:
@@ -311,24 +312,22 @@ async def _stream(request: Request, state: ServerState, plan: _Plan) -> None:
                                                                    plan.top_logprobs)
                         logprobs = ChatLogprobs(content=entries)
                     finish = d.finish_reason
-                    ts = tool_streams[d.index]
-                    if ts is None:
+                    cs = shaped[d.index]
+                    if cs is None:
                         delta = DeltaMessage(content=d.text)
-                    else:  # tool calls: the step's pieces; the final fragment comes last
-                        step = ts.step(d.text)
+                    else:  # reasoning / tool calls: the step's pieces, then the final ones
+                        pieces = [cs.step(d.text)]
                         if finish is not None:
-                            last = ts.finish()
-                            if not last.empty:
-                                if not step.empty or logprobs is not None:
-                                    await writer.send(dump([ChatStreamChoice(
-                                        index=d.index, delta=_delta(step), logprobs=logprobs)],
-                                        usage_for(d.index)))
-                                    logprobs = None
-                                step = last
-                            finish = ts.finish_reason(finish)
-                        elif step.empty and not req.return_token_ids and logprobs is None:
-                            continue  # held back by the parser: nothing to send yet
-                        delta = _delta(step)
+                            pieces = [p for p in pieces if not p.empty] + cs.finish()
+                            finish = cs.finish_reason(finish)
+                        elif pieces[0].empty and not req.return_token_ids and logprobs is None:
+                            continue  # held back by a parser: nothing to send yet
+                        for early in pieces[:-1]:  # logprobs ride on the first chunk
+                            await writer.send(dump([ChatStreamChoice(
+                                index=d.index, delta=_delta(early), logprobs=logprobs)],
+                                usage_for(d.index)))
+                            logprobs = None
+                        delta = _delta(pieces[-1]) if pieces else DeltaMessage()
                     choice = ChatStreamChoice(index=d.index, delta=delta,
                                               logprobs=logprobs, finish_reason=finish)
                     if d.finish_reason is not None:
@@ -361,6 +360,8 @@ async def _stream(request: Request, state: ServerState, plan: _Plan) -> None:
 def _delta(d: StreamDelta) -> DeltaMessage:
     """A tool stream's step as a chat delta (unset fields stay out of the chunk)."""
     fields: dict[str, Any] = {}
+    if d.reasoning_content is not None:
+        fields["reasoning_content"] = d.reasoning_content
     if d.content is not None:
         fields["content"] = d.content
     if d.tool_calls:

@@ -25,6 +25,7 @@ from serving.api.generation import (
     check_unsupported,
     engine_stream,
     make_requests,
+    new_reasoning_parser,
     raise_on_engine_error,
     request_grammar,
 )
@@ -133,7 +134,9 @@ async def _plan(request: Request, state: ServerState) -> _Plan:
     rid = request_id_for(request, req.request_id)
     response_id = f"cmpl-{rid}"
     requests = make_requests(engine, prompts, [base] * len(prompts), response_id,
-                             cache_salt=req.cache_salt, grammar=grammar)
+                             cache_salt=req.cache_salt, grammar=grammar,
+                             reasoning=new_reasoning_parser(state.args.reasoning_parser,
+                                                            engine.tokenizer))
     for p in prompts:
         if req.echo and p.text is None:
             p.text = await state.off_loop(engine.tokenizer.decode, p.token_ids)

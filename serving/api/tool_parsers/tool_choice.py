@@ -113,9 +113,11 @@ def tool_choice_schema(tools: Sequence[Mapping[str, Any]],
                 raise BadRequest(f"Tool definition '{name}' has multiple schemas, which is not "
                                  "supported.", param="tools")
             defs[name] = definition
+        # Closed: vLLM's default backend (xgrammar, strict mode) allows no other keys either;
+        # llguidance's default would let a model wander off into "description": ... keys.
         options.append({"properties": {"name": {"type": "string", "enum": [fn["name"]]},
                                        "parameters": params},
-                        "required": ["name", "parameters"]})
+                        "required": ["name", "parameters"], "additionalProperties": False})
     schema: dict[str, Any] = {"type": "array", "minItems": 1,
                               "items": {"type": "object", "anyOf": options}}
     if defs:
