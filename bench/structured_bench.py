@@ -5,7 +5,8 @@ time to first token a cached grammar adds. On the real engine, in this process.
     .venv/bin/python -m bench.structured_bench --seqs 4 --output-len 8 --rounds 1   # a smoke run
 
 Decode step: each round runs the three settings in turn (interleaved A/B: ``free``, ``json``, a
-schema without length limits, and ``json-len``, the same with ``minLength``/``maxLength``), each
+schema without string-length limits (an object holding a list of at least 64 strings, so that
+no request ends early), and ``json-len``, the same with ``minLength``/``maxLength``), each
 as ``--seqs`` concurrent requests of ``--output-len`` tokens. A step is timed around the whole
 ``LLMEngine.step()`` (schedule, model step, host mask fill, sampler, matcher updates), and only
 the steps in which every sequence decodes count. Reports, per setting, the median over all
@@ -30,13 +31,16 @@ from bench.offline_throughput import prompts
 from serving.engine.llm import LLM
 from serving.engine.sampling_params import SamplingParams, StructuredSpec
 
-STORY = {"type": "object", "properties": {"title": {"type": "string"},
-                                          "story": {"type": "string"}},
-         "required": ["title", "story"]}
-STORY_LEN = {"type": "object", "properties": {
-    "title": {"type": "string", "minLength": 1, "maxLength": 80},
-    "story": {"type": "string", "minLength": 1, "maxLength": 4000}},
-    "required": ["title", "story"]}
+# A list of lines: at least LINES strings, so no constrained request can end before
+# --output-len and every step counts (a free-form object let most end after ~20 tokens).
+LINES = 64
+STORY = {"type": "object", "properties": {"lines": {
+    "type": "array", "minItems": LINES, "items": {"type": "string"}}},
+    "required": ["lines"]}
+STORY_LEN = {"type": "object", "properties": {"lines": {
+    "type": "array", "minItems": LINES,
+    "items": {"type": "string", "minLength": 1, "maxLength": 40}}},
+    "required": ["lines"]}
 SETTINGS: dict[str, StructuredSpec | None] = {
     "free": None,
     "json": StructuredSpec("json", json.dumps(STORY)),
