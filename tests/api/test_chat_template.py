@@ -11,10 +11,12 @@ import pytest
 from serving.api.chat_template import (
     ChatRenderer,
     ChatTemplateError,
+    check_server_template,
     conversation_for_template,
     detect_content_format,
     load_chat_template,
 )
+from serving.api.template_worker import TemplateWorkers
 from tests.api.fake_engine import load_smollm2_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -22,6 +24,9 @@ TEMPLATES = REPO / "configs" / "chat_templates"
 
 STRING_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                    "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+# One C call (list.sort) of minutes, in constant memory: the in-sandbox deadline never runs.
+SORT_BOMB = ("{% set a = 'a' * 400000 %}"
+             "{{ ([a ~ 'b', a ~ 'c'] * 500000) | sort(case_sensitive=true) | length }}")
 LIST_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{% for part in m.content %}"
                  "{% if part.type == 'text' %}{{ part.text }}{% endif %}{% endfor %}\n"
                  "{% endfor %}")
@@ -63,11 +68,13 @@ def test_detect_content_format(source: str | None, expected: str) -> None:
 
 def test_detection_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="xlaserve.api"):
-        ChatRenderer(LIST_TEMPLATE)
-        ChatRenderer(STRING_TEMPLATE)
+        assert check_server_template(LIST_TEMPLATE) == "openai"
+        assert check_server_template(STRING_TEMPLATE) == "string"
+        assert check_server_template(LIST_TEMPLATE, "string") == "string"
     lines = [r.getMessage() for r in caplog.records]
     assert any("Detected the chat template content format to be 'openai'" in m for m in lines)
     assert any("Detected the chat template content format to be 'string'" in m for m in lines)
+    assert any("--chat-template-content-format string overrides" in m for m in lines)
 
 
 def test_forced_format_overrides_detection() -> None:
@@ -215,11 +222,13 @@ def test_sandbox_bounds_sequences_and_powers() -> None:
 
 
 def test_render_time_limit_and_event_loop_stays_free() -> None:
+    """Both deadlines in the worker pool: the sandbox's (the worker lives on) and the kill (one
+    long C call the sandbox cannot interrupt: sorting a million long strings that differ only
+    at their ends takes minutes)."""
     slow = ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
             "{% endfor %}")
-    r = ChatRenderer(slow, render_timeout=0.5)
 
-    async def main() -> int:
+    async def main() -> tuple[int, int]:
         ticks = 0
 
         async def ticker() -> None:
@@ -228,12 +237,23 @@ def test_render_time_limit_and_event_loop_stays_free() -> None:
                 await asyncio.sleep(0.01)
                 ticks += 1
 
+        pool = await TemplateWorkers.start(STRING_TEMPLATE, render_timeout=0.5, workers=1)
         t = asyncio.create_task(ticker())
-        with pytest.raises(ChatTemplateError, match="time limit"):
-            await r.render([{"role": "user", "content": "x"}])
-        t.cancel()
-        return ticks
+        try:
+            with pytest.raises(ChatTemplateError, match="time limit"):
+                await pool.render([{"role": "user", "content": "x"}], template=slow)
+            assert pool.kills == 0
+            with pytest.raises(ChatTemplateError, match="renderer was stopped"):
+                await pool.render([{"role": "user", "content": "x"}], template=SORT_BOMB)
+            assert pool.kills == 1
+            # a fresh worker took the killed one's place
+            assert await pool.render([{"role": "user", "content": "x"}]) == \
+                "<|user|>x\n<|assistant|>"
+        finally:
+            t.cancel()
+            await pool.close()
+        return ticks, pool.kills
 
-    # The loop kept running while the template spun in the worker thread.
-    assert asyncio.run(main()) > 0
-    r.close()
+    # The loop kept running while the templates spun in the worker process.
+    ticks, kills = asyncio.run(main())
+    assert ticks > 50 and kills == 1

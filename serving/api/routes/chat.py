@@ -59,6 +59,7 @@ from serving.api.routes.common import (
 from serving.api.state import ServerState
 from serving.api.streaming import SSEWriter
 from serving.api.structured import structured_spec, with_tool_constraint
+from serving.api.template_worker import TemplateWorkersBusy
 from serving.api.tool_output import (
     ChoiceToolStream,
     StreamDelta,
@@ -116,6 +117,8 @@ async def render_prompt(state: ServerState, messages: list[ChatMessage], *,
             template_kwargs=template_kwargs, template=template, tools=tools)
     except ChatTemplateError as e:
         raise BadRequest(str(e), param="messages") from None
+    except TemplateWorkersBusy as e:
+        raise ServiceUnavailable(str(e)) from None
 
 
 def _final_text(message: ChatMessage) -> str:
