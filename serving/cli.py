@@ -358,11 +358,12 @@ def run_server(engine_args: EngineArgs, server_args: ServerArgs) -> int:
 def serve_app(server_args: ServerArgs, engine_factory: Any, *, model_root: str = "") -> int:
     """Build the app around ``engine_factory`` and run it in this process until stopped."""
     from serving.api.app import create_app
+    from serving.api.http_protocol import DeadlineHttpProtocol
 
     app = create_app(server_args, engine_factory, model_root=model_root)
     logger.info("Starting xlaserve on http://%s:%d", server_args.host, server_args.port)
     app.run(host=server_args.host, port=server_args.port, single_process=True,
-            access_log=False, motd=False)
+            access_log=False, motd=False, protocol=DeadlineHttpProtocol)
     code: int = app.ctx.state.exit_code
     return code
 

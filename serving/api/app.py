@@ -246,6 +246,13 @@ def _authorized(header: str | None, digests: list[bytes]) -> bool:
     return ok
 
 
+def _placeholder(request: Request) -> bool:
+    """Sanic's stand-in for a request that failed before its head was parsed (408 while the
+    head trickles in, 431, a malformed request line): method "NONE", no headers. Only error
+    handling sees it (no route has that method), so its status must not become a 401."""
+    return request.method == "NONE" and not request.headers
+
+
 def _add_middleware(app: Sanic, args: ServerArgs) -> None:
     digests = _key_digests(args.api_keys)
     origins = set(args.allowed_origins)
@@ -261,7 +268,7 @@ def _add_middleware(app: Sanic, args: ServerArgs) -> None:
 
     @app.middleware("request", priority=90)
     async def _auth(request: Request) -> HTTPResponse | None:
-        if not digests or request.method == "OPTIONS":
+        if not digests or request.method == "OPTIONS" or _placeholder(request):
             return None
         route = request.route
         if route is not None and route.path.strip("/") in PUBLIC_PATHS:

@@ -36,6 +36,7 @@ import os
 import struct
 import sys
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, BinaryIO
 
@@ -140,9 +141,13 @@ class TemplateWorkers:
         # The worker imports this package from where the server imported it.
         root = os.path.dirname(os.path.dirname(os.path.abspath(serving.__file__)))
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "serving.api.template_worker", env=env,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        with warnings.catch_warnings():
+            # JAX warns on any fork; the child here execs at once and runs no inherited thread.
+            warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called",
+                                    category=RuntimeWarning)
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "serving.api.template_worker", env=env,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
         worker = _Worker(proc)
         self._all.add(worker)
         try:

@@ -18,6 +18,11 @@ from typing import Literal, get_args
 MAX_LOGPROBS = 20
 # Largest number of logit_bias entries (the OpenAI API's own limit).
 MAX_LOGIT_BIAS = 300
+# The sampler's per-row bias slots: the logit_bias entries, then the ids min_tokens bans (the stop
+# token ids and EOS ids) while it holds. A request that needs more is refused, never truncated.
+BIAS_SLOTS = MAX_LOGIT_BIAS + 32
+# Largest stop_token_ids list: each generated token is looked up in it.
+MAX_STOP_TOKEN_IDS = 256
 
 
 StructuredKind = Literal["json", "regex", "choice", "grammar", "json_object", "structural_tag"]
@@ -142,6 +147,9 @@ class SamplingParams:
                 bad("logit_bias", f"token id {tok} is out of vocabulary (size {vocab_size}).")
             if not -100.0 <= bias <= 100.0:
                 bad("logit_bias", f"values must be in [-100, 100], got {bias}.")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            bad("stop_token_ids", f"may hold at most {MAX_STOP_TOKEN_IDS} ids, got "
+                f"{len(self.stop_token_ids)}.")
         for tok in self.stop_token_ids:
             if vocab_size is not None and not 0 <= tok < vocab_size:
                 bad("stop_token_ids", f"token id {tok} is out of vocabulary (size {vocab_size}).")

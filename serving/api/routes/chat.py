@@ -135,7 +135,7 @@ async def _plan(request: Request, state: ServerState) -> _Plan:
     model = state.resolve_model(req.model)
     engine = state.require_generate("Chat Completions API")
     check_unsupported(req, UNSUPPORTED_CHAT)
-    check_common(req, state.args.max_n)
+    check_common(req, state.args.max_n, state.args.max_logprobs)
     tools, tool_spec = plan_tools(req.tools, req.tool_choice, state.args)
     if req.store:
         raise BadRequest("store is not supported (this server stores nothing).", param="store")
