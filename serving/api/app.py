@@ -7,9 +7,9 @@ engine per worker, each claiming the accelerator).
 Lifecycle:
 - after the socket is bound, a background task calls ``engine_factory()`` in a daemon thread
   (loading and compiling take seconds to minutes), then ``engine.start()`` on the server loop,
-  then builds the chat renderer and metrics. Until then ``/health`` and every generation route
-  answer 503, so orchestrators can tell "loading" from "dead". A load failure stops the server
-  with exit code 1;
+  then starts the chat template workers and builds the metrics. Until then ``/health`` and
+  every generation route answer 503, so orchestrators can tell "loading" from "dead". A load
+  failure stops the server with exit code 1;
 - if the engine dies later, in-flight requests end with an error (500, or an error event in a
   stream), ``/health`` turns 503, and the server exits with code 1 so a supervisor restarts it;
 - on SIGTERM/SIGINT (``before_server_stop``) the server stops admitting requests (503), waits up
