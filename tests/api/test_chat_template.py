@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -257,3 +259,32 @@ def test_render_time_limit_and_event_loop_stays_free() -> None:
     # The loop kept running while the templates spun in the worker process.
     ticks, kills = asyncio.run(main())
     assert ticks > 50 and kills == 1
+
+
+def test_worker_pool_survives_cancellation_and_a_dead_worker() -> None:
+    msg = [{"role": "user", "content": "x"}]
+
+    async def main() -> None:
+        pool = await TemplateWorkers.start(STRING_TEMPLATE, render_timeout=0.5, workers=1)
+        try:
+            task = asyncio.create_task(pool.render(msg, template=SORT_BOMB))
+            await asyncio.sleep(0.2)
+            task.cancel()  # the client hung up: the render runs on until killed
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            for _ in range(100):
+                if pool.kills:
+                    break
+                await asyncio.sleep(0.05)
+            assert pool.kills == 1
+            # the slot came back (with a fresh worker), not lost with the cancelled caller
+            assert await pool.render(msg, add_generation_prompt=False) == "<|user|>x\n"
+            (worker,) = pool._all
+            os.kill(worker.proc.pid, signal.SIGKILL)  # dies on its own (the OOM killer, say)
+            with pytest.raises(ChatTemplateError, match="worker stopped"):
+                await pool.render(msg)
+            assert await pool.render(msg, add_generation_prompt=False) == "<|user|>x\n"
+        finally:
+            await pool.close()
+
+    asyncio.run(main())
