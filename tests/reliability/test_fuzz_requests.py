@@ -201,7 +201,7 @@ def test_vocab_edge(fuzz_http: httpx.Client) -> None:
     check_error(fuzz_http.post("/detokenize", json={"tokens": [VOCAB]}), 400, "vocabulary")
 
 
-@fuzz_settings(60)
+@fuzz_settings(50)
 @given(body=positive_completion())
 def test_completions_positive(fuzz_http: httpx.Client, body: dict[str, Any]) -> None:
     prompt = body["prompt"]
@@ -209,7 +209,7 @@ def test_completions_positive(fuzz_http: httpx.Client, body: dict[str, Any]) -> 
     check_served(fuzz_http.post("/v1/completions", json=body), body, prompts)
 
 
-@fuzz_settings(50)
+@fuzz_settings(40)
 @given(body=positive_chat())
 def test_chat_positive(fuzz_http: httpx.Client, body: dict[str, Any]) -> None:
     check_served(fuzz_http.post("/v1/chat/completions", json=body), body, 1)
