@@ -202,9 +202,9 @@ class TemplateWorkers:
                 raise ChatTemplateError(
                     "The chat template worker stopped while rendering (it may have exceeded its "
                     "memory budget).") from None
-            if "error" in reply:
+            if isinstance(reply, dict) and "error" in reply:
                 raise ChatTemplateError(str(reply["error"]))
-            text = reply.get("text")
+            text = reply.get("text") if isinstance(reply, dict) else None
             if not isinstance(text, str):
                 self._kill(worker, "it answered without text")
                 raise ChatTemplateError("The chat template worker answered without a prompt.")
