@@ -20,6 +20,8 @@ Contract:
 - a render that has not answered ``KILL_GRACE_S`` after its ``render_timeout`` gets its worker
   killed (SIGKILL) and a ``ChatTemplateError``; so does a worker that dies or answers garbage.
   A fresh worker replaces it on its next use;
+- a worker dies with the server (Linux ``PR_SET_PDEATHSIG``), even one stuck in a C call, so a
+  server that is killed leaves no template burning CPU;
 - a request waits at most ``render_timeout`` for a free worker, then gets ``TemplateWorkersBusy``
   (the routes answer 503);
 - a caller that is cancelled (client disconnect) does not lose the worker: the render finishes
@@ -33,6 +35,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import struct
 import sys
 import time
@@ -124,7 +127,7 @@ class TemplateWorkers:
             check_server_template(template, content_format)
         config = {"template": template, "content_format": content_format,
                   "special_tokens": dict(special_tokens or {}), "render_timeout": render_timeout,
-                  "memory_bytes": memory_bytes}
+                  "memory_bytes": memory_bytes, "server_pid": os.getpid()}
         pool = cls(config, workers, render_timeout)
         slots = [pool._idle.get_nowait() for _ in range(workers)]
         try:
@@ -271,15 +274,25 @@ def _render(renderer: ChatRenderer, request: dict[str, Any]) -> dict[str, Any]:
                          "its memory budget)."}
 
 
+def _die_with_parent() -> None:
+    """SIGKILL this process when the thread that spawned it (the server's event loop) dies."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+
+
 def main() -> None:
     """Serve render requests on stdin/stdout until stdin closes. Frame 1 is the config."""
     import resource
 
+    _die_with_parent()
     requests, replies = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # a stray print goes to the server's log, never into the reply pipe
     config = _read_frame(requests)
-    if config is None:
-        return
+    if config is None or os.getppid() != config["server_pid"]:
+        return  # the server is gone already (it died before the death signal was armed)
     resource.setrlimit(resource.RLIMIT_AS, (config["memory_bytes"], config["memory_bytes"]))
     try:
         renderer = ChatRenderer(config["template"], content_format=config["content_format"],

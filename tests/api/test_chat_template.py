@@ -6,6 +6,9 @@ import asyncio
 import logging
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -288,3 +291,32 @@ def test_worker_pool_survives_cancellation_and_a_dead_worker() -> None:
             await pool.close()
 
     asyncio.run(main())
+
+
+def test_workers_die_with_the_server(tmp_path: Path) -> None:
+    """A server killed while a worker is stuck in a long C call leaves no worker behind."""
+    script = tmp_path / "server.py"
+    script.write_text(
+        "import asyncio, os, sys\n"
+        "from serving.api.template_worker import TemplateWorkers\n"
+        "from tests.api.test_chat_template import SORT_BOMB\n"
+        "async def main():\n"
+        "    pool = await TemplateWorkers.start(None, render_timeout=60, workers=1)\n"
+        "    task = asyncio.create_task(pool.render([], template=SORT_BOMB))\n"
+        "    await asyncio.sleep(0.5)\n"
+        "    print(*(w.proc.pid for w in pool._all), flush=True)\n"
+        "    os._exit(0)  # no cleanup, as under SIGKILL\n"
+        "asyncio.run(main())\n")
+    # stderr, which the worker inherits, must not be a pipe run() waits on
+    out = subprocess.run([sys.executable, str(script)], stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    (pid,) = [int(x) for x in out.stdout.split()]
+    for _ in range(50):
+        if not Path(f"/proc/{pid}").exists() or \
+                Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        raise AssertionError("the template worker outlived its server")
