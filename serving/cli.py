@@ -24,6 +24,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import types
 from collections.abc import Callable, Iterator, Sequence
@@ -311,10 +312,41 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[EngineArgs, ServerArg
     return engine, server
 
 
+# Characters that end, rewrite or hide a line on a terminal or in a log viewer (all C0/C1
+# controls but tab and newline, and Unicode's line and paragraph separators).
+_UNSAFE_IN_LOGS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape_unsafe(text: str) -> str:
+    return _UNSAFE_IN_LOGS.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
+
+
+class EscapingFormatter(logging.Formatter):
+    """Log records that client bytes cannot forge (a URL, a header, a field name may reach a
+    message or an exception): a message is one line, its control characters and newlines escaped;
+    a traceback keeps its newlines but has its control characters escaped and every line
+    indented, so no line of it can pass for a record of its own."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = _escape_unsafe(record.message).replace("\n", "\\n")
+        return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:
+        return self._indented(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return self._indented(super().formatStack(stack_info))
+
+    @staticmethod
+    def _indented(text: str) -> str:
+        return "\n".join("  " + _escape_unsafe(line) for line in text.split("\n"))
+
+
 def setup_logging(level: str) -> None:
     numeric = logging.DEBUG if level == "trace" else getattr(logging, level.upper())
-    logging.basicConfig(level=numeric, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr, force=True)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=numeric, handlers=[handler], force=True)
     for noisy in ("sanic.access",):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -358,11 +390,12 @@ def run_server(engine_args: EngineArgs, server_args: ServerArgs) -> int:
 def serve_app(server_args: ServerArgs, engine_factory: Any, *, model_root: str = "") -> int:
     """Build the app around ``engine_factory`` and run it in this process until stopped."""
     from serving.api.app import create_app
+    from serving.api.http_protocol import DeadlineHttpProtocol
 
     app = create_app(server_args, engine_factory, model_root=model_root)
     logger.info("Starting xlaserve on http://%s:%d", server_args.host, server_args.port)
     app.run(host=server_args.host, port=server_args.port, single_process=True,
-            access_log=False, motd=False)
+            access_log=False, motd=False, protocol=DeadlineHttpProtocol)
     code: int = app.ctx.state.exit_code
     return code
 

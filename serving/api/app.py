@@ -7,9 +7,9 @@ engine per worker, each claiming the accelerator).
 Lifecycle:
 - after the socket is bound, a background task calls ``engine_factory()`` in a daemon thread
   (loading and compiling take seconds to minutes), then ``engine.start()`` on the server loop,
-  then builds the chat renderer and metrics. Until then ``/health`` and every generation route
-  answer 503, so orchestrators can tell "loading" from "dead". A load failure stops the server
-  with exit code 1;
+  then starts the chat template workers and builds the metrics. Until then ``/health`` and
+  every generation route answer 503, so orchestrators can tell "loading" from "dead". A load
+  failure stops the server with exit code 1;
 - if the engine dies later, in-flight requests end with an error (500, or an error event in a
   stream), ``/health`` turns 503, and the server exits with code 1 so a supervisor restarts it;
 - on SIGTERM/SIGINT (``before_server_stop``) the server stops admitting requests (503), waits up
@@ -39,12 +39,13 @@ from sanic import HTTPResponse, Request, Sanic
 from sanic.response import BaseHTTPResponse
 
 from serving.api.args import ServerArgs
-from serving.api.chat_template import ChatRenderer, ChatTemplateError, load_chat_template
+from serving.api.chat_template import ChatTemplateError, load_chat_template
 from serving.api.engine_protocol import ServingEngine
 from serving.api.errors import OpenAIErrorHandler, error_response
 from serving.api.metrics import ServerMetrics
 from serving.api.routes import chat, completions, info, pooling, tokenize
 from serving.api.state import ServerState
+from serving.api.template_worker import TemplateWorkers
 from serving.api.tokens import TokenTexts
 
 logger = logging.getLogger("xlaserve.api")
@@ -87,7 +88,8 @@ def create_app(args: ServerArgs, engine_factory: Callable[[], ServingEngine], *,
         try:
             engine = await _in_daemon_thread(engine_factory)
             await engine.start()
-            _on_engine_ready(state, engine, server_template)
+            renderer = await _start_renderer(args, engine, server_template)
+            _on_engine_ready(state, engine, renderer)
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -145,7 +147,7 @@ def create_app(args: ServerArgs, engine_factory: Callable[[], ServingEngine], *,
     @app.after_server_stop
     async def _close(app: Sanic) -> None:
         if state.renderer is not None:
-            state.renderer.close()
+            await state.renderer.close()
         state.cpu_pool.shutdown(wait=False, cancel_futures=True)
 
     return app
@@ -176,9 +178,10 @@ async def _in_daemon_thread(fn: Callable[[], ServingEngine]) -> ServingEngine:
     return await fut
 
 
-def _on_engine_ready(state: ServerState, engine: ServingEngine,
-                     server_template: str | None) -> None:
-    args = state.args
+async def _start_renderer(args: ServerArgs, engine: ServingEngine,
+                          server_template: str | None) -> TemplateWorkers:
+    """The chat template worker pool for the server's template (``--chat-template``, else the
+    tokenizer's); a template that does not compile stops the server."""
     tok = engine.tokenizer
     template = server_template
     if template is None:
@@ -191,11 +194,18 @@ def _on_engine_ready(state: ServerState, engine: ServingEngine,
     special = {k: v for k, v in (getattr(tok, "special_tokens_map", None) or {}).items()
                if isinstance(v, str)}
     try:
-        renderer = ChatRenderer(template, content_format=args.chat_template_content_format,
-                                special_tokens=special,
-                                render_timeout=args.chat_template_render_timeout)
+        return await TemplateWorkers.start(
+            template, content_format=args.chat_template_content_format, special_tokens=special,
+            render_timeout=args.chat_template_render_timeout,
+            memory_bytes=args.chat_template_render_memory, workers=args.chat_template_workers)
     except ChatTemplateError as e:
         raise ValueError(f"The chat template cannot be used: {e}") from None
+
+
+def _on_engine_ready(state: ServerState, engine: ServingEngine,
+                     renderer: TemplateWorkers) -> None:
+    args = state.args
+    tok = engine.tokenizer
     state.served_names = list(args.served_model_names) or [engine.model_name]
     if not state.model_root:
         state.model_root = engine.model_name
@@ -236,6 +246,13 @@ def _authorized(header: str | None, digests: list[bytes]) -> bool:
     return ok
 
 
+def _placeholder(request: Request) -> bool:
+    """Sanic's stand-in for a request that failed before its head was parsed (408 while the
+    head trickles in, 431, a malformed request line): method "NONE", no headers. Only error
+    handling sees it (no route has that method), so its status must not become a 401."""
+    return request.method == "NONE" and not request.headers
+
+
 def _add_middleware(app: Sanic, args: ServerArgs) -> None:
     digests = _key_digests(args.api_keys)
     origins = set(args.allowed_origins)
@@ -251,7 +268,7 @@ def _add_middleware(app: Sanic, args: ServerArgs) -> None:
 
     @app.middleware("request", priority=90)
     async def _auth(request: Request) -> HTTPResponse | None:
-        if not digests or request.method == "OPTIONS":
+        if not digests or request.method == "OPTIONS" or _placeholder(request):
             return None
         route = request.route
         if route is not None and route.path.strip("/") in PUBLIC_PATHS:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from serving.api.chat_template import load_chat_template
 from serving.api.reasoning import reasoning_parser_names
+from serving.api.template_worker import DEFAULT_MEMORY_BYTES
 from serving.api.tool_parsers import load_tool_parser_plugin, tool_parser_names
 from serving.engine.sampling_params import MAX_LOGPROBS
 from serving.options import byte_size, int_in_range, option
@@ -67,7 +68,15 @@ class ServerArgs:
         False, "Allow requests to bring their own chat_template (refused by default: templates "
                "are code).", group=CHAT)
     chat_template_render_timeout: float = option(
-        5.0, "Time limit for rendering one chat template.", metavar="SECONDS", group=CHAT)
+        5.0, "Time limit for rendering one chat template; a worker still rendering 1 s after it "
+             "is killed.", metavar="SECONDS", group=CHAT)
+    chat_template_render_memory: int = option(
+        DEFAULT_MEMORY_BYTES, "Address-space limit of each chat template worker process (bytes, "
+                              "or 512MiB, 1G); a template that needs more gets 400.",
+        parse=byte_size, metavar="SIZE", group=CHAT)
+    chat_template_workers: int = option(
+        2, "Chat template worker processes (templates render outside the server process, so a "
+           "hostile one can be killed).", parse=int_in_range(1, 64), group=CHAT)
     response_role: str = option(
         "assistant", "Role of generated chat messages when add_generation_prompt is true.",
         group=CHAT)

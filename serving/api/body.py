@@ -1,8 +1,9 @@
 """Request bodies → pydantic models, with every failure a 400 (never 422, never 500).
 
 Checked in order: ``Content-Type: application/json`` (parameters such as ``charset`` ignored),
-strict UTF-8, JSON syntax (``NaN``/``Infinity`` refused; absurd nesting and 4300+-digit integers
-are caught), a JSON *object* at the top level, then the schema. Error messages name the field
+strict UTF-8, JSON syntax (``NaN``/``Infinity`` refused; 4300+-digit integers are caught), a JSON
+*object* at the top level, nesting at most ``MAX_JSON_DEPTH`` deep and no lone surrogates, then the
+schema. Error messages name the field
 and never echo the input (vLLM #49239: echoing inputs turned a 4 KB request into a 114 MB error).
 Unknown top-level fields are accepted and logged, as vLLM does.
 """
@@ -22,6 +23,10 @@ logger = logging.getLogger("xlaserve.api")
 
 M = TypeVar("M", bound=BaseModel)
 MAX_REPORTED_ERRORS = 5
+# Deepest nesting of arrays and objects a body may have (JSON schemas and tool definitions need a
+# few dozen levels; every later stage, pydantic, the template worker and the grammar compiler,
+# walks the structure recursively).
+MAX_JSON_DEPTH = 128
 
 
 def _refuse_constant(name: str) -> Any:
@@ -63,7 +68,11 @@ def _json_type(value: Any) -> str:
 
 
 def _check_strings(value: Any, depth: int = 0) -> None:
-    """Refuse lone UTF-16 surrogates (valid JSON escapes, invalid Unicode; tokenizers choke)."""
+    """Refuse lone UTF-16 surrogates (valid JSON escapes, invalid Unicode; tokenizers choke) and
+    nesting deeper than ``MAX_JSON_DEPTH``."""
+    if depth > MAX_JSON_DEPTH:
+        raise BadRequest(f"The request body is nested too deeply (more than {MAX_JSON_DEPTH} "
+                         "levels).")
     if isinstance(value, str):
         try:
             value.encode("utf-8")
@@ -72,7 +81,7 @@ def _check_strings(value: Any, depth: int = 0) -> None:
                              f"surrogate) at string offset {e.start}.") from None
     elif isinstance(value, dict):
         for k, v in value.items():
-            _check_strings(k, depth + 1)
+            _check_strings(k, depth)
             _check_strings(v, depth + 1)
     elif isinstance(value, list):
         for v in value:

@@ -1,16 +1,17 @@
 """Chat templates: loading, content-format detection, and sandboxed rendering with a time limit.
 
-Who calls: ``serving.api.app`` builds one ``ChatRenderer`` when the engine is ready (template from
-``--chat-template`` or the tokenizer / GGUF metadata); the chat and tokenize routes call
-``ChatRenderer.render`` per request.
+Who calls: ``serving.api.template_worker`` runs one ``ChatRenderer`` in each of its worker
+processes (template from ``--chat-template`` or the tokenizer / GGUF metadata); the server process
+itself only checks the server's template at startup (``check_server_template``) and never renders.
 
 Security contract (chat templates ship inside model files, so they are untrusted code):
 - every template, the server's and a request's, is compiled in one ``ImmutableSandboxedEnvironment``
   subclass: attributes starting with ``_`` (``__class__``, ``__globals__``, ...) are refused by the
   sandbox, mutating methods are refused, ``lipsum`` is gone, and ``*``/``**`` are bounded;
-- rendering runs in a small thread pool, never on the event loop, and each render has a deadline:
-  the sandbox checks it on every call, attribute and item access and on every ``range`` step, so a
-  runaway template stops itself; the awaiting request gets a 400 either way;
+- each render has a deadline: the sandbox checks it on every call, attribute and item access and
+  on every ``range`` step, so a runaway template stops itself with a ``ChatTemplateError``. A single
+  long C call (a huge integer product) is not interrupted by it: that is why rendering happens in
+  worker processes with a memory limit, which the server kills past a hard deadline;
 - request templates are refused unless the operator passed ``--trust-request-chat-template``
   (checked by the caller), and ``chat_template_kwargs`` cannot override the variables this module
   sets itself.
@@ -23,7 +24,6 @@ special-token variables.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
@@ -33,7 +33,6 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any, Literal
 
@@ -358,17 +357,32 @@ def _parse_tool_call(call: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
+def check_server_template(template: str, content_format: str = "auto") -> ContentFormat:
+    """Compile the server's template (a ``ChatTemplateError`` on a syntax error) and log its
+    detected content format, once, in the server process; returns the format in use."""
+    detected = ChatRenderer(template).content_format or "string"
+    logger.info("Detected the chat template content format to be '%s'. You can set "
+                "`--chat-template-content-format` to override this.", detected)
+    if content_format != "auto" and content_format != detected:
+        logger.warning("--chat-template-content-format %s overrides the detected format "
+                       "'%s'; rendering may differ from what the template expects.",
+                       content_format, detected)
+        return content_format  # type: ignore[return-value]
+    return detected
+
+
 class ChatRenderer:
-    """Renders conversations with the server's template, or a trusted request template.
+    """Renders conversations with the server's template, or a trusted request template, in the
+    calling thread (the server calls it only inside its template worker processes).
 
     ``special_tokens`` are the tokenizer's special-token strings (``bos_token``, ``eos_token``,
     ...), which templates read as variables. ``content_format`` is "auto", "string" or "openai";
-    with "auto" the format is detected per template and the server template's format is logged.
+    with "auto" the format is detected per template.
     """
 
     def __init__(self, template: str | None, *, content_format: str = "auto",
                  special_tokens: Mapping[str, str] | None = None,
-                 render_timeout: float = DEFAULT_RENDER_TIMEOUT_S, max_workers: int = 2) -> None:
+                 render_timeout: float = DEFAULT_RENDER_TIMEOUT_S) -> None:
         self.env = make_environment()
         self.template_source = template
         if content_format not in ("auto", "string", "openai"):
@@ -379,19 +393,10 @@ class ChatRenderer:
         self.render_timeout = render_timeout
         self._compiled: OrderedDict[str, tuple[jinja2.Template, ContentFormat]] = OrderedDict()
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=max_workers,
-                                        thread_name_prefix="chat-template")
         self.content_format: ContentFormat | None = None
         if template is not None:
-            self._compile(template)  # a syntax error stops the server at startup
-            detected = detect_content_format(template)
-            logger.info("Detected the chat template content format to be '%s'. You can set "
-                        "`--chat-template-content-format` to override this.", detected)
-            if self.forced_format is not None and self.forced_format != detected:
-                logger.warning("--chat-template-content-format %s overrides the detected format "
-                               "'%s'; rendering may differ from what the template expects.",
-                               self.forced_format, detected)
-            self.content_format = self.forced_format or detected
+            # a syntax error stops the server at startup
+            self.content_format = self._compile(template)[1]
 
     def _compile(self, source: str) -> tuple[jinja2.Template, ContentFormat]:
         with self._lock:
@@ -466,21 +471,6 @@ class ChatRenderer:
         if sentinel:
             rendered = _cut_at_sentinel(rendered, sentinel)
         return rendered
-
-    async def render(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> str:
-        """``render_sync`` in the worker pool; the event loop never runs template code."""
-        loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self._pool, lambda: self.render_sync(messages, **kwargs))
-        try:
-            # The deadline inside the sandbox normally fires first; this bound also covers a
-            # template stuck inside one long C call, and a pool busy with such templates.
-            return await asyncio.wait_for(fut, timeout=self.render_timeout + 1.0)
-        except TimeoutError:
-            raise ChatTemplateError("Chat template rendering exceeded its time limit of "
-                                    f"{self.render_timeout:g} s.") from None
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _tag_final_message(chat: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:

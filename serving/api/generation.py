@@ -41,7 +41,7 @@ from serving.api.reasoning import ReasoningParser, get_reasoning_parser
 from serving.api.structured import compile_grammar
 from serving.engine.outputs import RequestOutput
 from serving.engine.request import EngineRequest
-from serving.engine.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredSpec
+from serving.engine.sampling_params import SamplingParams, StructuredSpec
 from serving.engine.structured_output import CompiledGrammar
 
 logger = logging.getLogger("xlaserve.api")
@@ -65,8 +65,9 @@ def check_unsupported(req: Any, table: Mapping[str, str]) -> None:
         raise BadRequest(why, param=name)
 
 
-def check_common(req: SamplingFields, max_n: int) -> None:
-    """Checks shared by both generation APIs that do not depend on the prompt."""
+def check_common(req: SamplingFields, max_n: int, max_logprobs: int) -> None:
+    """Checks shared by both generation APIs that do not depend on the prompt
+    (``max_n``, ``max_logprobs``: the server's ``--max-n`` and ``--max-logprobs``)."""
     check_unsupported(req, UNSUPPORTED_SAMPLING)
     if req.cache_salt is not None and not req.cache_salt:
         raise BadRequest("Parameter 'cache_salt' must be a non-empty string if provided.",
@@ -93,9 +94,12 @@ def check_common(req: SamplingFields, max_n: int) -> None:
     if req.stream and req.prompt_logprobs is not None:
         raise BadRequest("`prompt_logprobs` are not available when `stream=True`.",
                          param="prompt_logprobs")
-    if req.prompt_logprobs is not None and not 0 <= req.prompt_logprobs <= MAX_LOGPROBS:
-        raise BadRequest(f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got "
+    if req.prompt_logprobs is not None and req.prompt_logprobs < 0:
+        raise BadRequest(f"prompt_logprobs must be a positive value or 0, got "
                          f"{req.prompt_logprobs}.", param="prompt_logprobs")
+    if req.prompt_logprobs is not None and req.prompt_logprobs > max_logprobs:
+        raise BadRequest(f"Requested prompt logprobs of {req.prompt_logprobs}, which is greater "
+                         f"than max allowed: {max_logprobs}", param="prompt_logprobs")
 
 
 def _stop_list(stop: str | list[str] | None) -> list[str]:

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 from serving.api.args import ServerArgs
-from serving.api.chat_template import ChatRenderer
 from serving.api.engine_protocol import EngineClient, PoolingEngineClient, ServingEngine
 from serving.api.errors import BadRequest, NotFound, ServiceUnavailable
 from serving.api.metrics import ServerMetrics
+from serving.api.template_worker import TemplateWorkers
 from serving.api.tokens import TokenTexts
 
 T = TypeVar("T")
@@ -29,7 +29,7 @@ class ServerState:
     args: ServerArgs
     model_root: str = ""  # what /v1/models reports as "root": the model path or alias
     engine: ServingEngine | None = None
-    renderer: ChatRenderer | None = None
+    renderer: TemplateWorkers | None = None
     tokens: TokenTexts | None = None
     metrics: ServerMetrics | None = None
     served_names: list[str] = field(default_factory=list)

@@ -24,7 +24,7 @@ from serving.engine.pooling_params import (
     PoolingParams,
 )
 from serving.engine.request import EngineRequest
-from serving.engine.sampling_params import SamplingParams
+from serving.engine.sampling_params import BIAS_SLOTS, SamplingParams
 from serving.engine.structured_output import CompiledGrammar, GrammarBackend, GrammarError
 
 # Wording of the too-long error per pooling task (vLLM's "... tokens in the input for <what>").
@@ -114,6 +114,15 @@ class InputProcessor:
         if params.min_tokens > max_tokens:
             raise RequestError(f"min_tokens must be less than or equal to max_tokens="
                                f"{max_tokens}, got {params.min_tokens}.", "min_tokens")
+        if params.min_tokens > 0:
+            # The scheduler bans these ids while min_tokens holds, in the sampler's bias slots.
+            bans = set(params.stop_token_ids) | (set() if params.ignore_eos else f.eos_ids)
+            if len(params.logit_bias) + len(bans) > BIAS_SLOTS:
+                raise RequestError(
+                    f"min_tokens bans the stop_token_ids and EOS ids until it is reached, and "
+                    f"the sampler holds at most {BIAS_SLOTS} logit_bias entries and banned ids "
+                    f"together; this request has {len(params.logit_bias)} + {len(bans)}. Send "
+                    "fewer stop_token_ids or logit_bias entries.", "stop_token_ids")
         self._check_pages(n + max_tokens, "reduce max_tokens or the prompt", "max_tokens")
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
             raise RequestError("Parameter 'cache_salt' must be a non-empty string if provided.",

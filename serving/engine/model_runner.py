@@ -69,12 +69,12 @@ from serving.engine.sampler import (
     prompt_logprobs,
     sample,
 )
-from serving.engine.sampling_params import MAX_LOGIT_BIAS
+from serving.engine.sampling_params import BIAS_SLOTS
 from sharding.rules import KV_CACHE_AXES
 
 log = logging.getLogger("xlaserve.runner")
 
-BIAS_WIDTH = MAX_LOGIT_BIAS + 32  # logit_bias entries plus min_tokens bans (eos, stop ids)
+BIAS_WIDTH = BIAS_SLOTS  # logit_bias entries plus min_tokens bans (eos, stop ids)
 
 
 @dataclass(frozen=True)
@@ -379,7 +379,7 @@ class ModelRunner:
                     continue
                 entries = [(int(k), float(v)) for k, v in row.sampling.params.logit_bias.items()]
                 entries += [(b, -np.inf) for b in row.sampling.banned]
-                entries = entries[:BIAS_WIDTH]
+                assert len(entries) <= BIAS_WIDTH, "InputProcessor bounds logit_bias + bans"
                 if entries:
                     bias_ids[i, :len(entries)] = [e[0] for e in entries]
                     bias_vals[i, :len(entries)] = [e[1] for e in entries]

@@ -18,6 +18,12 @@ from typing import Literal, get_args
 MAX_LOGPROBS = 20
 # Largest number of logit_bias entries (the OpenAI API's own limit).
 MAX_LOGIT_BIAS = 300
+# The sampler's per-row bias slots: the logit_bias entries, then the ids min_tokens bans (the stop
+# token ids and EOS ids) while it holds. A request that needs more is refused, never truncated.
+BIAS_SLOTS = MAX_LOGIT_BIAS + 32
+INT32_MAX = 2**31 - 1
+# Largest stop_token_ids list: each generated token is looked up in it.
+MAX_STOP_TOKEN_IDS = 256
 
 
 StructuredKind = Literal["json", "regex", "choice", "grammar", "json_object", "structural_tag"]
@@ -116,6 +122,8 @@ class SamplingParams:
             bad("top_p", f"must be in (0, 1], got {self.top_p}.")
         if self.top_k < 0:
             bad("top_k", f"must be -1 (disable), or at least 1, got {self.top_k}.")
+        if self.top_k > INT32_MAX:  # the sampler's i32 row (any k >= vocab size keeps all)
+            bad("top_k", f"must be at most {INT32_MAX}, got {self.top_k}.")
         if not 0.0 <= self.min_p <= 1.0:
             bad("min_p", f"must be in [0, 1], got {self.min_p}.")
         if not -2.0 <= self.presence_penalty <= 2.0:
@@ -142,6 +150,9 @@ class SamplingParams:
                 bad("logit_bias", f"token id {tok} is out of vocabulary (size {vocab_size}).")
             if not -100.0 <= bias <= 100.0:
                 bad("logit_bias", f"values must be in [-100, 100], got {bias}.")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            bad("stop_token_ids", f"may hold at most {MAX_STOP_TOKEN_IDS} ids, got "
+                f"{len(self.stop_token_ids)}.")
         for tok in self.stop_token_ids:
             if vocab_size is not None and not 0 <= tok < vocab_size:
                 bad("stop_token_ids", f"token id {tok} is out of vocabulary (size {vocab_size}).")

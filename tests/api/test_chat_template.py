@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,10 +16,12 @@ import pytest
 from serving.api.chat_template import (
     ChatRenderer,
     ChatTemplateError,
+    check_server_template,
     conversation_for_template,
     detect_content_format,
     load_chat_template,
 )
+from serving.api.template_worker import TemplateWorkers
 from tests.api.fake_engine import load_smollm2_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -22,6 +29,9 @@ TEMPLATES = REPO / "configs" / "chat_templates"
 
 STRING_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                    "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+# One C call (list.sort) of minutes, in constant memory: the in-sandbox deadline never runs.
+SORT_BOMB = ("{% set a = 'a' * 400000 %}"
+             "{{ ([a ~ 'b', a ~ 'c'] * 500000) | sort(case_sensitive=true) | length }}")
 LIST_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{% for part in m.content %}"
                  "{% if part.type == 'text' %}{{ part.text }}{% endif %}{% endfor %}\n"
                  "{% endfor %}")
@@ -63,11 +73,13 @@ def test_detect_content_format(source: str | None, expected: str) -> None:
 
 def test_detection_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="xlaserve.api"):
-        ChatRenderer(LIST_TEMPLATE)
-        ChatRenderer(STRING_TEMPLATE)
+        assert check_server_template(LIST_TEMPLATE) == "openai"
+        assert check_server_template(STRING_TEMPLATE) == "string"
+        assert check_server_template(LIST_TEMPLATE, "string") == "string"
     lines = [r.getMessage() for r in caplog.records]
     assert any("Detected the chat template content format to be 'openai'" in m for m in lines)
     assert any("Detected the chat template content format to be 'string'" in m for m in lines)
+    assert any("--chat-template-content-format string overrides" in m for m in lines)
 
 
 def test_forced_format_overrides_detection() -> None:
@@ -215,11 +227,13 @@ def test_sandbox_bounds_sequences_and_powers() -> None:
 
 
 def test_render_time_limit_and_event_loop_stays_free() -> None:
+    """Both deadlines in the worker pool: the sandbox's (the worker lives on) and the kill (one
+    long C call the sandbox cannot interrupt: sorting a million long strings that differ only
+    at their ends takes minutes)."""
     slow = ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
             "{% endfor %}")
-    r = ChatRenderer(slow, render_timeout=0.5)
 
-    async def main() -> int:
+    async def main() -> tuple[int, int]:
         ticks = 0
 
         async def ticker() -> None:
@@ -228,12 +242,81 @@ def test_render_time_limit_and_event_loop_stays_free() -> None:
                 await asyncio.sleep(0.01)
                 ticks += 1
 
+        pool = await TemplateWorkers.start(STRING_TEMPLATE, render_timeout=0.5, workers=1)
         t = asyncio.create_task(ticker())
-        with pytest.raises(ChatTemplateError, match="time limit"):
-            await r.render([{"role": "user", "content": "x"}])
-        t.cancel()
-        return ticks
+        try:
+            with pytest.raises(ChatTemplateError, match="time limit"):
+                await pool.render([{"role": "user", "content": "x"}], template=slow)
+            assert pool.kills == 0
+            with pytest.raises(ChatTemplateError, match="renderer was stopped"):
+                await pool.render([{"role": "user", "content": "x"}], template=SORT_BOMB)
+            assert pool.kills == 1
+            # a fresh worker took the killed one's place
+            assert await pool.render([{"role": "user", "content": "x"}]) == \
+                "<|user|>x\n<|assistant|>"
+        finally:
+            t.cancel()
+            await pool.close()
+        return ticks, pool.kills
 
-    # The loop kept running while the template spun in the worker thread.
-    assert asyncio.run(main()) > 0
-    r.close()
+    # The loop kept running while the templates spun in the worker process.
+    ticks, kills = asyncio.run(main())
+    assert ticks > 50 and kills == 1
+
+
+def test_worker_pool_survives_cancellation_and_a_dead_worker() -> None:
+    msg = [{"role": "user", "content": "x"}]
+
+    async def main() -> None:
+        pool = await TemplateWorkers.start(STRING_TEMPLATE, render_timeout=0.5, workers=1)
+        try:
+            task = asyncio.create_task(pool.render(msg, template=SORT_BOMB))
+            await asyncio.sleep(0.2)
+            task.cancel()  # the client hung up: the render runs on until killed
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            for _ in range(100):
+                if pool.kills:
+                    break
+                await asyncio.sleep(0.05)
+            assert pool.kills == 1
+            # the slot came back (with a fresh worker), not lost with the cancelled caller
+            assert await pool.render(msg, add_generation_prompt=False) == "<|user|>x\n"
+            (worker,) = pool._all
+            os.kill(worker.proc.pid, signal.SIGKILL)  # dies on its own (the OOM killer, say)
+            with pytest.raises(ChatTemplateError, match="worker stopped"):
+                await pool.render(msg)
+            assert await pool.render(msg, add_generation_prompt=False) == "<|user|>x\n"
+        finally:
+            await pool.close()
+
+    asyncio.run(main())
+
+
+def test_workers_die_with_the_server(tmp_path: Path) -> None:
+    """A server killed while a worker is stuck in a long C call leaves no worker behind."""
+    script = tmp_path / "server.py"
+    script.write_text(
+        "import asyncio, os, sys\n"
+        "from serving.api.template_worker import TemplateWorkers\n"
+        "from tests.api.test_chat_template import SORT_BOMB\n"
+        "async def main():\n"
+        "    pool = await TemplateWorkers.start(None, render_timeout=60, workers=1)\n"
+        "    task = asyncio.create_task(pool.render([], template=SORT_BOMB))\n"
+        "    await asyncio.sleep(0.5)\n"
+        "    print(*(w.proc.pid for w in pool._all), flush=True)\n"
+        "    os._exit(0)  # no cleanup, as under SIGKILL\n"
+        "asyncio.run(main())\n")
+    # stderr, which the worker inherits, must not be a pipe run() waits on
+    out = subprocess.run([sys.executable, str(script)], stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    (pid,) = [int(x) for x in out.stdout.split()]
+    for _ in range(50):
+        if not Path(f"/proc/{pid}").exists() or \
+                Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        raise AssertionError("the template worker outlived its server")

@@ -63,6 +63,7 @@ from serving.api.routes.common import (
 from serving.api.state import ServerState
 from serving.api.streaming import SSEWriter
 from serving.api.structured import structured_spec, with_tool_constraint
+from serving.api.template_worker import TemplateWorkersBusy
 from serving.api.tool_output import StreamDelta, plan_tools
 from serving.engine.outputs import TokenLogprob
 from serving.engine.request import EngineRequest
@@ -114,6 +115,8 @@ async def render_prompt(state: ServerState, messages: list[ChatMessage], *,
             template_kwargs=template_kwargs, template=template, tools=tools)
     except ChatTemplateError as e:
         raise BadRequest(str(e), param="messages") from None
+    except TemplateWorkersBusy as e:
+        raise ServiceUnavailable(str(e)) from None
 
 
 def _final_text(message: ChatMessage) -> str:
@@ -130,7 +133,7 @@ async def _plan(request: Request, state: ServerState) -> _Plan:
     model = state.resolve_model(req.model)
     engine = state.require_generate("Chat Completions API")
     check_unsupported(req, UNSUPPORTED_CHAT)
-    check_common(req, state.args.max_n)
+    check_common(req, state.args.max_n, state.args.max_logprobs)
     tools, tool_spec = plan_tools(req.tools, req.tool_choice, state.args)
     if req.store:
         raise BadRequest("store is not supported (this server stores nothing).", param="store")

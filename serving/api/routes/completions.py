@@ -110,7 +110,7 @@ async def _plan(request: Request, state: ServerState) -> _Plan:
     model = state.resolve_model(req.model)
     engine = state.require_generate("Completions API")
     check_unsupported(req, UNSUPPORTED_COMPLETION)
-    check_common(req, state.args.max_n)
+    check_common(req, state.args.max_n, state.args.max_logprobs)
     if req.logprobs is not None and req.logprobs < 0:
         raise BadRequest("`logprobs` must be a positive value.", param="logprobs")
     if req.max_tokens == 0 and not req.echo:
