@@ -284,8 +284,12 @@ def test_worker_pool_survives_cancellation_and_a_dead_worker() -> None:
             assert await pool.render(msg, add_generation_prompt=False) == "<|user|>x\n"
             (worker,) = pool._all
             os.kill(worker.proc.pid, signal.SIGKILL)  # dies on its own (the OOM killer, say)
-            with pytest.raises(ChatTemplateError, match="worker stopped"):
+            # If the death was already seen (the process reaped), the pool replaces the worker
+            # before using it; if not, that one render fails cleanly. Either way, the next works.
+            try:
                 await pool.render(msg)
+            except ChatTemplateError as e:
+                assert "worker stopped" in str(e)
             assert await pool.render(msg, add_generation_prompt=False) == "<|user|>x\n"
         finally:
             await pool.close()
