@@ -87,6 +87,15 @@ class _EngineCollector(Collector):
         yield counter("num_recompiles", "XLA compilations after warmup.", s.num_recompiles)
         yield gauge("grammar_cache_size", "Compiled structured-output grammars (and refused "
                     "ones) held in the grammar cache.", getattr(s, "num_cached_grammars", 0))
+        yield gauge("kv_cache_pages_cached", "Unreferenced KV-cache pages holding a cached "
+                    "prefix (evictable).", s.kv_pages_cached)
+        yield counter("requests_aborted", "Engine requests aborted before they finished "
+                      "(client disconnects, shutdown).", s.num_aborted)
+        yield counter("engine_failed_steps", "Engine steps that ran out of memory (their "
+                      "requests failed).", s.num_failed_steps)
+        yield counter("kv_leak_detected", "Idle self-checks where free + cached + held KV "
+                      "pages did not add up to the pool (must stay 0).",
+                      s.kv_leaks_detected)
 
 
 class ServerMetrics:
@@ -116,10 +125,17 @@ class ServerMetrics:
         self.http_in_flight = Gauge(PREFIX + "http_requests_in_flight",
                                     "Generation requests the HTTP layer is serving.", names,
                                     registry=r).labels(**labels)
+        self._rejected = Counter(PREFIX + "requests_rejected",
+                                 "Requests refused with 503 server_overloaded, by the limit "
+                                 "they hit (requests, prompt_tokens).", [*names, "reason"],
+                                 registry=r)
         r.register(_EngineCollector(stats, labels))
 
     def success(self, reason: str) -> None:
         self._success.labels(**self.labels, finished_reason=reason).inc()
+
+    def rejected(self, reason: str) -> None:
+        self._rejected.labels(**self.labels, reason=reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
