@@ -7,7 +7,8 @@ Two sources:
 - per-request observations the HTTP layer makes (``RequestMetrics``): time to first token,
   inter-token latency, end-to-end latency, and finished requests by finish reason.
 
-Each ``ServerMetrics`` has its own ``CollectorRegistry`` (no process-global state; tests can
+Plus the process's own ``process_*`` metrics (resident memory, CPU seconds, open files). Each
+``ServerMetrics`` has its own ``CollectorRegistry`` (no process-global state; tests can
 build several apps in one process).
 """
 
@@ -22,6 +23,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
@@ -130,6 +132,8 @@ class ServerMetrics:
                                  "they hit (requests, prompt_tokens).", [*names, "reason"],
                                  registry=r)
         r.register(_EngineCollector(stats, labels))
+        # process_resident_memory_bytes and friends (Linux /proc): the soak test's RSS.
+        ProcessCollector(registry=r)
 
     def success(self, reason: str) -> None:
         self._success.labels(**self.labels, finished_reason=reason).inc()
