@@ -16,7 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import pytest
 
+from serving.engine.faults import (
+    FAULT_ENV,
+    FaultSpec,
+    InjectedFault,
+    InjectedOutOfMemory,
+    fault_hook_from_env,
+    is_out_of_memory,
+)
 from tests.api.server_utils import ServerProcess, real_server
 from tests.reliability.conftest import (
     SMALL,
@@ -160,3 +169,23 @@ def test_fault_hook_refused_without_the_flag(tmp_path: Path) -> None:
     finally:
         server.stop()
     assert "--enable-test-hooks is not" in server.log()
+
+
+def test_fault_specs(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert FaultSpec.parse("oom@3") == FaultSpec("oom", 3)
+    for bad in ("oom", "boom@3", "raise@0", "raise@x", "@2"):
+        with pytest.raises(ValueError, match="KIND@N"):
+            FaultSpec.parse(bad)
+    monkeypatch.delenv(FAULT_ENV, raising=False)
+    assert fault_hook_from_env(True) is None
+    monkeypatch.setenv(FAULT_ENV, "raise@2")
+    with pytest.raises(ValueError, match="--enable-test-hooks"):
+        fault_hook_from_env(False)
+    hook = fault_hook_from_env(True)
+    assert hook is not None
+    hook.before_execute()  # step 1: nothing
+    with pytest.raises(InjectedFault, match="step 2"):
+        hook.before_execute()
+    hook.before_execute()  # fires once
+    assert is_out_of_memory(InjectedOutOfMemory("RESOURCE_EXHAUSTED: out of memory"))
+    assert not is_out_of_memory(InjectedFault("RESOURCE_EXHAUSTED"))  # only XLA's kind
