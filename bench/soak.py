@@ -18,6 +18,12 @@ and 503, the time from sending to each 503 (min/p50/p99/max), and the RSS before
 
     python -m bench.soak --url http://127.0.0.1:8000 --minutes 30 --rate 4
     python -m bench.soak --url http://127.0.0.1:8000 --burst 1600
+    python -m bench.soak --url http://127.0.0.1:8000 --flood 1000 --minutes 1
+
+Flood (``--flood RATE``): RATE long requests/s for ``--minutes``; the server fills up at once and
+refuses the rest. Prints answers by status and the RSS before and after (it must stay flat).
+Burst and flood times are the client's (connection set-up included); the server's own time per
+503 is in its access log.
 
 Exit status: 1 if anything unexpected happened (soak: an unexpected answer, a leak, a server not
 idle at the end), else 0. ``--json-out`` writes the report as JSON too.
@@ -236,17 +242,23 @@ async def soak(url: str, minutes: float, rate: float, disconnect: float, malform
     return report
 
 
-async def burst(url: str, count: int) -> dict[str, Any]:
-    sync = httpx.Client(base_url=url, timeout=30)
+async def burst(url: str, count: int, rate: float = 0.0, minutes: float = 0.0
+                ) -> dict[str, Any]:
+    """``count`` requests at once; or, with ``rate``, that many per second for ``minutes``
+    (each asks for 256 tokens, so the server stays full and refuses the rest)."""
+    sync = httpx.Client(base_url=url, timeout=300)
+    for _ in range(4):  # warm-up, so that the first RSS sample is not the cold process
+        sync.post("/v1/completions", json={"prompt": "warm up", "max_tokens": 8})
     rss_before = _metrics(sync).get("process_resident_memory_bytes", 0.0)
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
     times: list[float] = []
     statuses: Counter[int] = Counter()
+    body = {"prompt": "Hello", "max_tokens": 256 if rate else 16, "ignore_eos": bool(rate)}
 
     async def one(client: httpx.AsyncClient) -> None:
         sent = time.monotonic()
         try:
-            r = await client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 16})
+            r = await client.post("/v1/completions", json=body)
         except httpx.HTTPError:
             statuses[0] += 1
             return
@@ -255,12 +267,22 @@ async def burst(url: str, count: int) -> dict[str, Any]:
             times.append(time.monotonic() - sent)
 
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-        await asyncio.gather(*(one(client) for _ in range(count)))
+        if not rate:
+            await asyncio.gather(*(one(client) for _ in range(count)))
+        else:
+            tasks: list[asyncio.Task[None]] = []
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < minutes * 60:
+                due = int((time.monotonic() - t0) * rate) + 1
+                tasks.extend(asyncio.create_task(one(client)) for _ in range(due - len(tasks)))
+                await asyncio.sleep(0.01)
+            await asyncio.gather(*tasks)
+            count = len(tasks)
     idle = _wait_idle(sync, 10.0)
     end = _metrics(sync)
     sync.close()
     rss_after = end.get("process_resident_memory_bytes", 0.0)
-    return {"mode": "burst", "requests": count, "by_status": dict(statuses),
+    return {"mode": "flood" if rate else "burst", "requests": count, "by_status": dict(statuses),
             "time_to_503_s": {"min": min(times, default=None),
                               "p50": statistics.median(times) if times else None,
                               "p99": _pct(times, 0.99), "max": max(times, default=None)},
@@ -280,10 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--burst", type=int, default=0,
                    help="burst mode: send this many requests at once instead of a soak")
+    p.add_argument("--flood", type=float, default=0.0,
+                   help="flood mode: this many long requests per second for --minutes")
     p.add_argument("--json-out", default=None)
     a = p.parse_args(argv)
-    if a.burst:
-        report = asyncio.run(burst(a.url, a.burst))
+    if a.burst or a.flood:
+        report = asyncio.run(burst(a.url, a.burst, a.flood, a.minutes))
         bad = report["kv_leak_detected_total"] > 0 or any(report["idle_at_end"].values())
     else:
         report = asyncio.run(soak(a.url, a.minutes, a.rate, a.disconnect, a.malformed,
