@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import httpx
 
@@ -18,6 +19,7 @@ from tests.reliability.conftest import (
     assert_idle_and_no_leaks,
     completion,
     m,
+    rel_server,
     wait_admitted,
 )
 
@@ -93,3 +95,18 @@ def test_failed_step_frees_its_requests_pages() -> None:
     assert list(s.requests) == ["b"]
     assert kv.num_used == 0 and kv.audit(s.num_pages_held) is None
     assert [r.num_tokens for r in s.schedule().rows] == [6]  # b runs next
+
+
+def test_server_response_timeout_aborts_and_frees_pages(tmp_path: Path) -> None:
+    """A non-streaming request cut by the server's own --response-timeout: 503 in OpenAI shape,
+    the engine request aborted, its pages freed."""
+    server = rel_server(tmp_path, "--max-num-seqs", "2", "--response-timeout", "1").start(900)
+    try:
+        r = completion(server, "Once upon a time", max_tokens=400, ignore_eos=True)
+        assert r.status_code == 503 and r.json()["error"]["code"] == 503
+        assert_idle_and_no_leaks(server)
+        assert m(server, "requests_aborted_total") == 1
+        r = completion(server, max_tokens=4)  # short enough to beat the timeout
+        assert r.status_code == 200
+    finally:
+        assert server.stop() == 0
