@@ -4,7 +4,8 @@
   complete with ``[DONE]`` and usage equal to the tokens they received; running, waiting and
   used pages are back to 0 within 2 s; ``requests_aborted_total`` is up by exactly 50.
 - A KV pool far too small for the load: every request completes, the engine preempted, and each
-  greedy output equals the same request's output when it ran alone.
+  greedy output equals the same request's output when it ran alone; clients that hang up while
+  their requests are running, preempted or queued leave no page behind.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import httpx
 import pytest
 
 from tests.api.server_utils import ServerProcess
-from tests.reliability.conftest import assert_idle_and_no_leaks, m, rel_server
+from tests.reliability.conftest import Streams, assert_idle_and_no_leaks, m, rel_server
 
 pytestmark = pytest.mark.slow
 
@@ -119,5 +121,16 @@ def test_preemption_keeps_greedy_outputs(tmp_path: Path) -> None:
         assert [r.json()["choices"][0]["text"] for r in answers] == solo
         assert all(r.json()["usage"]["completion_tokens"] == 100 for r in answers)
         assert_idle_and_no_leaks(server)
+
+        # clients hanging up while their requests are running, preempted or queued
+        preempted, aborted = m(server, "num_preemptions_total"), m(server, "requests_aborted_total")
+        streams = Streams(server, 8, max_tokens=200)
+        deadline = time.monotonic() + 300
+        while m(server, "num_preemptions_total") == preempted:
+            assert time.monotonic() < deadline, "no preemption under the streams"
+            time.sleep(0.05)
+        streams.close()
+        assert_idle_and_no_leaks(server)
+        assert m(server, "requests_aborted_total") == aborted + 8
     finally:
         assert server.stop() == 0
