@@ -82,12 +82,17 @@ def wait_ready(base: str, proc: subprocess.Popen[bytes], timeout: float = 900) -
     while time.time() - t0 < timeout:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
-        for path in ("/health", "/v1/models"):
+        # xlaserve's /ready (its /health is liveness: 200 while loading); peers without /ready
+        # answer it 404 and are ready when /health or /v1/models is 200.
+        for path in ("/ready", "/health", "/v1/models"):
             try:
-                if httpx.get(base + path, timeout=2).status_code == 200:
-                    return time.time() - t0
+                status = httpx.get(base + path, timeout=2).status_code
             except httpx.HTTPError:
-                pass
+                break
+            if status == 200:
+                return time.time() - t0
+            if path == "/ready" and status != 404:
+                break  # xlaserve, still loading
         time.sleep(1)
     raise RuntimeError("server did not become ready")
 

@@ -4,21 +4,23 @@
 ``serving.cli`` runs it with ``single_process=True`` (Sanic's multi-worker mode would fork one
 engine per worker, each claiming the accelerator).
 
-Lifecycle:
+Lifecycle (docs/RELIABILITY.md, "Lifecycle" and "Faults"):
 - after the socket is bound, a background task calls ``engine_factory()`` in a daemon thread
   (loading and compiling take seconds to minutes), then ``engine.start()`` on the server loop,
-  then starts the chat template workers and builds the metrics. Until then ``/health`` and
-  every generation route answer 503, so orchestrators can tell "loading" from "dead". A load
-  failure stops the server with exit code 1;
-- if the engine dies later, in-flight requests end with an error (500, or an error event in a
-  stream), ``/health`` turns 503, and the server exits with code 1 so a supervisor restarts it;
-- on SIGTERM/SIGINT (``before_server_stop``) the server stops admitting requests (503), waits up
-  to ``shutdown_timeout`` for in-flight requests, then shuts the engine down (aborting whatever is
-  left) and exits.
+  then starts the chat template workers and builds the metrics and admission control.
+  Meanwhile ``/health`` (liveness) answers 200 and ``/ready`` and every ``/v1`` route 503, so
+  orchestrators can tell "loading" from "dead". A load failure stops the server with exit code 1;
+- if the engine dies later (a step raised, or the ``--engine-step-timeout`` watchdog saw a step
+  hang), in-flight requests end with an error (500, or an error event then ``[DONE]`` in a
+  stream), ``/health`` and ``/ready`` turn 503 at once, and the server exits with code 1 so a
+  supervisor restarts it (vLLM's policy; the engine is never rebuilt in place);
+- on SIGTERM/SIGINT (``before_server_stop``) ``/ready`` turns 503 and new requests get 503; the
+  server waits up to ``shutdown_timeout`` for in-flight requests, then shuts the engine down
+  (what is left ends with finish_reason "abort") and exits with code 0.
 
 Middleware: request ids (``X-Request-Id`` echoed or generated with
 ``--enable-request-id-headers``), API-key auth (deny by default: every route except ``/health``,
-``/metrics`` and ``/version``; OPTIONS preflights are exempt), CORS (off unless
+``/ready``, ``/metrics`` and ``/version``; OPTIONS preflights are exempt), CORS (off unless
 ``--allowed-origins``), and one access-log line per request (never bodies or keys).
 """
 
@@ -38,6 +40,7 @@ from typing import Any
 from sanic import HTTPResponse, Request, Sanic
 from sanic.response import BaseHTTPResponse
 
+from serving.api.admission import Admission, AdmissionLimits
 from serving.api.args import ServerArgs
 from serving.api.chat_template import ChatTemplateError, load_chat_template
 from serving.api.engine_protocol import ServingEngine
@@ -51,7 +54,7 @@ from serving.api.tokens import TokenTexts
 logger = logging.getLogger("xlaserve.api")
 access_logger = logging.getLogger("xlaserve.access")
 
-PUBLIC_PATHS = frozenset({"health", "metrics", "version"})
+PUBLIC_PATHS = frozenset({"health", "ready", "metrics", "version"})
 ENGINE_WATCH_INTERVAL_S = 0.5
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
@@ -215,6 +218,13 @@ def _on_engine_ready(state: ServerState, engine: ServingEngine,
     state.tokens = TokenTexts(tok)
     stats_fn = engine.stats
     state.metrics = ServerMetrics(state.served_names[0], lambda: stats_fn())
+    limits = AdmissionLimits.for_engine(engine.max_num_seqs, args.max_queued_requests,
+                                        args.max_queued_prompt_tokens)
+    logger.info("Admission: at most %d requests (%d running + %d queued)%s", limits.max_requests,
+                engine.max_num_seqs, limits.max_requests - engine.max_num_seqs,
+                "" if limits.max_prompt_tokens is None else
+                f", {limits.max_prompt_tokens} prompt tokens")
+    state.admission = Admission(limits)
     state.engine = engine
 
 

@@ -10,7 +10,9 @@ limits"):
 - ``keep_alive_timeout`` 75 s: longer than the 60 s idle timeout of common load balancers, so the
   server never closes a connection the proxy is about to reuse (vLLM's 5 s causes 502s there);
 - ``max_request_body`` 4 MiB → 413 above it (Sanic's default is 100 MB);
-- ``shutdown_timeout`` 30 s: how long SIGTERM waits for in-flight requests before aborting them.
+- ``shutdown_timeout`` 30 s: how long SIGTERM waits for in-flight requests before aborting them;
+- ``max_queued_requests`` 4 x ``--max-num-seqs`` beyond the running ones, then 503
+  ``server_overloaded`` (``serving.api.admission``).
 """
 
 from __future__ import annotations
@@ -118,6 +120,14 @@ class ServerArgs:
     shutdown_timeout: float = option(
         30.0, "On SIGTERM, how long in-flight requests may finish before they are aborted.",
         metavar="SECONDS")
+    max_queued_requests: int | None = option(
+        None, "Requests admitted beyond the --max-num-seqs the engine runs at once; past it a "
+              "request gets 503 server_overloaded with Retry-After, before any work is done "
+              "for it. Default: 4 x --max-num-seqs.", parse=int_in_range(0))
+    max_queued_prompt_tokens: int | None = option(
+        None, "Prompt tokens all admitted requests may hold together (estimated from the body "
+              "size until tokenized); past it: 503 server_overloaded. Default: no limit.",
+        parse=int_in_range(1), metavar="TOKENS")
     return_tokens_as_token_ids: bool = option(
         False, "Show logprob tokens as `token_id:N` in every response.")
     enable_force_include_usage: bool = option(

@@ -35,6 +35,10 @@ class EngineStatsLike(Protocol):
     num_recompiles: int
     prompt_tokens_total: int
     generation_tokens_total: int
+    kv_pages_cached: int
+    num_aborted: int
+    num_failed_steps: int
+    kv_leaks_detected: int
 
 
 class ServingEngine(Protocol):
@@ -52,6 +56,7 @@ class ServingEngine(Protocol):
     vocab_size: int
     tokenizer: Any  # transformers.PreTrainedTokenizerFast
     generation_defaults: dict[str, Any]
+    max_num_seqs: int  # sequences it runs at once (admission control sizes its queue from it)
 
     async def start(self) -> None: ...
 

@@ -46,6 +46,8 @@ class APIError(Exception):
     """
 
     status: int = 400
+    error_type: str | None = None  # the body's ``type``; None: the status's (ERROR_TYPES)
+    headers: dict[str, str] | None = None
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
@@ -69,17 +71,20 @@ class InternalError(APIError):
     status = 500
 
 
-def error_body(message: str, status: int, param: str | None = None) -> dict[str, Any]:
+def error_body(message: str, status: int, param: str | None = None,
+               error_type: str | None = None) -> dict[str, Any]:
     if len(message) > MAX_ERROR_MESSAGE_CHARS:
         message = message[:MAX_ERROR_MESSAGE_CHARS] + "... (truncated)"
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "APIError"),
+    return {"error": {"message": message,
+                      "type": error_type or ERROR_TYPES.get(status, "APIError"),
                       "param": param, "code": status}}
 
 
 def error_response(status: int, message: str, param: str | None = None,
-                   headers: dict[str, str] | None = None) -> HTTPResponse:
-    return HTTPResponse(json.dumps(error_body(message, status, param)), status=status,
-                        headers=headers, content_type="application/json")
+                   headers: dict[str, str] | None = None,
+                   error_type: str | None = None) -> HTTPResponse:
+    return HTTPResponse(json.dumps(error_body(message, status, param, error_type)),
+                        status=status, headers=headers, content_type="application/json")
 
 
 class OpenAIErrorHandler(ErrorHandler):
@@ -87,7 +92,8 @@ class OpenAIErrorHandler(ErrorHandler):
 
     def default(self, request: Request, exception: BaseException) -> HTTPResponse:
         if isinstance(exception, APIError):
-            return error_response(exception.status, exception.message, exception.param)
+            return error_response(exception.status, exception.message, exception.param,
+                                  exception.headers, exception.error_type)
         if isinstance(exception, SanicException):
             status = int(getattr(exception, "status_code", 500) or 500)
             headers = dict(getattr(exception, "headers", None) or {})

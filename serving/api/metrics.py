@@ -7,7 +7,8 @@ Two sources:
 - per-request observations the HTTP layer makes (``RequestMetrics``): time to first token,
   inter-token latency, end-to-end latency, and finished requests by finish reason.
 
-Each ``ServerMetrics`` has its own ``CollectorRegistry`` (no process-global state; tests can
+Plus the process's own ``process_*`` metrics (resident memory, CPU seconds, open files). Each
+``ServerMetrics`` has its own ``CollectorRegistry`` (no process-global state; tests can
 build several apps in one process).
 """
 
@@ -22,6 +23,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
@@ -87,6 +89,15 @@ class _EngineCollector(Collector):
         yield counter("num_recompiles", "XLA compilations after warmup.", s.num_recompiles)
         yield gauge("grammar_cache_size", "Compiled structured-output grammars (and refused "
                     "ones) held in the grammar cache.", getattr(s, "num_cached_grammars", 0))
+        yield gauge("kv_cache_pages_cached", "Unreferenced KV-cache pages holding a cached "
+                    "prefix (evictable).", s.kv_pages_cached)
+        yield counter("requests_aborted", "Engine requests aborted before they finished "
+                      "(client disconnects, shutdown).", s.num_aborted)
+        yield counter("engine_failed_steps", "Engine steps that ran out of memory (their "
+                      "requests failed).", s.num_failed_steps)
+        yield counter("kv_leak_detected", "Idle self-checks where free + cached + held KV "
+                      "pages did not add up to the pool (must stay 0).",
+                      s.kv_leaks_detected)
 
 
 class ServerMetrics:
@@ -116,10 +127,19 @@ class ServerMetrics:
         self.http_in_flight = Gauge(PREFIX + "http_requests_in_flight",
                                     "Generation requests the HTTP layer is serving.", names,
                                     registry=r).labels(**labels)
+        self._rejected = Counter(PREFIX + "requests_rejected",
+                                 "Requests refused with 503 server_overloaded, by the limit "
+                                 "they hit (requests, prompt_tokens).", [*names, "reason"],
+                                 registry=r)
         r.register(_EngineCollector(stats, labels))
+        # process_resident_memory_bytes and friends (Linux /proc): the soak test's RSS.
+        ProcessCollector(registry=r)
 
     def success(self, reason: str) -> None:
         self._success.labels(**self.labels, finished_reason=reason).inc()
+
+    def rejected(self, reason: str) -> None:
+        self._rejected.labels(**self.labels, reason=reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

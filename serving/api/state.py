@@ -2,7 +2,7 @@
 
 Lifecycle (driven by the listeners in ``serving.api.app``): created with the app; ``engine``,
 ``renderer``, ``tokens`` and ``metrics`` are filled once the engine has loaded (in the background,
-so ``/health`` can answer 503 while the model loads); ``draining`` turns True on SIGTERM.
+so ``/ready`` can answer 503 while the model loads); ``draining`` turns True on SIGTERM.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from serving.api.args import ServerArgs
 from serving.api.engine_protocol import EngineClient, PoolingEngineClient, ServingEngine
@@ -20,6 +20,9 @@ from serving.api.errors import BadRequest, NotFound, ServiceUnavailable
 from serving.api.metrics import ServerMetrics
 from serving.api.template_worker import TemplateWorkers
 from serving.api.tokens import TokenTexts
+
+if TYPE_CHECKING:  # admission imports this module
+    from serving.api.admission import Admission
 
 T = TypeVar("T")
 
@@ -32,17 +35,19 @@ class ServerState:
     renderer: TemplateWorkers | None = None
     tokens: TokenTexts | None = None
     metrics: ServerMetrics | None = None
+    admission: Admission | None = None  # set with the engine (its limits need --max-num-seqs)
     served_names: list[str] = field(default_factory=list)
     load_error: str | None = None
     draining: bool = False
-    in_flight: int = 0  # generation requests being served (for the SIGTERM drain)
+    in_flight: int = 0  # admitted requests being served (for the SIGTERM drain)
     exit_code: int = 0
     cpu_pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize"))
 
     @property
     def ready(self) -> bool:
-        return self.engine is not None and self.metrics is not None
+        return self.engine is not None and self.metrics is not None and \
+            self.admission is not None
 
     def require_engine(self) -> ServingEngine:
         """The engine, or a 503 while loading, draining or after the engine died."""

@@ -18,6 +18,7 @@ from serving.engine.sampling_params import MAX_LOGPROBS
 from serving.options import int_with_suffix, option
 
 POOLING = "Pooling models (embeddings, scores)"
+RELIABILITY = "Reliability"
 PARALLELISM = "Parallelism"
 _DTYPE_ALIASES = {"float": "float32", "half": "float16"}  # vLLM's (and torch's) short names
 
@@ -108,6 +109,16 @@ class EngineArgs:
               '\'{"pooling_type": "CLS", "normalize": false}\' (pooling_type MEAN, CLS = first '
               'token, or LAST; defaults: CLS for encoders, LAST for decoders, normalize true).',
         parse=_pooler_override, metavar="JSON", group=POOLING)
+    # ---- reliability (docs/RELIABILITY.md) ----
+    engine_step_timeout: float = option(
+        120.0, "Progress watchdog: an engine step running longer than this is a hang; in-flight "
+               "requests fail, /health and /ready turn 503 and the server exits with code 1. "
+               "0 turns the watchdog off.", metavar="SECONDS", group=RELIABILITY)
+    enable_test_hooks: bool = option(
+        False, "Allow the fault hook of the reliability tests ($XLASERVE_TEST_FAULT: "
+               "raise@N, hang@N or oom@N makes engine step N raise, hang or run out of "
+               "memory). Never in production: without this flag a set $XLASERVE_TEST_FAULT "
+               "stops the server at startup.", group=RELIABILITY)
     # ---- parallelism (sharding/, serving/engine/sharded.py; docs/SHARDING.md) ----
     tensor_parallel_size: int = option(
         1, "Shard weights and the KV cache over this many devices (the mesh's 'model' axis).",

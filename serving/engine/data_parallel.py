@@ -51,6 +51,7 @@ class DataParallelClient:
         first = replicas[0]
         self.model_name: str = first.model_name
         self.max_model_len: int = first.max_model_len
+        self.max_num_seqs: int = sum(r.max_num_seqs for r in replicas)
         self.vocab_size: int = first.vocab_size
         self.tokenizer: Any = first.tokenizer
         self.generation_defaults: dict[str, Any] = first.generation_defaults

@@ -10,6 +10,12 @@ What the engine serves follows from the model and ``--task``: a decoder generate
 ``generate``) or serves embeddings of its final hidden states (``embed``); a BERT-family encoder
 serves embeddings or, with a classification head, scores. Either way it is the same loop: a
 pooling request is a prompt that finishes when it is computed, with its pooled result.
+
+Faults (docs/RELIABILITY.md, "Faults"): an out-of-memory error in a step (XLA's
+``RESOURCE_EXHAUSTED``) fails the requests of that step with finish_reason "error" and frees their
+pages; the engine goes on (unless the step had already consumed the donated KV cache: then it is
+an engine failure). Any other exception in ``step`` is an engine failure, left to the caller.
+``check_idle`` is the leak self-check the async client runs whenever the engine goes idle.
 """
 
 from __future__ import annotations
@@ -37,12 +43,14 @@ from models.weights import default_place
 from ops.backend import get_attention_fn
 from serving.engine.compilation import enable_compilation_cache
 from serving.engine.config import EngineArgs
+from serving.engine.faults import fault_hook_from_env, is_out_of_memory
 from serving.engine.input_processor import InputProcessor, ModelFacts
 from serving.engine.kv_cache_manager import KVCacheManager
 from serving.engine.model_runner import KVLayout, ModelRunner, RunnerConfig, num_pages_for
 from serving.engine.output_processor import PoolingPost
 from serving.engine.outputs import SeqOutput
 from serving.engine.pooling_params import PoolingModelInfo
+from serving.engine.records import RunnerOutput, SchedulerOutput
 from serving.engine.request import EngineRequest
 from serving.engine.scheduler import Scheduler, SchedulerConfig
 from serving.engine.sharded import log_layout, make_sharder, shard_loaded
@@ -75,6 +83,10 @@ class EngineStats:
     generation_tokens_total: int = 0
     num_padded_tokens: int = 0  # token slots computed (the T bucket of every step), summed
     num_cached_grammars: int = 0  # compiled grammars (or their errors) in the backend's LRU
+    kv_pages_cached: int = 0  # unreferenced pages holding a cached prefix (evictable)
+    num_aborted: int = 0  # requests aborted before they finished (disconnects, shutdown)
+    num_failed_steps: int = 0  # steps that ran out of memory (their requests failed)
+    kv_leaks_detected: int = 0  # idle self-checks where the page counts did not add up
 
 
 def serving_tasks(task: str, config: ModelConfig | BertConfig) -> tuple[str, ...]:
@@ -147,6 +159,11 @@ class LLMEngine:
     def __init__(self, args: EngineArgs, loaded: LoadedModel | None = None,
                  sharder: Any = None, warmup: bool = True) -> None:
         self.args = args
+        # Checked first: a stray $XLASERVE_TEST_FAULT refuses to start before anything loads.
+        try:
+            self.faults = fault_hook_from_env(args.enable_test_hooks)
+        except ValueError as e:
+            raise ModelLoadError(str(e)) from None
         if args.compilation_cache:
             enable_compilation_cache(args.cache_dir)
         if sharder is None:
@@ -244,6 +261,8 @@ class LLMEngine:
             raise ModelLoadError(f"grammar masks are {self.grammars.mask_width} words wide but "
                                  f"the logits need {self.runner.mask_width}")
         self._prompt_tokens = 0
+        self.num_failed_steps = 0
+        self.num_kv_leaks = 0
 
     def _eos_ids(self) -> frozenset[int]:
         cfg = self.loaded.config
@@ -306,8 +325,31 @@ class LLMEngine:
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> list[SeqOutput]:
         sched = self.scheduler.schedule()
-        result = self.runner.execute(sched, self.scheduler.fill_masks)
+        try:
+            result = self._execute(sched)
+        except Exception as e:
+            if not is_out_of_memory(e) or not self.runner.kv_intact():
+                raise
+            log.error("Engine step ran out of memory; failing its %d requests: %s",
+                      len({r.seq_id for r in sched.rows}), e)
+            self.num_failed_steps += 1
+            return self.scheduler.fail_step(sched)
         return self.scheduler.update_from_output(sched, result)
+
+    def _execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        if self.faults is not None and not sched.empty:
+            self.faults.before_execute()
+        return self.runner.execute(sched, self.scheduler.fill_masks)
+
+    def check_idle(self) -> str | None:
+        """The leak self-check, for when no request is live: ``free + cached + held == total``
+        pages (``KVCacheManager.audit``). A mismatch is logged ("KV leak") and counted in
+        ``kv_leaks_detected``; returns it, or None."""
+        problem = self.kv.audit(self.scheduler.num_pages_held)
+        if problem is not None:
+            self.num_kv_leaks += 1
+            log.error("KV leak: %s", problem)
+        return problem
 
     def get_stats(self) -> EngineStats:
         s, r = self.scheduler, self.runner
@@ -319,7 +361,9 @@ class LLMEngine:
             num_recompiles=r.num_recompiles, num_executables=r.num_executables,
             prompt_tokens_total=self._prompt_tokens,
             generation_tokens_total=s.num_generated, num_padded_tokens=r.num_padded_tokens,
-            num_cached_grammars=0 if self.grammars is None else self.grammars.cache_size)
+            num_cached_grammars=0 if self.grammars is None else self.grammars.cache_size,
+            kv_pages_cached=self.kv.num_cached, num_aborted=s.num_aborted,
+            num_failed_steps=self.num_failed_steps, kv_leaks_detected=self.num_kv_leaks)
 
 
 def maybe_run_follower(args: EngineArgs, load: Any = None) -> bool:

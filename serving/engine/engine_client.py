@@ -11,6 +11,13 @@ step's ``SeqOutput``s come back through ``loop.call_soon_threadsafe`` and are tu
 results on the event loop (``OutputProcessor``: detokenization and stop strings never run on the
 engine thread). If the engine thread crashes, every in-flight request ends with finish_reason
 "error", ``is_healthy()`` turns False, and new requests are refused: nothing hangs.
+
+Reliability (docs/RELIABILITY.md):
+- progress watchdog: a step that has not returned after ``--engine-step-timeout`` seconds is a
+  hang, handled like a crash (the hung thread is a daemon; the process can still exit);
+- aborts (client disconnects, shutdown) come back as outputs with finish_reason "abort", so a
+  response still being written ends with that reason instead of waiting;
+- each time the engine goes idle it runs its leak self-check (``LLMEngine.check_idle``).
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ class AsyncEngineClient:
         self.engine = engine
         self.model_name: str = engine.loaded.name
         self.max_model_len: int = engine.max_model_len
+        self.max_num_seqs: int = engine.sched_cfg.max_num_seqs
         self.vocab_size: int = engine.model_config.vocab_size
         self.tokenizer: Any = engine.tokenizer
         self.generation_defaults: dict[str, Any] = engine.generation_defaults()
@@ -63,6 +71,9 @@ class AsyncEngineClient:
         self._wake = threading.Event()
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self.step_timeout = engine.args.engine_step_timeout
+        self._step_started: float | None = None  # monotonic start of the running step
         self.error: str | None = None
         self._stats = engine.get_stats()
 
@@ -74,6 +85,8 @@ class AsyncEngineClient:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="xlaserve-engine", daemon=True)
         self._thread.start()
+        if self.step_timeout > 0:
+            self._watchdog = asyncio.create_task(self._watch_progress(), name="engine-watchdog")
 
     def is_healthy(self) -> bool:
         return self.error is None and self._thread is not None and self._thread.is_alive()
@@ -241,8 +254,9 @@ class AsyncEngineClient:
                 except ValueError as e:
                     self._loop.call_soon_threadsafe(self._fail, [spec.request_id], e)
         elif kind == "abort":
-            for rid in payload:
-                eng.abort(rid)
+            outs = [o for rid in payload for o in eng.abort(rid)]
+            if outs:  # a response still being written ends with finish_reason "abort"
+                self._loop.call_soon_threadsafe(self._on_outputs, outs)
         elif kind == "finish":
             for rid, index in payload:
                 eng.finish_sequence(rid, index)
@@ -250,18 +264,26 @@ class AsyncEngineClient:
     def _run(self) -> None:
         eng = self.engine
         assert self._loop is not None
+        busy = False  # something happened since the last idle self-check
         try:
-            while not self._stop:
+            while not self._stop and self.error is None:
                 with self._lock:
                     cmds, self._commands = self._commands, []
                 for kind, payload in cmds:
                     self._apply(eng, kind, payload)
+                busy = busy or bool(cmds)
                 if eng.has_work:
+                    self._step_started = time.monotonic()
                     outs = eng.step()
+                    self._step_started = None
+                    busy = True
                     self._stats = eng.get_stats()
-                    if outs:
+                    if outs and self.error is None:
                         self._loop.call_soon_threadsafe(self._on_outputs, outs)
                 else:
+                    if busy:
+                        eng.check_idle()
+                        busy = False
                     self._stats = eng.get_stats()
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
@@ -270,14 +292,30 @@ class AsyncEngineClient:
             log.error("%s\n%s", self.error, traceback.format_exc())
             self._loop.call_soon_threadsafe(self._fail_all)
 
+    async def _watch_progress(self) -> None:
+        """The progress watchdog: a step running longer than ``step_timeout`` is a hang."""
+        while self.error is None and not self._stop:
+            await asyncio.sleep(min(0.5, self.step_timeout / 4))
+            started = self._step_started
+            if started is not None and time.monotonic() - started > self.step_timeout \
+                    and self.error is None:
+                self.error = (f"engine step has not returned after {self.step_timeout:g} s "
+                              "(--engine-step-timeout): the engine is hung")
+                log.error("%s", self.error)
+                self._fail_all()
+
     async def shutdown(self, drain_timeout: float = 30.0) -> None:
-        """Let in-flight requests finish for up to ``drain_timeout`` seconds, then stop."""
+        """Let in-flight requests finish for up to ``drain_timeout`` seconds, then abort the
+        rest (their streams end with finish_reason "abort") and stop the engine thread."""
         deadline = time.monotonic() + drain_timeout
         while (self._queues or self._pooling) and time.monotonic() < deadline \
                 and self.is_healthy():
             await asyncio.sleep(0.05)
-        for rid in list(self._queues):
-            await self.abort(rid)
+        if self._queues and self.is_healthy():
+            self._submit("abort", list(self._queues))
+            end = time.monotonic() + 2.0  # the aborts' outputs reach their requests
+            while self._queues and time.monotonic() < end and self.is_healthy():
+                await asyncio.sleep(0.02)
         if self._pooling:
             self._submit("abort", list(self._pooling))
             exc = EngineDeadError("the engine was shut down")
@@ -286,5 +324,7 @@ class AsyncEngineClient:
                     fut.set_exception(exc)
         self._stop = True
         self._wake.set()
-        if self._thread is not None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        if self._thread is not None and self.error is None:  # a hung thread is not waited for
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10.0)

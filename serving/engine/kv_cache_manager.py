@@ -3,7 +3,7 @@
 Called by the scheduler only. A model that keeps no KV cache (an encoder) gets a manager with
 ``num_pages=0``: every allocation succeeds with no pages and nothing is ever cached.
 
-Invariants (checked by ``check``):
+Invariants (checked by ``check``; ``audit`` is the server's cheap leak check):
 - page 0 is the null page, never allocated, pinned with one reference;
 - every other page is exactly one of: referenced (ref > 0), free (never hashed or its hash
   dropped), or evictable (ref == 0, still hashed, in LRU order);
@@ -143,6 +143,22 @@ class KVCacheManager:
         seq.num_computed = 0
         seq.num_hashed_pages = 0
         seq.last_hash = b""
+
+    @property
+    def num_cached(self) -> int:
+        """Pages no sequence references that still hold a cached prefix (evictable)."""
+        return len(self.evictable)
+
+    def audit(self, held: int) -> str | None:
+        """The leak check: ``free + cached + held == usable``, where ``held`` is the number of
+        distinct pages the live sequences own (counted by the caller from the sequences, not
+        from reference counts, so a page referenced by nobody's sequence shows up). Returns
+        what does not add up, or None."""
+        free, cached = len(self.free), len(self.evictable)
+        if free + cached + held == self.num_usable:
+            return None
+        return (f"{free} free + {cached} cached + {held} held by requests = "
+                f"{free + cached + held} pages, but the pool has {self.num_usable}")
 
     def check(self) -> None:
         """Assert the invariants (tests and debug runs)."""

@@ -483,6 +483,11 @@ class ModelRunner:
                 self._exe[("pool", t)](self.state, h, inp)
         return sampled, plp, pooled, h
 
+    def kv_intact(self) -> bool:
+        """Whether every KV-cache buffer is still alive: a step that failed after XLA took its
+        donated cache leaves deleted buffers, and the pool's contents are then gone."""
+        return not any(x.is_deleted() for x in jax.tree_util.tree_leaves(self.kv))
+
     def execute(self, sched: SchedulerOutput, fill_masks: MaskFill | None = None
                 ) -> RunnerOutput:
         """Run one step; ``RunnerOutput.rows[i]`` belongs to ``sched.rows[i]``.

@@ -76,6 +76,7 @@ class Scheduler:
         self.seqs: dict[int, Sequence] = {}
         self._seq_ids = itertools.count()
         self.num_preemptions = 0
+        self.num_aborted = 0  # requests aborted with unfinished choices (disconnects, shutdown)
         self.num_generated = 0  # output tokens appended, over all sequences
 
     # ---- admission and release ---------------------------------------------------------------
@@ -114,7 +115,26 @@ class Scheduler:
                 if s.status != SeqStatus.FINISHED]
         for s in list(req.seqs):
             self.finish_sequence(s)
+        self.num_aborted += bool(outs)
         return outs
+
+    def fail_step(self, sched: SchedulerOutput) -> list[SeqOutput]:
+        """A step that could not run (out of memory): every request with a row in it ends, each
+        unfinished choice with finish_reason "error", and gives its pages back; requests not in
+        the step are untouched."""
+        outs: list[SeqOutput] = []
+        for rid in dict.fromkeys(self.seqs[r.seq_id].request.request_id for r in sched.rows):
+            req = self.requests[rid]
+            outs.extend(SeqOutput(rid, s.index, finish_reason="error") for s in req.seqs
+                        if s.status != SeqStatus.FINISHED)
+            for s in list(req.seqs):
+                self.finish_sequence(s)
+        return outs
+
+    @property
+    def num_pages_held(self) -> int:
+        """Distinct KV pages the live sequences own (shared prefix pages counted once)."""
+        return len({p for s in self.seqs.values() for p in s.pages})
 
     def finish_sequence(self, seq: Sequence) -> None:
         """Release a finished or aborted sequence wherever it is (idempotent)."""

@@ -71,6 +71,10 @@ class FakeStats:
     num_recompiles: int = 0
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
+    kv_pages_cached: int = 0
+    num_aborted: int = 0
+    num_failed_steps: int = 0
+    kv_leaks_detected: int = 0
 
 
 class FakeEngineClient:
@@ -84,6 +88,7 @@ class FakeEngineClient:
         self.record = record
         self.model_name = "fake-smollm2"
         self.max_model_len = max_model_len
+        self.max_num_seqs = 32
         self.vocab_size = len(self.tokenizer)
         self.generation_defaults = dict(generation_defaults or {})
         self.step_delay = (float(os.environ.get("XLASERVE_FAKE_STEP_S", "0.002"))

@@ -1,4 +1,4 @@
-"""Start a server subprocess on a free loopback port and wait until ``/health`` is 200."""
+"""Start a server subprocess on a free loopback port and wait until ``/ready`` is 200."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ class ServerProcess:
         return self
 
     def start(self, timeout: float = 600.0) -> ServerProcess:
-        """Start the process and wait until ``/health`` is 200."""
+        """Start the process and wait until ``/ready`` is 200 (the engine is loaded)."""
         self.launch()
         assert self.proc is not None
         deadline = time.monotonic() + timeout
@@ -58,13 +58,13 @@ class ServerProcess:
                 raise RuntimeError(
                     f"server exited with {self.proc.returncode}:\n{self.log(20000)}")
             try:
-                if httpx.get(self.url("/health"), timeout=2).status_code == 200:
+                if httpx.get(self.url("/ready"), timeout=2).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
             time.sleep(0.25)
         self.stop()
-        raise RuntimeError(f"server not healthy after {timeout} s:\n{self.log(20000)}")
+        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log(20000)}")
 
     def url(self, path: str) -> str:
         return self.base_url + path
@@ -112,6 +112,27 @@ def serve_command() -> list[str]:
     return [sys.executable, "-c", "import sys; from serving.cli import main; sys.exit(main())"]
 
 
-def real_server(tmp: Path, *args: str, name: str = "serve") -> ServerProcess:
-    """The ``serve`` command with the real engine and model (small options keep compiles short)."""
-    return ServerProcess([*serve_command(), *args], tmp / f"{name}.log", env=repo_env())
+def real_server(tmp: Path, *args: str, name: str = "serve", **env: str) -> ServerProcess:
+    """The ``serve`` command with the real engine and model (small options keep compiles short);
+    ``env``: extra environment variables."""
+    return ServerProcess([*serve_command(), *args], tmp / f"{name}.log", env=repo_env(**env))
+
+
+def metric(base_url: str, name: str, **labels: str) -> float:
+    """The value of one sample of ``GET /metrics`` (the first whose labels include ``labels``;
+    0 for a labelled counter that has no sample yet)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(base_url + "/metrics", timeout=10).text
+    found = False
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name != name:
+                continue
+            found = True
+            if all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+        found = found or family.name == name or family.name + "_total" == name
+    if found:
+        return 0.0
+    raise AssertionError(f"{name} missing from /metrics")

@@ -1,4 +1,4 @@
-"""Startup (503 while loading, exit 1 on load failure) and SIGTERM drain (fake engine)."""
+"""Startup (/ready 503 while loading, exit 1 on load failure) and SIGTERM drain (fake engine)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,15 @@ import httpx
 from tests.api.server_utils import fake_server
 
 
-def test_health_is_503_while_loading_then_200(tmp_path: Path) -> None:
+def test_ready_is_503_while_loading_then_200(tmp_path: Path) -> None:
+    """/ready (readiness) and /v1 routes are 503 while loading; /health (liveness) is 200."""
     server = fake_server(tmp_path, XLASERVE_FAKE_LOAD_DELAY_S="8").launch()
     try:
         seen_loading = False
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
-                r = httpx.get(server.url("/health"), timeout=2)
+                r = httpx.get(server.url("/ready"), timeout=2)
             except httpx.HTTPError:
                 time.sleep(0.1)
                 continue
@@ -30,11 +31,13 @@ def test_health_is_503_while_loading_then_200(tmp_path: Path) -> None:
                     v = httpx.post(server.url("/v1/completions"), json={"prompt": "x"})
                     assert v.status_code == 503
                     assert httpx.get(server.url("/version")).status_code == 200
+                    assert httpx.get(server.url("/health")).status_code == 200
                 seen_loading = True
             elif r.status_code == 200:
                 break
             time.sleep(0.1)
         assert seen_loading
+        assert httpx.get(server.url("/ready")).status_code == 200
         assert httpx.get(server.url("/health")).status_code == 200
     finally:
         assert server.stop() == 0
@@ -72,9 +75,10 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
     assert first_chunk.wait(30)
     server.send_signal(signal.SIGTERM)
     time.sleep(0.3)
-    # while draining: no new work, and /health says so
+    # while draining: no new work, and /ready says so (/health, liveness, stays 200)
     try:
-        assert httpx.get(server.url("/health"), timeout=5).status_code == 503
+        assert httpx.get(server.url("/ready"), timeout=5).status_code == 503
+        assert httpx.get(server.url("/health"), timeout=5).status_code == 200
         r = httpx.post(server.url("/v1/completions"), json={"prompt": "x"}, timeout=5)
         assert r.status_code == 503
     except httpx.ConnectError:

@@ -22,6 +22,7 @@ from typing import Any
 
 from sanic import Blueprint, HTTPResponse, Request
 
+from serving.api.admission import admitted
 from serving.api.body import parse_request
 from serving.api.chat_output import ChoiceStream, OutputPlan, choice_message
 from serving.api.chat_template import ChatTemplateError
@@ -55,7 +56,6 @@ from serving.api.protocol import (
 )
 from serving.api.routes.common import (
     ChoiceAccumulator,
-    in_flight,
     json_response,
     request_id_for,
     state_of,
@@ -193,14 +193,15 @@ async def _plan(request: Request, state: ServerState) -> _Plan:
 
 
 @bp.post("/v1/chat/completions")
+@admitted
 async def create_chat_completion(request: Request) -> HTTPResponse | None:
     state = state_of(request)
     plan = await _plan(request, state)
-    with in_flight(state):
-        if plan.req.stream:
-            await _stream(request, state, plan)
-            return None
-        return await _full(state, plan)
+    request.ctx.admission.settle(len(plan.prompt.token_ids))
+    if plan.req.stream:
+        await _stream(request, state, plan)
+        return None
+    return await _full(state, plan)
 
 
 def _formatter(state: ServerState, plan: _Plan) -> LogprobFormatter:

@@ -1,9 +1,7 @@
-"""Helpers the route modules share: JSON responses, request ids, in-flight accounting."""
+"""Helpers the route modules share: JSON responses, request ids, output accumulation."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel
@@ -28,20 +26,6 @@ def request_id_for(request: Request, body_request_id: str | None) -> str:
     if request.headers.get("x-request-id"):
         return str(request.ctx.request_id)
     return body_request_id or str(request.ctx.request_id)
-
-
-@contextlib.contextmanager
-def in_flight(state: ServerState) -> Iterator[None]:
-    """Counts generation requests, so that SIGTERM can wait for them to finish."""
-    state.in_flight += 1
-    if state.metrics is not None:
-        state.metrics.http_in_flight.inc()
-    try:
-        yield
-    finally:
-        state.in_flight -= 1
-        if state.metrics is not None:
-            state.metrics.http_in_flight.dec()
 
 
 @dataclass

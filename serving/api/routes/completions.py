@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 from sanic import Blueprint, HTTPResponse, Request
 
+from serving.api.admission import admitted
 from serving.api.body import parse_request
 from serving.api.errors import APIError, BadRequest
 from serving.api.generation import (
@@ -44,7 +45,6 @@ from serving.api.protocol import (
 )
 from serving.api.routes.common import (
     ChoiceAccumulator,
-    in_flight,
     json_response,
     request_id_for,
     state_of,
@@ -144,14 +144,15 @@ async def _plan(request: Request, state: ServerState) -> _Plan:
 
 
 @bp.post("/v1/completions")
+@admitted
 async def create_completion(request: Request) -> HTTPResponse | None:
     state = state_of(request)
     plan = await _plan(request, state)
-    with in_flight(state):
-        if plan.req.stream:
-            await _stream(request, state, plan)
-            return None
-        return await _full(state, plan)
+    request.ctx.admission.settle(sum(len(p.token_ids) for p in plan.prompts))
+    if plan.req.stream:
+        await _stream(request, state, plan)
+        return None
+    return await _full(state, plan)
 
 
 def _usage(plan: _Plan, completion_tokens: int, cached: int) -> UsageInfo:

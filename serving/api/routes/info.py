@@ -1,8 +1,13 @@
-"""``GET /v1/models``, ``/health``, ``/version`` and ``/metrics``.
+"""``GET /v1/models``, ``/health``, ``/ready``, ``/version`` and ``/metrics``.
 
-``/health`` is 200 (empty body) only when the engine has loaded, is alive, and the server is not
-shutting down; otherwise 503 with an OpenAI-shaped error saying which. ``/health``, ``/version``
-and ``/metrics`` need no API key.
+- ``/health`` is liveness: 200 (empty body) while the process can still serve or is getting
+  there (loading, compiling, draining); 503 once the engine has died or hung, or its load failed.
+  A supervisor restarts the server on it.
+- ``/ready`` is readiness: 200 only when the engine has loaded, is alive, and the server is not
+  shutting down; otherwise 503 with an OpenAI-shaped error saying which. A load balancer sends
+  traffic on it.
+
+``/health``, ``/ready``, ``/version`` and ``/metrics`` need no API key.
 """
 
 from __future__ import annotations
@@ -38,6 +43,16 @@ async def list_models(request: Request) -> HTTPResponse:
 
 @bp.get("/health")
 async def health(request: Request) -> HTTPResponse:
+    state = state_of(request)
+    if state.load_error is not None:
+        return error_response(503, state.load_error)
+    if state.engine is not None and not state.engine.is_healthy():
+        return error_response(503, "The engine has stopped.")
+    return HTTPResponse(status=200)
+
+
+@bp.get("/ready")
+async def ready(request: Request) -> HTTPResponse:
     state = state_of(request)
     if state.draining:
         return error_response(503, "The server is shutting down.")

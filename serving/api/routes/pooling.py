@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from sanic import Blueprint, HTTPResponse, Request
 
+from serving.api.admission import admitted
 from serving.api.body import parse_json_object, validate_model
 from serving.api.engine_protocol import PoolingEngineClient
 from serving.api.errors import BadRequest, ServiceUnavailable
@@ -60,7 +61,7 @@ from serving.api.pooling_protocol import (
 )
 from serving.api.protocol import UsageInfo
 from serving.api.routes.chat import check_template_trust, render_prompt
-from serving.api.routes.common import in_flight, json_response, request_id_for, state_of
+from serving.api.routes.common import json_response, request_id_for, state_of
 from serving.api.state import ServerState
 from serving.engine.engine_client import EngineDeadError
 from serving.engine.pooling_params import PoolingInput, PoolingOutput, PoolingParams
@@ -97,14 +98,13 @@ def _param_of(message: str) -> str | None:
 async def _encode(engine: PoolingEngineClient, state: ServerState, inputs: list[PoolingInput],
                   params: PoolingParams) -> list[PoolingOutput]:
     """The engine call, with its refusals as API errors: ValueError 400, a dead engine 503."""
-    with in_flight(state):
-        try:
-            return await engine.encode(inputs, params)
-        except ValueError as e:
-            raise BadRequest(str(e), param=_param_of(str(e))) from None
-        except EngineDeadError as e:
-            raise ServiceUnavailable("The engine has stopped; the server cannot serve this "
-                                     "request.") from e
+    try:
+        return await engine.encode(inputs, params)
+    except ValueError as e:
+        raise BadRequest(str(e), param=_param_of(str(e))) from None
+    except EngineDeadError as e:
+        raise ServiceUnavailable("The engine has stopped; the server cannot serve this "
+                                 "request.") from e
 
 
 async def _tokenize(state: ServerState, engine: PoolingEngineClient, texts: list[str], *,
@@ -179,6 +179,7 @@ def _parse(request: Request, completion: type[Any], chat: type[Any]) -> Any:
 
 
 @bp.post("/v1/embeddings")
+@admitted
 async def create_embeddings(request: Request) -> HTTPResponse:
     state = state_of(request)
     req = _parse(request, EmbeddingCompletionRequest, EmbeddingChatRequest)
@@ -201,6 +202,7 @@ async def create_embeddings(request: Request) -> HTTPResponse:
 
 
 @bp.post("/pooling")
+@admitted
 async def create_pooling(request: Request) -> HTTPResponse:
     state = state_of(request)
     req = _parse(request, PoolingCompletionRequest, PoolingChatRequest)
@@ -279,11 +281,13 @@ async def _score_pairs(state: ServerState, engine: PoolingEngineClient, t1: list
 
 
 @bp.post("/score")
+@admitted
 async def create_score(request: Request) -> HTTPResponse:
     return await _score(request)
 
 
 @bp.post("/v1/score")
+@admitted
 async def create_score_v1(request: Request) -> HTTPResponse:
     return await _score(request)
 
@@ -305,16 +309,19 @@ async def _score(request: Request) -> HTTPResponse:
 
 
 @bp.post("/rerank")
+@admitted
 async def rerank(request: Request) -> HTTPResponse:
     return await _rerank(request)
 
 
 @bp.post("/v1/rerank")
+@admitted
 async def rerank_v1(request: Request) -> HTTPResponse:
     return await _rerank(request)
 
 
 @bp.post("/v2/rerank")
+@admitted
 async def rerank_v2(request: Request) -> HTTPResponse:
     return await _rerank(request)
 
@@ -342,6 +349,7 @@ async def _rerank(request: Request) -> HTTPResponse:
 
 
 @bp.post("/classify")
+@admitted
 async def classify(request: Request) -> HTTPResponse:
     state = state_of(request)
     req = validate_model(ClassificationRequest, parse_json_object(request))
