@@ -20,6 +20,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -41,6 +42,7 @@ inline Vec Load(const uint16_t* p) {
 inline Vec Bcast(const float* p) { return _mm512_set1_ps(*p); }
 inline Vec Fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline Vec Add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+inline Vec Mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
 inline void Store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
 constexpr int kTilePanels = 2;  // a micro-tile is 2 panels (2 zmm) wide
 #else
@@ -54,6 +56,7 @@ inline Vec Load(const uint16_t* p) {
 inline Vec Bcast(const float* p) { return _mm256_broadcast_ss(p); }
 inline Vec Fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline Vec Add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+inline Vec Mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
 inline void Store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
 constexpr int kTilePanels = 1;  // a micro-tile is 1 panel (2 ymm) wide
 #endif
@@ -274,9 +277,83 @@ struct AttnArgs {
   int32_t window;
 };
 
+// ---- vector paths (pages of 16 keys, head dim a multiple of 2 vectors) ---------------------
+
+constexpr int kGroupRows = 4;  // query heads handled together (accumulators in registers)
+
+// Scores of GN query rows (scaled, row stride H) against one whole dimension-major key page of
+// 16 keys: out[g * 16 + b]. Slots past the sequence's length are computed and then dropped by
+// the caller (they lie inside the page, so the read is in bounds; NaN there stays in its lane).
+template <int GN>
+inline void PageScores16(const float* qs, int64_t H, const float* kp, float* out) {
+  Vec s[2][GN][kPanelVecs];
+#pragma GCC unroll 8
+  for (int u = 0; u < 2; ++u)
+#pragma GCC unroll 8
+    for (int g = 0; g < GN; ++g)
+#pragma GCC unroll 4
+      for (int v = 0; v < kPanelVecs; ++v) s[u][g][v] = Zero();
+  for (int64_t h = 0; h < H; h += 2) {
+#pragma GCC unroll 2
+    for (int u = 0; u < 2; ++u) {
+      Vec kv[kPanelVecs];
+#pragma GCC unroll 4
+      for (int v = 0; v < kPanelVecs; ++v) kv[v] = Load(kp + (h + u) * kPanel + v * kVL);
+#pragma GCC unroll 8
+      for (int g = 0; g < GN; ++g) {
+        Vec qb = Bcast(qs + g * H + h + u);
+#pragma GCC unroll 4
+        for (int v = 0; v < kPanelVecs; ++v) s[u][g][v] = Fma(qb, kv[v], s[u][g][v]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int g = 0; g < GN; ++g)
+#pragma GCC unroll 4
+    for (int v = 0; v < kPanelVecs; ++v) Store(out + g * kPanel + v * kVL, Add(s[0][g][v], s[1][g][v]));
+}
+
+// out[g, hc:hc+2*kVL] = sum_j p[g, j] * V[j, hc:hc+2*kVL] over the keys [lo, hi) for GN rows.
+template <int GN>
+inline void ValueChunk(const float* p, int64_t len, const float* const* rows, int64_t hc,
+                       const float* inv, float* out, int64_t H) {
+  Vec acc[GN][2];
+#pragma GCC unroll 8
+  for (int g = 0; g < GN; ++g) acc[g][0] = acc[g][1] = Zero();
+  for (int64_t j = 0; j < len; ++j) {
+    const float* vr = rows[j];
+    if (vr == nullptr) continue;  // a key of an invalid page (its weight is 0)
+    const Vec v0 = Load(vr + hc), v1 = Load(vr + hc + kVL);
+#pragma GCC unroll 8
+    for (int g = 0; g < GN; ++g) {
+      const Vec pb = Bcast(p + g * len + j);
+      acc[g][0] = Fma(pb, v0, acc[g][0]);
+      acc[g][1] = Fma(pb, v1, acc[g][1]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int g = 0; g < GN; ++g) {
+    const Vec s = Bcast(inv + g);
+    Store(out + g * H + hc, Mul(acc[g][0], s));
+    Store(out + g * H + hc + kVL, Mul(acc[g][1], s));
+  }
+}
+
+template <typename F>
+inline void ForGroups(int64_t G, const F& f) {
+  for (int64_t g0 = 0; g0 < G; g0 += kGroupRows) {
+    switch (std::min<int64_t>(kGroupRows, G - g0)) {
+      case 1: f(g0, std::integral_constant<int, 1>()); break;
+      case 2: f(g0, std::integral_constant<int, 2>()); break;
+      case 3: f(g0, std::integral_constant<int, 3>()); break;
+      default: f(g0, std::integral_constant<int, 4>()); break;
+    }
+  }
+}
+
 // One (token, kv head): its G query heads over the keys [lo, hi) of its own sequence.
 void AttendOne(const AttnArgs& a, int64_t t, int64_t kh, int64_t seq, int64_t pos,
-               std::vector<float>& scores) {
+               std::vector<float>& scores, std::vector<const float*>& rows) {
   const int64_t G = a.G, H = a.H, B = a.B;
   float* out = a.out + (t * a.N + kh * G) * H;
   int64_t hi = std::min<int64_t>(pos + 1, a.W * B);
@@ -285,8 +362,10 @@ void AttendOne(const AttnArgs& a, int64_t t, int64_t kh, int64_t seq, int64_t po
     std::fill(out, out + G * H, 0.0f);
     return;
   }
+  const bool vec = B == kPanel && H % (2 * kVL) == 0;
   const int64_t len = hi - lo;
   scores.resize(G * len);
+  rows.resize(len);
   float* sc = scores.data();
   const float* q = a.q + (t * a.N + kh * G) * H;
   const int32_t* pages = a.page_table + seq * a.W;
@@ -295,54 +374,72 @@ void AttendOne(const AttnArgs& a, int64_t t, int64_t kh, int64_t seq, int64_t po
   for (int64_t pi = lo / B; pi * B < hi; ++pi) {
     const int64_t b0 = std::max(lo, pi * B) - pi * B, b1 = std::min(hi, (pi + 1) * B) - pi * B;
     const int64_t page = pages[pi];
-    for (int64_t g = 0; g < G; ++g) {
-      float* srow = sc + g * len + pi * B + b0 - lo;
-      if (page < 0 || page >= a.P) {  // never read outside the cache
-        for (int64_t b = 0; b < b1 - b0; ++b) srow[b] = -INFINITY;
-        continue;
-      }
-      const float* kp = a.kc + ((kh * a.P + page) * H) * B + b0;
-      const float* qg = qs + g * H;
-      for (int64_t b = 0; b < b1 - b0; ++b) srow[b] = 0.0f;
-      for (int64_t h = 0; h < H; ++h) {
-        const float qv = qg[h];
-        const float* kr = kp + h * B;
-        for (int64_t b = 0; b < b1 - b0; ++b) srow[b] += qv * kr[b];
-      }
-      if (a.soft_cap > 0.0f)
-        for (int64_t b = 0; b < b1 - b0; ++b)
-          srow[b] = a.soft_cap * std::tanh(srow[b] / a.soft_cap);
+    const int64_t j0 = pi * B + b0 - lo;
+    const bool valid = page >= 0 && page < a.P;  // never read outside the cache
+    for (int64_t b = b0; b < b1; ++b)
+      rows[j0 + b - b0] = valid ? a.vc + ((kh * a.P + page) * B + b) * H : nullptr;
+    if (!valid) {
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t b = 0; b < b1 - b0; ++b) sc[g * len + j0 + b] = -INFINITY;
+      continue;
     }
+    const float* kp = a.kc + ((kh * a.P + page) * H) * B;
+    if (vec) {
+      float page_scores[16 * kPanel];
+      ForGroups(G, [&](int64_t g0, auto gn) {
+        PageScores16<decltype(gn)::value>(qs + g0 * H, H, kp, page_scores + g0 * kPanel);
+      });
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t b = b0; b < b1; ++b) sc[g * len + j0 + b - b0] = page_scores[g * kPanel + b];
+    } else {
+      for (int64_t g = 0; g < G; ++g) {
+        float* srow = sc + g * len + j0;
+        const float* qg = qs + g * H;
+        for (int64_t b = 0; b < b1 - b0; ++b) srow[b] = 0.0f;
+        for (int64_t h = 0; h < H; ++h) {
+          const float qv = qg[h];
+          const float* kr = kp + h * B + b0;
+          for (int64_t b = 0; b < b1 - b0; ++b) srow[b] += qv * kr[b];
+        }
+      }
+    }
+    if (a.soft_cap > 0.0f)
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t b = 0; b < b1 - b0; ++b) {
+          float& x = sc[g * len + j0 + b];
+          x = a.soft_cap * std::tanh(x / a.soft_cap);
+        }
   }
-  float denom[16];
+  float inv[16];
   for (int64_t g = 0; g < G; ++g) {
     float* srow = sc + g * len;
     float m = -INFINITY;
     for (int64_t j = 0; j < len; ++j) m = std::max(m, srow[j]);
-    denom[g] = std::isfinite(m) ? ExpSub(srow, len, m) : 0.0f;
+    const float denom = std::isfinite(m) ? ExpSub(srow, len, m) : 0.0f;
     if (!std::isfinite(m)) std::fill(srow, srow + len, 0.0f);
+    inv[g] = denom > 0.0f ? 1.0f / denom : 0.0f;
+  }
+  if (vec) {
+    for (int64_t hc = 0; hc < H; hc += 2 * kVL)
+      ForGroups(G, [&](int64_t g0, auto gn) {
+        ValueChunk<decltype(gn)::value>(sc + g0 * len, len, rows.data(), hc, inv + g0,
+                                        out + g0 * H, H);
+      });
+    return;
   }
   float acc[16 * 512];
   std::fill(acc, acc + G * H, 0.0f);
-  for (int64_t pi = lo / B; pi * B < hi; ++pi) {
-    const int64_t page = pages[pi];
-    if (page < 0 || page >= a.P) continue;
-    const int64_t b0 = std::max(lo, pi * B) - pi * B, b1 = std::min(hi, (pi + 1) * B) - pi * B;
-    const float* vp = a.vc + ((kh * a.P + page) * B) * H;
-    for (int64_t b = b0; b < b1; ++b) {
-      const float* vr = vp + b * H;
-      const int64_t j = pi * B + b - lo;
-      for (int64_t g = 0; g < G; ++g) {
-        const float p = sc[g * len + j];
-        float* ag = acc + g * H;
-        for (int64_t h = 0; h < H; ++h) ag[h] += p * vr[h];
-      }
+  for (int64_t j = 0; j < len; ++j) {
+    const float* vr = rows[j];
+    if (vr == nullptr) continue;
+    for (int64_t g = 0; g < G; ++g) {
+      const float p = sc[g * len + j];
+      float* ag = acc + g * H;
+      for (int64_t h = 0; h < H; ++h) ag[h] += p * vr[h];
     }
   }
-  for (int64_t g = 0; g < G; ++g) {
-    const float inv = denom[g] > 0.0f ? 1.0f / denom[g] : 0.0f;
-    for (int64_t h = 0; h < H; ++h) out[g * H + h] = acc[g * H + h] * inv;
-  }
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t h = 0; h < H; ++h) out[g * H + h] = acc[g * H + h] * inv[g];
 }
 
 ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 3> q,
@@ -387,8 +484,9 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 3> q,
   const int64_t tasks = real * a.K;
   ParallelFor(pool, tasks, PoolWorkers(pool), [&](int64_t i) {
     thread_local std::vector<float> scores;
+    thread_local std::vector<const float*> rows;
     const int64_t t = i / a.K, kh = i % a.K;
-    AttendOne(a, t, kh, seq_of[t], pos_of[t], scores);
+    AttendOne(a, t, kh, seq_of[t], pos_of[t], scores, rows);
   });
   return ffi::Error::Success();
 }
