@@ -140,19 +140,20 @@ def _load(args: EngineArgs, place: Any, single_device: bool) -> LoadedModel:
         if args.task in ("embed", "embedding"):
             check_decoder_embedding_source(path)
     backend = args.attention_backend
-    if backend == "auto" and not single_device and jax.default_backend() == "cpu":
-        backend = "reference"  # the native kernels are single-device (no sharded layout)
+    if not single_device and jax.default_backend() == "cpu":
+        if backend == "native":
+            raise ModelLoadError("--attention-backend native runs on one device; use "
+                                 "'reference' with tensor or data parallelism")
+        if backend == "auto":
+            backend = "reference"  # the native kernels are single-device (no sharded layout)
     attn_fn, write_fn, _ = get_attention_fn(backend)
     loaded = load_model(args.model, dtype=args.dtype, attn_fn=attn_fn, write_fn=write_fn,
                         cache_dir=args.cache_dir, tokenizer_path=args.tokenizer, place=place)
     linear = get_linear_fn(backend, args.cpu_weight_dtype)
     if linear is not None and not loaded.is_encoder:
-        if not single_device:
-            raise ModelLoadError("--attention-backend native runs on one device; use "
-                                 "'reference' with tensor or data parallelism")
         if loaded.dtype is None or jnp.dtype(loaded.dtype) != jnp.float32:
             log.info("native CPU GEMM skipped: it takes float32 activations, the model runs "
-                     "%s", jnp.dtype(loaded.dtype).name)
+                     "%s", loaded.dtype)
         else:
             n = pack_linears(loaded.model, linear)
             log.info("packed %d modules' weights for the %s", n, linear.description)
