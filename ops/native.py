@@ -49,6 +49,7 @@ log = logging.getLogger("xlaserve.ops")
 
 SOURCE = Path(__file__).parent / "cpu" / "kernels.cc"
 PANEL = 16  # output columns per packed weight panel (kernels.cc: kPanel)
+MAX_GROUP, MAX_HEAD_DIM = 16, 512  # the attention kernel's limits (kernels.cc: PagedAttention)
 ISAS = ("avx512", "avx2")  # best first
 _ISA_FLAGS = {
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
@@ -78,6 +79,12 @@ def cpu_flags() -> set[str]:
         if line.startswith("flags"):
             return set(line.split(":", 1)[1].split())
     return set()
+
+
+def runnable_isas() -> list[str]:
+    """The builds this CPU can run, best first."""
+    flags = cpu_flags()
+    return [isa for isa in ISAS if _ISA_CPU_FLAGS[isa] <= flags]
 
 
 def host_isa() -> str:
@@ -187,8 +194,11 @@ class NativeKernels:
     ) -> jax.Array:  # [T, N, H]
         """``ops.attention.ragged_paged_attention_reference(..., dim_major_keys=True)``, the same
         contract (masking, zeros for padding, never a read outside the sequence's pages). Caches
-        of another dtype than f32 take the reference path."""
-        if k_cache.dtype != jnp.float32 or q.dtype != jnp.float32:
+        of another dtype than f32, more than ``MAX_GROUP`` query heads per kv head or a head dim
+        over ``MAX_HEAD_DIM`` (the kernel's stack buffers) take the reference path."""
+        group = q.shape[1] // k_cache.shape[0]
+        if k_cache.dtype != jnp.float32 or q.dtype != jnp.float32 or group > MAX_GROUP or \
+                q.shape[2] > MAX_HEAD_DIM:
             return attention.ragged_paged_attention_reference(
                 q, k_cache, v_cache, page_table, kv_lens, cu_q_lens, sm_scale=sm_scale,
                 sliding_window=sliding_window, soft_cap=soft_cap, dim_major_keys=True)
@@ -274,8 +284,7 @@ def main() -> None:
     ap.add_argument("--isa", default=None, help="avx2, avx512, all (default: this host's best)")
     ap.add_argument("--cache-dir", default=None)
     args = ap.parse_args()
-    isas = [i for i in ISAS if _ISA_CPU_FLAGS[i] <= cpu_flags()] if args.isa == "all" else \
-        [args.isa]
+    isas = runnable_isas() if args.isa == "all" else [args.isa]
     for isa in isas:
         try:
             path = build(isa or host_isa(), args.cache_dir)

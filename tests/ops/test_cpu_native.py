@@ -30,7 +30,7 @@ from tests.ops.paged_cases import SCENARIOS, Geometry, assert_matches_reference,
 pytestmark = pytest.mark.skipif(native.kernels() is None,
                                 reason="native CPU kernels unavailable on this host")
 
-BUILDS = [isa for isa in native.ISAS if native._ISA_CPU_FLAGS[isa] <= native.cpu_flags()]
+BUILDS = native.runnable_isas()
 
 
 @pytest.fixture(params=BUILDS)
@@ -93,14 +93,19 @@ def test_attention_matches_reference(kernels: native.NativeKernels, window: int 
         assert_matches_reference(fn(*args), ref, case, f"{kernels.isa} {name}")
 
 
-def test_attention_of_other_dtypes_is_the_reference() -> None:
-    """The kernel is f32; bf16 caches take the reference path, bit for bit."""
-    geo = Geometry.fitting(SCENARIOS, num_kv=2, group=2, head=32, page=16, dtype=jnp.bfloat16)
+@pytest.mark.parametrize("dtype, group", [(jnp.bfloat16, 2), (jnp.float32, native.MAX_GROUP + 1)])
+def test_attention_outside_the_kernel_is_the_reference(dtype: object, group: int) -> None:
+    """The kernel is f32 with at most MAX_GROUP query heads per kv head; bf16 caches or a larger
+    group take the reference path, bit for bit (no custom call in the program)."""
+    geo = Geometry.fitting(SCENARIOS, num_kv=1, group=group, head=32, page=16, dtype=dtype)
     case = build_case(geo, SCENARIOS["mixed"], seed=2)
     args = (case.q, attention.keys_dim_major(case.k_cache), *case.args[2:])
-    out = native.kernels().ragged_paged_attention(*args, sm_scale=0.2)  # type: ignore[union-attr]
+    kernels = native.kernels()
+    assert kernels is not None
+    fn = jax.jit(lambda *a: kernels.ragged_paged_attention(*a, sm_scale=0.2))
+    assert "custom_call" not in fn.lower(*args).as_text()
     ref = attention.ragged_paged_attention_reference(*args, sm_scale=0.2, dim_major_keys=True)
-    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(ref, np.float32))
+    np.testing.assert_array_equal(np.asarray(fn(*args), np.float32), np.asarray(ref, np.float32))
 
 
 def test_auto_is_native_on_cpu_and_native_pairs_the_cpu_write() -> None:
