@@ -45,13 +45,15 @@ def hlo_ops(hlo: str) -> dict[str, tuple[str, str, str]]:
         m = re.match(r"\s*(?:ROOT )?%(\S+) = (.*?) ([\w-]+)\(", line)
         if m:
             meta = re.search(r'op_name="([^"]*)"', line)
-            ops[m.group(1)] = (m.group(2), m.group(3), meta.group(1) if meta else "")
+            target = re.search(r'custom_call_target="([^"]*)"', line)  # native kernels
+            ops[m.group(1)] = (m.group(2), m.group(3), " ".join(
+                x.group(1) for x in (meta, target) if x))
     return ops
 
 
 def classify(name: str, op: tuple[str, str, str], vocab: int) -> str:
     shape, opcode, meta = op
-    if opcode == "while" or "attention" in meta:
+    if opcode == "while" or "attention" in meta:  # incl. the native kernel's custom call
         return "attention"
     if "scatter" in name or "scatter" in opcode:
         return "KV write"
@@ -67,12 +69,15 @@ def main() -> None:
     ap.add_argument("--seqs", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=100)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--cpu-weight-dtype", default="f16")
     args = ap.parse_args()
 
     from serving.engine.llm import LLM
     from serving.engine.sampling_params import SamplingParams
 
-    llm = LLM(args.model, dtype="float32", max_model_len=1024, max_num_seqs=args.seqs)
+    llm = LLM(args.model, dtype="float32", max_model_len=1024, max_num_seqs=args.seqs,
+              attention_backend=args.attention_backend, cpu_weight_dtype=args.cpu_weight_dtype)
     eng = llm.engine
     runner = eng.runner
     vocab = eng.model_config.vocab_size

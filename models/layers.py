@@ -18,6 +18,8 @@ from flax import nnx
 
 from models.config import ModelConfig
 from models.inputs import AttentionFn, StepInputs, WriteKVFn
+from ops import native
+from ops.backend import LinearBackend
 
 
 def param(shape: tuple[int, ...], dtype: Any, axes: tuple[str | None, ...]) -> nnx.Param:
@@ -97,12 +99,19 @@ class Attention(nnx.Module):
         self.scale = cfg.attn_scale
         self.soft_cap = cfg.attn_logit_softcapping
         self.group = g
+        self.head_dim = h
         self.attn_fn = attn_fn
         self.write_fn = write_fn
+        # Set by ``pack_linears``: qkv and o are then packed for this matmul (ops.backend).
+        self.linear: Callable[..., jax.Array] | None = None
 
     def __call__(self, x: jax.Array, kv: tuple[jax.Array, jax.Array],
                  inp: StepInputs) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        qkv = jnp.einsum("td,dkjh->tkjh", x, self.qkv[...])  # [T, K, G+2, H]
+        if self.linear is None:
+            qkv = jnp.einsum("td,dkjh->tkjh", x, self.qkv[...])  # [T, K, G+2, H]
+        else:
+            qkv = self.linear(x, self.qkv[...]).reshape(  # packed [(K*(G+2)*H)/16, D, 16]
+                x.shape[0], -1, self.group + 2, self.head_dim)
         if self.qkv_bias is not None:
             qkv = qkv + self.qkv_bias[...]
         t, k, _, h = qkv.shape
@@ -118,6 +127,8 @@ class Attention(nnx.Module):
                            soft_cap=self.soft_cap)  # [T, N, H]
         # As one [T, N*H] @ [N*H, D] matmul: the 3-D einsum made XLA:CPU transpose the whole o
         # weight on every step to match the attention output's layout (1.3 MB per layer).
+        if self.linear is not None:
+            return self.linear(out.reshape(t, -1), self.o[...]), (k_cache, v_cache)
         o = self.o[...]
         y = out.reshape(t, -1) @ o.reshape(-1, o.shape[-1])
         return y, (k_cache, v_cache)
@@ -140,8 +151,13 @@ class GatedMLP(nnx.Module):
             self.act = lambda v: jax.nn.gelu(v, approximate=False)
         else:
             raise ValueError(f"unsupported hidden_act {act!r}")
+        # Set by ``pack_linears``: gate_up and down are then packed for this matmul.
+        self.linear: Callable[..., jax.Array] | None = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.linear is not None:
+            gu = self.linear(x, self.gate_up[...]).reshape(x.shape[0], 2, -1)
+            return self.linear(self.act(gu[:, 0]) * gu[:, 1], self.down[...])
         gu = jnp.einsum("td,djf->tjf", x, self.gate_up[...])  # [T, 2, F]
         return (self.act(gu[:, 0]) * gu[:, 1]) @ self.down[...]
 
@@ -149,11 +165,53 @@ class GatedMLP(nnx.Module):
 class Embedding(nnx.Module):
     def __init__(self, vocab: int, dim: int, dtype: Any) -> None:
         self.weight = param((vocab, dim), dtype, ("vocab", "embed"))
+        # Set by ``pack_linears``: the table is then packed for ``linear`` (the LM head) and
+        # ``rows`` reads embeddings back out of the packing.
+        self.linear: Callable[..., jax.Array] | None = None
+        self.rows: Callable[..., jax.Array] | None = None
+        self.dtype = dtype
 
     def __call__(self, ids: jax.Array) -> jax.Array:
+        if self.rows is not None:
+            return self.rows(self.weight[...], ids).astype(self.dtype)
         return jnp.take(self.weight[...], ids, axis=0)
 
     def attend(self, x: jax.Array) -> jax.Array:
+        if self.linear is not None:
+            return self.linear(x, self.weight[...])
         # einsum against [V, D] avoids a transposed copy of a tied table and was ~2x faster than
         # x @ W[D, V] on XLA:CPU at batch >= 8 (model_assets.md, LM head probe).
         return jnp.einsum("sd,vd->sv", x, self.weight[...])
+
+
+def pack_linears(model: nnx.Module, backend: LinearBackend) -> int:
+    """Pack, once at load, the weights of every ``Attention`` (qkv, o), ``GatedMLP`` (gate_up,
+    down) and ``Embedding`` (lookup table and LM head) of ``model`` into ``backend``'s layout,
+    and make those modules call ``backend.linear`` instead of their einsums. A module whose
+    output width the packing cannot take (``ops.native.packable``) keeps its einsums. Single
+    device only (the packed layout has no logical axes to shard). Returns the modules packed."""
+    packed = 0
+    for _, m in nnx.iter_graph(model):
+        if isinstance(m, Attention):
+            qkv, o = m.qkv[...], m.o[...]
+            mats = (qkv.reshape(qkv.shape[0], -1), o.reshape(-1, o.shape[-1]))
+            if all(native.packable(w) for w in mats):
+                m.qkv.set_value(backend.pack(mats[0]))
+                m.o.set_value(backend.pack(mats[1]))
+                m.linear = backend.linear
+                packed += 1
+        elif isinstance(m, GatedMLP):
+            gu, down = m.gate_up[...], m.down[...]
+            gu = gu.reshape(gu.shape[0], -1)
+            if native.packable(gu) and native.packable(down):
+                m.gate_up.set_value(backend.pack(gu))
+                m.down.set_value(backend.pack(down))
+                m.linear = backend.linear
+                packed += 1
+        elif isinstance(m, Embedding):
+            w = m.weight[...]
+            if native.packable(w.T):
+                m.weight.set_value(backend.pack_rows(w))
+                m.linear, m.rows = backend.linear, backend.rows
+                packed += 1
+    return packed

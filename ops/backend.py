@@ -8,7 +8,11 @@ soft_cap)`` and ``write_kv(k_cache, v_cache, k, v, slot_mapping) -> (k_cache, v_
 
 Choices (``--attention-backend``):
 - ``auto``: the Pallas kernel of the platform (``jax.default_backend()``: gpu -> Triton-lowered
-  kernel, tpu -> Mosaic kernel), the pure-jnp reference elsewhere (CPU);
+  kernel, tpu -> Mosaic kernel); on CPU the native kernels (``native``) when this host has them
+  (``ops.native.kernels()``; else the reason is logged once and the reference runs);
+- ``native``: the native CPU kernels (``ops.native``: C++ through ``jax.ffi``): the attention
+  here, and ``get_linear_fn`` hands out the packed-weight GEMM for the projections and the LM
+  head; an error where they cannot run (not a CPU, no compiler, no AVX2);
 - ``reference``: the pure-jnp reference everywhere; on CPU with dimension-major key pages
   (``dim_major_keys``, faster on XLA:CPU; the two functions come as a pair and agree on it);
 - ``pallas``: the platform's kernel, compiled; an error on a platform without one (CPU);
@@ -25,11 +29,11 @@ from typing import Any, NamedTuple
 
 import jax
 
-from ops import attention
+from ops import attention, native
 
 log = logging.getLogger("xlaserve.ops")
 
-BACKENDS = ("auto", "reference", "pallas", "pallas-interpret")
+BACKENDS = ("auto", "reference", "pallas", "pallas-interpret", "native")
 
 
 class AttentionBackend(NamedTuple):
@@ -51,6 +55,59 @@ def _kernel_module(platform: str) -> Any:
     return pallas_gpu
 
 
+def _resolve(backend: str, platform: str) -> str:
+    """``auto`` made concrete for ``platform``."""
+    if backend != "auto":
+        return backend
+    if platform in ("gpu", "tpu"):
+        return "pallas"
+    return "native" if platform == "cpu" and native.kernels() is not None else "reference"
+
+
+def _native_kernels(platform: str) -> native.NativeKernels:
+    if platform != "cpu":
+        raise ValueError(f"the native backend runs on a CPU, this platform is {platform!r}")
+    try:
+        return native.load()
+    except native.NativeUnavailable as e:
+        raise ValueError(f"native CPU kernels unavailable: {e} (use --attention-backend "
+                         "reference)") from None
+
+
+class LinearBackend(NamedTuple):
+    """The projections' and LM head's matmul and the packing of its weights (``ops.native``):
+    ``linear(x [M, K], pack(W [K, N])) -> [M, N]``; ``pack_rows`` packs an ``[N, K]`` table
+    used as ``x @ W.T`` and ``rows(packed, ids)`` reads rows back (a tied embedding)."""
+
+    linear: Callable[..., Any]
+    pack: Callable[[Any], Any]
+    pack_rows: Callable[[Any], Any]
+    rows: Callable[[Any, Any], Any]
+    description: str
+
+
+def get_linear_fn(backend: str = "auto", weight_dtype: str = "f16",
+                  platform: str | None = None) -> LinearBackend | None:
+    """The packed-weight GEMM of ``backend`` (``native``, or ``auto`` where it resolves to it),
+    weights stored as ``weight_dtype`` (``f16`` or ``f32``; f32 accumulate either way); None for
+    the other backends, whose models keep their einsums. Raises ValueError like
+    ``get_attention_fn``."""
+    if weight_dtype not in native.WEIGHT_DTYPES:
+        raise ValueError(f"CPU weight dtype must be one of {tuple(native.WEIGHT_DTYPES)}, got "
+                         f"{weight_dtype!r}")
+    platform = platform or jax.default_backend()
+    if backend not in BACKENDS or _resolve(backend, platform) != "native":
+        return None
+    kernels = _native_kernels(platform)
+    dtype = native.WEIGHT_DTYPES[weight_dtype]
+    chosen = LinearBackend(
+        kernels.linear, functools.partial(native.pack_linear, dtype=dtype),
+        functools.partial(native.pack_rows, dtype=dtype), native.packed_rows,
+        f"native CPU GEMM ({kernels.isa}, {weight_dtype} weights, f32 accumulate)")
+    log.info("linear backend: %s", chosen.description)
+    return chosen
+
+
 def get_attention_fn(backend: str = "auto", platform: str | None = None) -> AttentionBackend:
     """Pick (attention, write_kv, description) for ``backend`` on ``platform`` (default:
     ``jax.default_backend()``) and log the choice. Raises ValueError for an unknown backend or
@@ -58,9 +115,14 @@ def get_attention_fn(backend: str = "auto", platform: str | None = None) -> Atte
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
     platform = platform or jax.default_backend()
-    if backend == "auto":
-        backend = "pallas" if platform in ("gpu", "tpu") else "reference"
-    if backend == "reference":
+    backend = _resolve(backend, platform)
+    if backend == "native":
+        kernels = _native_kernels(platform)
+        chosen = AttentionBackend(
+            kernels.ragged_paged_attention,
+            functools.partial(attention.write_kv, dim_major_keys=True),
+            f"native CPU kernel ({kernels.isa}, dim-major key pages) on {platform}")
+    elif backend == "reference":
         # On XLA:CPU the reference stores key pages dimension-major (ops.attention docstring).
         layout = platform == "cpu"
         chosen = AttentionBackend(

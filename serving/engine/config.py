@@ -91,7 +91,13 @@ class EngineArgs:
         True, "Use JAX's persistent compilation cache under --cache-dir.")
     attention_backend: str = option(
         "auto", "Paged-attention implementation.",
-        choices=("auto", "reference", "pallas", "pallas-interpret"))
+        choices=("auto", "reference", "pallas", "pallas-interpret", "native"))
+    cpu_weight_dtype: str = option(
+        "f16", "Storage of the projection and LM-head weights for the native CPU kernels "
+               "(--attention-backend native, or auto on a CPU that has them): 'f16' halves the "
+               "bytes read per step (f32 accumulate; greedy output may differ slightly from "
+               "f32), 'f32' keeps the loaded weights exactly.",
+        choices=("f16", "f32"))
     # The same option as ServerArgs.max_logprobs (declared there, where requests are checked):
     # `serve --max-logprobs` sets both.
     max_logprobs: int = MAX_LOGPROBS

@@ -28,9 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from models.bert import BertConfig, is_encoder_dir
 from models.config import ModelConfig
+from models.layers import pack_linears
 from models.loader import load_model, resolve_source
 from models.pooling import (
     PoolerConfig,
@@ -40,7 +42,7 @@ from models.pooling import (
 )
 from models.registry import LoadedModel, ModelLoadError, resolve_dtype
 from models.weights import default_place
-from ops.backend import get_attention_fn
+from ops.backend import get_attention_fn, get_linear_fn
 from serving.engine.compilation import enable_compilation_cache
 from serving.engine.config import EngineArgs
 from serving.engine.faults import fault_hook_from_env, is_out_of_memory
@@ -143,16 +145,32 @@ def check_decoder_embedding_source(path: Path) -> None:
                              "supported; decoder models serve --task embed only")
 
 
-def _load(args: EngineArgs, place: Any) -> LoadedModel:
+def _load(args: EngineArgs, place: Any, single_device: bool) -> LoadedModel:
     path = resolve_source(args.model, args.cache_dir)
     if not is_encoder_dir(path):  # refused before any weight is read
         if args.task in SCORE_TASKS:
             raise ModelLoadError(_NO_DECODER_SCORES.format(task=args.task))
         if args.task in ("embed", "embedding"):
             check_decoder_embedding_source(path)
-    attn_fn, write_fn, _ = get_attention_fn(args.attention_backend)
-    return load_model(args.model, dtype=args.dtype, attn_fn=attn_fn, write_fn=write_fn,
-                      cache_dir=args.cache_dir, tokenizer_path=args.tokenizer, place=place)
+    backend = args.attention_backend
+    if not single_device and jax.default_backend() == "cpu":
+        if backend == "native":
+            raise ModelLoadError("--attention-backend native runs on one device; use "
+                                 "'reference' with tensor or data parallelism")
+        if backend == "auto":
+            backend = "reference"  # the native kernels are single-device (no sharded layout)
+    attn_fn, write_fn, _ = get_attention_fn(backend)
+    loaded = load_model(args.model, dtype=args.dtype, attn_fn=attn_fn, write_fn=write_fn,
+                        cache_dir=args.cache_dir, tokenizer_path=args.tokenizer, place=place)
+    linear = get_linear_fn(backend, args.cpu_weight_dtype)
+    if linear is not None and not loaded.is_encoder:
+        if loaded.dtype is None or jnp.dtype(loaded.dtype) != jnp.float32:
+            log.info("native CPU GEMM skipped: it takes float32 activations, the model runs "
+                     "%s", loaded.dtype)
+        else:
+            n = pack_linears(loaded.model, linear)
+            log.info("packed %d modules' weights for the %s", n, linear.description)
+    return loaded
 
 
 class LLMEngine:
@@ -169,7 +187,8 @@ class LLMEngine:
         if sharder is None:
             sharder = make_sharder(args, loaded)  # None: one device (tp = dp = 1)
         if loaded is None:
-            loaded = _load(args, default_place if sharder is None else sharder.place)
+            loaded = _load(args, default_place if sharder is None else sharder.place,
+                           single_device=sharder is None)
         self.tasks = serving_tasks(args.task, loaded.config)
         if sharder is not None:
             loaded = shard_loaded(loaded, sharder)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from models.testing import tiny_loaded
+from ops import native
 from ops.attention import ragged_paged_attention_reference, write_kv
 from ops.backend import get_attention_fn
 from serving.engine.compilation import CompileCounter
@@ -34,11 +35,14 @@ def engine_kwargs(**kw: object) -> dict[str, object]:
 
 def ops_pair_kwargs(ops_pair: str) -> dict[str, object]:
     """``tiny_loaded`` attention ops: "canonical", the reference's token-major key pages (the
-    loader's default), or "cpu-backend", what the engine runs on CPU (``ops.backend``:
-    dimension-major key pages)."""
+    loader's default), "cpu-backend", the reference as the engine runs it on CPU
+    (``ops.backend``: dimension-major key pages), or "native", the native CPU kernel on that
+    layout (``ops.native``; skipped where this host has none)."""
     if ops_pair == "canonical":
         return {}
-    attn_fn, write_fn, _ = get_attention_fn("reference")
+    if ops_pair == "native" and native.kernels() is None:
+        pytest.skip("native CPU kernels unavailable on this host")
+    attn_fn, write_fn, _ = get_attention_fn("native" if ops_pair == "native" else "reference")
     return {"attn_fn": attn_fn, "write_fn": write_fn}
 
 
@@ -47,7 +51,7 @@ def llm() -> LLM:
     return LLM(loaded=tiny_loaded(), **engine_kwargs())
 
 
-@pytest.mark.parametrize("ops_pair", ["canonical", "cpu-backend"])
+@pytest.mark.parametrize("ops_pair", ["canonical", "cpu-backend", "native"])
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
 def test_paged_prefill_and_decode_equal_dense_forward(family: str, ops_pair: str) -> None:
     rng = np.random.default_rng(1)
@@ -71,9 +75,13 @@ def test_paged_prefill_and_decode_equal_dense_forward(family: str, ops_pair: str
     got_all = np.concatenate(got)
     assert np.isfinite(got_all).all()
     np.testing.assert_allclose(got_all, want, atol=LOGIT_ATOL, rtol=0)
-    # The reference ops are what the model used: check the ops are the reference ones.
+    # The ops asked for are what the model used.
     attn, write = paged_model.layers[0].attn.attn_fn, paged_model.layers[0].attn.write_fn
-    assert getattr(attn, "func", attn) is ragged_paged_attention_reference
+    if ops_pair == "native":
+        kernels = native.kernels()
+        assert kernels is not None and attn == kernels.ragged_paged_attention
+    else:
+        assert getattr(attn, "func", attn) is ragged_paged_attention_reference
     assert getattr(write, "func", write) is write_kv
 
 
@@ -307,7 +315,7 @@ def _cache_copies(hlo: str, cache_shape: tuple[int, ...]) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("ops_pair", ["canonical", "cpu-backend"])
+@pytest.mark.parametrize("ops_pair", ["canonical", "cpu-backend", "native"])
 def test_no_compiled_step_copies_the_kv_cache(ops_pair: str) -> None:
     """The donated cache is updated in place in every bucket. A full-cache copy per layer per
     step is a silent ~20x slowdown with a big pool: XLA:CPU once made one for T=1 only, when

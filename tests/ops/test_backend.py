@@ -13,16 +13,17 @@ from ops import attention, backend, pallas_gpu, pallas_tpu
 from tests.ops.paged_cases import SCENARIOS, Geometry, assert_matches_reference, build_case
 
 
-def test_cpu_auto_is_the_reference(caplog: pytest.LogCaptureFixture) -> None:
+def test_cpu_reference_pairs_the_dim_major_layout(caplog: pytest.LogCaptureFixture) -> None:
     assert jax.default_backend() == "cpu"
     with caplog.at_level(logging.INFO, logger="xlaserve.ops"):
-        attn, write, desc = backend.get_attention_fn("auto")
+        attn, write, desc = backend.get_attention_fn("reference")
     # The reference ops, paired on the CPU key-page layout.
     assert attn.func is attention.ragged_paged_attention_reference  # type: ignore[attr-defined]
     assert write.func is attention.write_kv  # type: ignore[attr-defined]
     assert attn.keywords == write.keywords == {"dim_major_keys": True}  # type: ignore[attr-defined]
     assert "reference" in desc and "dim-major" in desc
     assert any("attention backend: reference" in r.getMessage() for r in caplog.records)
+    assert backend.get_linear_fn("reference") is None  # the model keeps its einsums
 
 
 @pytest.mark.parametrize("platform, module", [("gpu", pallas_gpu), ("tpu", pallas_tpu)])

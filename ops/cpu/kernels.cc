@@ -1,0 +1,541 @@
+// Native CPU kernels for xlaserve, called from jitted JAX code through jax.ffi (ops/native.py).
+//
+// One source, compiled once per ISA: with AVX-512 (F/BW/VL/DQ) the vectors are 16 floats, on
+// AVX2+FMA+F16C they are 8. The Python side picks the build the CPU runs (ops/native.py), so no
+// instruction here runs on a CPU without it.
+//
+// Kernels (each an XLA FFI handler; work is split over XLA's intra-op thread pool, the calling
+// thread taking part, so a busy pool cannot deadlock a call):
+// - xlaserve_linear_{f32,f16}: y[M, N] = x[M, K] @ W, f32 accumulate, W packed once at load as
+//   [N/16, K, 16] panels (16 output columns, K-major) of f32 or f16 (F16C conversion in the loop).
+// - xlaserve_paged_attention: the ragged paged attention of ops/attention.py over the CPU
+//   backend's cache layout (key pages dimension-major [H, B], value pages token-major [B, H]).
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kPanel = 16;  // output columns per packed weight panel
+
+#if defined(__AVX512F__)
+using Vec = __m512;
+constexpr int kVL = 16;
+inline Vec Zero() { return _mm512_setzero_ps(); }
+inline Vec Load(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec Load(const uint16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline Vec Bcast(const float* p) { return _mm512_set1_ps(*p); }
+inline Vec Fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline Vec Add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+inline Vec Mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+inline void Store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+constexpr int kTilePanels = 2;  // a micro-tile is 2 panels (2 zmm) wide
+#else
+using Vec = __m256;
+constexpr int kVL = 8;
+inline Vec Zero() { return _mm256_setzero_ps(); }
+inline Vec Load(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec Load(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline Vec Bcast(const float* p) { return _mm256_broadcast_ss(p); }
+inline Vec Fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline Vec Add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+inline Vec Mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+inline void Store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+constexpr int kTilePanels = 1;  // a micro-tile is 1 panel (2 ymm) wide
+#endif
+constexpr int kPanelVecs = kPanel / kVL;
+constexpr int kMR = 6;  // rows per micro-tile: 6 x 2 vector accumulators
+
+// ---- work splitting over XLA's pool -------------------------------------------------------
+
+struct WorkCounter {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+// Runs body(i) for i in [0, n): the caller and up to workers-1 pool tasks claim items from an
+// atomic counter; the caller returns once every item is done. A pool task that starts late finds
+// no item left and touches nothing but the shared counter (kept alive by its shared_ptr).
+template <typename Body>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t workers, const Body& body) {
+  if (n <= 0) return;
+  workers = std::min<int64_t>(workers, n);
+  if (workers <= 1) {
+    for (int64_t i = 0; i < n; ++i) body(i);
+    return;
+  }
+  auto counter = std::make_shared<WorkCounter>();
+  const Body* fn = &body;
+  auto run = [counter, n, fn]() {
+    for (;;) {
+      int64_t i = counter->next.fetch_add(1, std::memory_order_relaxed);
+      if (i >= n) return;
+      (*fn)(i);
+      counter->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t w = 1; w < workers; ++w) pool.Schedule(decltype(run)(run));
+  run();
+  for (int spins = 0; counter->done.load(std::memory_order_acquire) < n; ++spins) {
+    if (spins < 2000) {
+      _mm_pause();
+    } else {
+      std::this_thread::yield();  // a shared, loaded machine: let the worker run
+    }
+  }
+}
+
+int64_t PoolWorkers(ffi::ThreadPool& pool) {
+  return std::max<int64_t>(1, pool.num_threads());
+}
+
+// ---- GEMM ---------------------------------------------------------------------------------
+
+// y[0:MR, cols of panels p..p+NP) (+)= x[0:MR, k0:k1] @ W[k0:k1, those cols]; x rows have
+// stride K, y rows stride N; the first K block stores, later ones add (``accumulate``). U
+// independent accumulator sets over k keep enough FMA chains in flight when MR is small (decode).
+template <int MR, int NP, int U, typename WT>
+inline void MicroTile(const float* x, int64_t K, int64_t k0, int64_t k1, const WT* w, int64_t p,
+                      float* y, int64_t N, bool accumulate) {
+  constexpr int C = NP * kPanelVecs;
+  Vec acc[U][MR][C];
+#pragma GCC unroll 64
+  for (int u = 0; u < U; ++u)
+#pragma GCC unroll 64
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 64
+      for (int c = 0; c < C; ++c) acc[u][r][c] = Zero();
+  const WT* wp[NP];
+#pragma GCC unroll 8
+  for (int j = 0; j < NP; ++j) wp[j] = w + (p + j) * K * kPanel;
+  int64_t k = k0;
+  for (; k + U <= k1; k += U) {
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) {
+      Vec wv[C];
+#pragma GCC unroll 8
+      for (int j = 0; j < NP; ++j)
+#pragma GCC unroll 8
+        for (int v = 0; v < kPanelVecs; ++v)
+          wv[j * kPanelVecs + v] = Load(wp[j] + (k + u) * kPanel + v * kVL);
+#pragma GCC unroll 64
+      for (int r = 0; r < MR; ++r) {
+        Vec xb = Bcast(x + r * K + k + u);
+#pragma GCC unroll 8
+        for (int c = 0; c < C; ++c) acc[u][r][c] = Fma(xb, wv[c], acc[u][r][c]);
+      }
+    }
+  }
+  for (; k < k1; ++k) {
+    Vec wv[C];
+#pragma GCC unroll 8
+    for (int j = 0; j < NP; ++j)
+#pragma GCC unroll 8
+      for (int v = 0; v < kPanelVecs; ++v)
+        wv[j * kPanelVecs + v] = Load(wp[j] + k * kPanel + v * kVL);
+#pragma GCC unroll 64
+    for (int r = 0; r < MR; ++r) {
+      Vec xb = Bcast(x + r * K + k);
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) acc[0][r][c] = Fma(xb, wv[c], acc[0][r][c]);
+    }
+  }
+#pragma GCC unroll 64
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) {
+      Vec s = acc[0][r][c];
+#pragma GCC unroll 8
+      for (int u = 1; u < U; ++u) s = Add(s, acc[u][r][c]);
+      float* out = y + r * N + p * kPanel + c * kVL;
+      Store(out, accumulate ? Add(s, Load(out)) : s);
+    }
+}
+
+template <int NP, typename WT>
+void RowsTile(const float* x, int64_t m, int64_t K, int64_t k0, int64_t k1, const WT* w,
+              int64_t p, float* y, int64_t N, bool acc) {
+  switch (m) {
+    case 1: MicroTile<1, NP, (NP * kPanelVecs >= 2 ? 4 : 8), WT>(x, K, k0, k1, w, p, y, N, acc);
+      break;
+    case 2: MicroTile<2, NP, 2, WT>(x, K, k0, k1, w, p, y, N, acc); break;
+    case 3: MicroTile<3, NP, 2, WT>(x, K, k0, k1, w, p, y, N, acc); break;
+    case 4: MicroTile<4, NP, 1, WT>(x, K, k0, k1, w, p, y, N, acc); break;
+    case 5: MicroTile<5, NP, 1, WT>(x, K, k0, k1, w, p, y, N, acc); break;
+    default: MicroTile<kMR, NP, 1, WT>(x, K, k0, k1, w, p, y, N, acc); break;
+  }
+}
+
+// Weight rows per K block when several row blocks reuse a tile: its slab of weights
+// (kKBlock x tile columns, about 16 KB in f32) stays in L1 across the row blocks.
+constexpr int64_t kKBlock = 256 / kTilePanels;
+
+// Columns of panels [p0, p1) for all M rows.
+template <typename WT>
+void GemmPanels(const float* x, int64_t M, int64_t K, const WT* w, int64_t p0, int64_t p1,
+                float* y, int64_t N) {
+  const int64_t kb = M > kMR ? kKBlock : K;
+  for (int64_t p = p0; p < p1;) {
+    const bool full = p + kTilePanels <= p1;
+    for (int64_t k0 = 0; k0 < K; k0 += kb) {
+      const int64_t k1 = std::min(K, k0 + kb);
+      for (int64_t m = 0; m < M; m += kMR) {
+        const int64_t rows = std::min<int64_t>(kMR, M - m);
+        if (full)
+          RowsTile<kTilePanels, WT>(x + m * K, rows, K, k0, k1, w, p, y + m * N, N, k0 > 0);
+        else
+          RowsTile<1, WT>(x + m * K, rows, K, k0, k1, w, p, y + m * N, N, k0 > 0);
+      }
+    }
+    p += full ? kTilePanels : 1;
+  }
+}
+
+// Below this many multiply-adds a call runs on the calling thread only (a pool hand-off costs
+// a few microseconds).
+constexpr int64_t kParallelMacs = 1 << 18;
+
+template <typename WT>
+ffi::Error Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 2> x, const WT* w,
+                  ffi::Span<const int64_t> wdims, ffi::ResultBuffer<ffi::F32, 2> y) {
+  const int64_t M = x.dimensions()[0], K = x.dimensions()[1];
+  const int64_t panels = wdims[0];
+  const int64_t N = y->dimensions()[1];
+  if (wdims[1] != K || wdims[2] != kPanel || N != panels * kPanel || y->dimensions()[0] != M)
+    return ffi::Error::InvalidArgument("xlaserve_linear: shapes do not match the packing");
+  const float* xp = x.typed_data();
+  float* yp = y->typed_data();
+  const int64_t workers = M * K * N < kParallelMacs ? 1 : PoolWorkers(pool);
+  // Chunks of whole micro-tiles, about 4 per worker so that a slow worker is evened out.
+  int64_t chunk = std::max<int64_t>(kTilePanels, panels / (4 * workers));
+  chunk = (chunk + kTilePanels - 1) / kTilePanels * kTilePanels;
+  const int64_t n = (panels + chunk - 1) / chunk;
+  ParallelFor(pool, n, workers, [&](int64_t i) {
+    GemmPanels<WT>(xp, M, K, w, i * chunk, std::min(panels, (i + 1) * chunk), yp, N);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error LinearF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 2> x,
+                     ffi::Buffer<ffi::F32, 3> w, ffi::ResultBuffer<ffi::F32, 2> y) {
+  return Linear<float>(pool, x, w.typed_data(), w.dimensions(), y);
+}
+
+ffi::Error LinearF16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 2> x,
+                     ffi::Buffer<ffi::F16, 3> w, ffi::ResultBuffer<ffi::F32, 2> y) {
+  return Linear<uint16_t>(pool, x, w.typed_data(), w.dimensions(), y);
+}
+
+// ---- paged attention ----------------------------------------------------------------------
+
+// s[i] = exp(s[i] - m) in place, returns the sum. Range reduction to 2^n * exp(r), |r| <= ln2/2,
+// and a degree-6 polynomial (relative error ~2e-7); written so that the compiler vectorises it.
+float ExpSub(float* s, int64_t n, float m) {
+  float total = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    float v = std::max(s[i] - m, -87.0f);
+    float t = v * 1.44269504088896341f;
+    float k = (t + 12582912.0f) - 12582912.0f;  // round to nearest
+    float r = v - k * 0.693145751953125f - k * 1.428606765330187e-06f;
+    float poly = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (
+        1.0f / 120 + r * (1.0f / 720))))));
+    int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    float e = poly * scale;
+    s[i] = e;
+    total += e;
+  }
+  return total;
+}
+
+struct AttnArgs {
+  const float* q;   // [T, N, H]
+  const float* kc;  // [K, P, H, B] (each key page dimension-major)
+  const float* vc;  // [K, P, B, H]
+  const int32_t* page_table;  // [S, W]
+  float* out;       // [T, N, H]
+  int64_t T, N, H, K, P, B, S, W, G;
+  float scale, soft_cap;
+  int32_t window;
+};
+
+// ---- vector paths (pages of 16 keys, head dim a multiple of 2 vectors) ---------------------
+
+constexpr int kGroupRows = 4;  // query heads handled together (accumulators in registers)
+
+// Scores of GN query rows (scaled, row stride H) against one whole dimension-major key page of
+// 16 keys: out[g * 16 + b]. Slots past the sequence's length are computed and then dropped by
+// the caller (they lie inside the page, so the read is in bounds; NaN there stays in its lane).
+template <int GN>
+inline void PageScores16(const float* qs, int64_t H, const float* kp, float* out) {
+  Vec s[2][GN][kPanelVecs];
+#pragma GCC unroll 8
+  for (int u = 0; u < 2; ++u)
+#pragma GCC unroll 8
+    for (int g = 0; g < GN; ++g)
+#pragma GCC unroll 4
+      for (int v = 0; v < kPanelVecs; ++v) s[u][g][v] = Zero();
+  for (int64_t h = 0; h < H; h += 2) {
+#pragma GCC unroll 2
+    for (int u = 0; u < 2; ++u) {
+      Vec kv[kPanelVecs];
+#pragma GCC unroll 4
+      for (int v = 0; v < kPanelVecs; ++v) kv[v] = Load(kp + (h + u) * kPanel + v * kVL);
+#pragma GCC unroll 8
+      for (int g = 0; g < GN; ++g) {
+        Vec qb = Bcast(qs + g * H + h + u);
+#pragma GCC unroll 4
+        for (int v = 0; v < kPanelVecs; ++v) s[u][g][v] = Fma(qb, kv[v], s[u][g][v]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int g = 0; g < GN; ++g)
+#pragma GCC unroll 4
+    for (int v = 0; v < kPanelVecs; ++v) Store(out + g * kPanel + v * kVL, Add(s[0][g][v], s[1][g][v]));
+}
+
+// out[g, hc:hc+2*kVL] = sum_j p[g, j] * V[j, hc:hc+2*kVL] over the keys [lo, hi) for GN rows.
+template <int GN>
+inline void ValueChunk(const float* p, int64_t len, const float* const* rows, int64_t hc,
+                       const float* inv, float* out, int64_t H) {
+  Vec acc[GN][2];
+#pragma GCC unroll 8
+  for (int g = 0; g < GN; ++g) acc[g][0] = acc[g][1] = Zero();
+  for (int64_t j = 0; j < len; ++j) {
+    const float* vr = rows[j];
+    if (vr == nullptr) continue;  // a key of an invalid page (its weight is 0)
+    const Vec v0 = Load(vr + hc), v1 = Load(vr + hc + kVL);
+#pragma GCC unroll 8
+    for (int g = 0; g < GN; ++g) {
+      const Vec pb = Bcast(p + g * len + j);
+      acc[g][0] = Fma(pb, v0, acc[g][0]);
+      acc[g][1] = Fma(pb, v1, acc[g][1]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int g = 0; g < GN; ++g) {
+    const Vec s = Bcast(inv + g);
+    Store(out + g * H + hc, Mul(acc[g][0], s));
+    Store(out + g * H + hc + kVL, Mul(acc[g][1], s));
+  }
+}
+
+template <typename F>
+inline void ForGroups(int64_t G, const F& f) {
+  for (int64_t g0 = 0; g0 < G; g0 += kGroupRows) {
+    switch (std::min<int64_t>(kGroupRows, G - g0)) {
+      case 1: f(g0, std::integral_constant<int, 1>()); break;
+      case 2: f(g0, std::integral_constant<int, 2>()); break;
+      case 3: f(g0, std::integral_constant<int, 3>()); break;
+      default: f(g0, std::integral_constant<int, 4>()); break;
+    }
+  }
+}
+
+// One (token, kv head): its G query heads over the keys [lo, hi) of its own sequence.
+void AttendOne(const AttnArgs& a, int64_t t, int64_t kh, int64_t seq, int64_t pos,
+               std::vector<float>& scores, std::vector<const float*>& rows) {
+  const int64_t G = a.G, H = a.H, B = a.B;
+  float* out = a.out + (t * a.N + kh * G) * H;
+  int64_t hi = std::min<int64_t>(pos + 1, a.W * B);
+  int64_t lo = a.window > 0 ? std::max<int64_t>(0, pos - a.window + 1) : 0;
+  if (pos < 0 || hi <= lo) {
+    std::fill(out, out + G * H, 0.0f);
+    return;
+  }
+  const bool vec = B == kPanel && H % (2 * kVL) == 0;
+  const int64_t len = hi - lo;
+  scores.resize(G * len);
+  rows.resize(len);
+  float* sc = scores.data();
+  const float* q = a.q + (t * a.N + kh * G) * H;
+  const int32_t* pages = a.page_table + seq * a.W;
+  float qs[16 * 512];  // G * H scaled query values (G <= 16, H <= 512 checked by the caller)
+  for (int64_t i = 0; i < G * H; ++i) qs[i] = q[i] * a.scale;
+  for (int64_t pi = lo / B; pi * B < hi; ++pi) {
+    const int64_t b0 = std::max(lo, pi * B) - pi * B, b1 = std::min(hi, (pi + 1) * B) - pi * B;
+    const int64_t page = pages[pi];
+    const int64_t j0 = pi * B + b0 - lo;
+    const bool valid = page >= 0 && page < a.P;  // never read outside the cache
+    for (int64_t b = b0; b < b1; ++b)
+      rows[j0 + b - b0] = valid ? a.vc + ((kh * a.P + page) * B + b) * H : nullptr;
+    if (!valid) {
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t b = 0; b < b1 - b0; ++b) sc[g * len + j0 + b] = -INFINITY;
+      continue;
+    }
+    const float* kp = a.kc + ((kh * a.P + page) * H) * B;
+    if (vec) {
+      float page_scores[16 * kPanel];
+      ForGroups(G, [&](int64_t g0, auto gn) {
+        PageScores16<decltype(gn)::value>(qs + g0 * H, H, kp, page_scores + g0 * kPanel);
+      });
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t b = b0; b < b1; ++b) sc[g * len + j0 + b - b0] = page_scores[g * kPanel + b];
+    } else {
+      for (int64_t g = 0; g < G; ++g) {
+        float* srow = sc + g * len + j0;
+        const float* qg = qs + g * H;
+        for (int64_t b = 0; b < b1 - b0; ++b) srow[b] = 0.0f;
+        for (int64_t h = 0; h < H; ++h) {
+          const float qv = qg[h];
+          const float* kr = kp + h * B + b0;
+          for (int64_t b = 0; b < b1 - b0; ++b) srow[b] += qv * kr[b];
+        }
+      }
+    }
+    if (a.soft_cap > 0.0f)
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t b = 0; b < b1 - b0; ++b) {
+          float& x = sc[g * len + j0 + b];
+          x = a.soft_cap * std::tanh(x / a.soft_cap);
+        }
+  }
+  float inv[16];
+  for (int64_t g = 0; g < G; ++g) {
+    float* srow = sc + g * len;
+    float m = -INFINITY;
+    for (int64_t j = 0; j < len; ++j) m = std::max(m, srow[j]);
+    const float denom = std::isfinite(m) ? ExpSub(srow, len, m) : 0.0f;
+    if (!std::isfinite(m)) std::fill(srow, srow + len, 0.0f);
+    inv[g] = denom > 0.0f ? 1.0f / denom : 0.0f;
+  }
+  if (vec) {
+    for (int64_t hc = 0; hc < H; hc += 2 * kVL)
+      ForGroups(G, [&](int64_t g0, auto gn) {
+        ValueChunk<decltype(gn)::value>(sc + g0 * len, len, rows.data(), hc, inv + g0,
+                                        out + g0 * H, H);
+      });
+    return;
+  }
+  float acc[16 * 512];
+  std::fill(acc, acc + G * H, 0.0f);
+  for (int64_t j = 0; j < len; ++j) {
+    const float* vr = rows[j];
+    if (vr == nullptr) continue;
+    for (int64_t g = 0; g < G; ++g) {
+      const float p = sc[g * len + j];
+      float* ag = acc + g * H;
+      for (int64_t h = 0; h < H; ++h) ag[h] += p * vr[h];
+    }
+  }
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t h = 0; h < H; ++h) out[g * H + h] = acc[g * H + h] * inv[g];
+}
+
+ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 3> q,
+                          ffi::Buffer<ffi::F32, 4> k_cache, ffi::Buffer<ffi::F32, 4> v_cache,
+                          ffi::Buffer<ffi::S32, 2> page_table, ffi::Buffer<ffi::S32, 1> kv_lens,
+                          ffi::Buffer<ffi::S32, 1> cu_q_lens, ffi::ResultBuffer<ffi::F32, 3> out,
+                          float sm_scale, int32_t window, float soft_cap) {
+  AttnArgs a;
+  a.T = q.dimensions()[0];
+  a.N = q.dimensions()[1];
+  a.H = q.dimensions()[2];
+  a.K = k_cache.dimensions()[0];
+  a.P = k_cache.dimensions()[1];
+  a.B = k_cache.dimensions()[2];
+  a.S = page_table.dimensions()[0];
+  a.W = page_table.dimensions()[1];
+  if (a.N % a.K != 0 || k_cache.dimensions()[3] != a.H || a.N / a.K > 16 || a.H > 512 ||
+      kv_lens.dimensions()[0] != a.S || cu_q_lens.dimensions()[0] != a.S + 1)
+    return ffi::Error::InvalidArgument("xlaserve_paged_attention: unsupported shapes");
+  a.G = a.N / a.K;
+  a.q = q.typed_data();
+  a.kc = k_cache.typed_data();
+  a.vc = v_cache.typed_data();
+  a.page_table = page_table.typed_data();
+  a.out = out->typed_data();
+  a.scale = sm_scale;
+  a.soft_cap = soft_cap;
+  a.window = window;
+  const int32_t* cu = cu_q_lens.typed_data();
+  const int32_t* lens = kv_lens.typed_data();
+  // Each token's sequence and absolute position (as ops.attention.token_layout).
+  const int64_t real = std::clamp<int64_t>(cu[a.S], 0, a.T);
+  std::vector<int64_t> seq_of(real), pos_of(real);
+  for (int64_t s = 0, t = 0; s < a.S && t < real; ++s) {
+    const int64_t q_len = cu[s + 1] - cu[s];
+    for (; t < std::min<int64_t>(cu[s + 1], real); ++t) {
+      seq_of[t] = s;
+      pos_of[t] = lens[s] - q_len + (t - cu[s]);
+    }
+  }
+  std::fill(a.out + real * a.N * a.H, a.out + a.T * a.N * a.H, 0.0f);
+  const int64_t tasks = real * a.K;
+  ParallelFor(pool, tasks, PoolWorkers(pool), [&](int64_t i) {
+    thread_local std::vector<float> scores;
+    thread_local std::vector<const float*> rows;
+    const int64_t t = i / a.K, kh = i % a.K;
+    AttendOne(a, t, kh, seq_of[t], pos_of[t], scores, rows);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// Buffer types as aliases: a comma inside a template argument list would split the macro's
+// arguments below.
+using F32Matrix = ffi::Buffer<ffi::F32, 2>;
+using F32Panels = ffi::Buffer<ffi::F32, 3>;
+using F16Panels = ffi::Buffer<ffi::F16, 3>;
+using F32Rank3 = ffi::Buffer<ffi::F32, 3>;
+using F32Rank4 = ffi::Buffer<ffi::F32, 4>;
+using S32Matrix = ffi::Buffer<ffi::S32, 2>;
+using S32Vector = ffi::Buffer<ffi::S32, 1>;
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaserveLinearF32, LinearF32,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Matrix>()
+                                  .Arg<F32Panels>()
+                                  .Ret<F32Matrix>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaserveLinearF16, LinearF16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Matrix>()
+                                  .Arg<F16Panels>()
+                                  .Ret<F32Matrix>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaservePagedAttention, PagedAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Rank3>()
+                                  .Arg<F32Rank4>()
+                                  .Arg<F32Rank4>()
+                                  .Arg<S32Matrix>()
+                                  .Arg<S32Vector>()
+                                  .Arg<S32Vector>()
+                                  .Ret<F32Rank3>()
+                                  .Attr<float>("sm_scale")
+                                  .Attr<int32_t>("window")
+                                  .Attr<float>("soft_cap"));
+
+// The ISA this build was compiled for; ops/native.py checks it after loading.
+extern "C" const char* xlaserve_isa() {
+#if defined(__AVX512F__)
+  return "avx512";
+#else
+  return "avx2";
+#endif
+}
