@@ -14,8 +14,9 @@ Variants (axis letters: T tokens, S sequences, W page-table width, V vocab, D mo
   ``max_num_batched_tokens`` (from 1: on XLA:CPU an 8-row step costs about twice a 1-row one);
   W is fixed by max_model_len (0 without a KV cache). Context length is not a compiled dimension:
   the attention loops over as many KV blocks as the longest sequence needs.
-- ``sample[S]`` / ``argmax[S]``: the on-device sampler, or a plain argmax for all-greedy steps
-  without a grammar-constrained row.
+- ``sample[S]`` / ``argmax[S]`` / ``masked_argmax[S]``: the on-device sampler; a plain argmax
+  for all-greedy steps with nothing to adjust; the argmax after the grammar mask when such a
+  step has a constrained row (guided greedy decoding at argmax's cost).
 - ``prompt_lp[T]``: prompt logprobs from the hidden states (rare; built when generating).
 - ``pool[T]``: per-row first / last / summed hidden states and the classifier head's scores, for
   pooling requests (built when the engine serves pooling).
@@ -66,6 +67,7 @@ from serving.engine.sampler import (
     Sampling,
     SamplingFlags,
     argmax,
+    masked_argmax,
     prompt_logprobs,
     sample,
 )
@@ -165,8 +167,9 @@ class DeviceBatch:
 
     inputs: HostStepInputs
     sampling: HostSamplingInputs | None  # None: no row draws a token this step
-    greedy_only: bool  # every drawing row is greedy with nothing to adjust: argmax
-    # (the mask of a constrained row is one more thing to adjust)
+    # every drawing row is greedy with nothing to adjust but, at most, a grammar mask: argmax,
+    # or masked_argmax when a row is constrained
+    greedy_only: bool
     prompt_next_ids: np.ndarray | None  # i32[T]: next prompt token per position (-1: none)
     pool: bool
 
@@ -290,6 +293,7 @@ class ModelRunner:
                     si = self._abstract(self._sampling_inputs(s, [], all_flags=True))
                     self._compile(("sample", s), sample, lg, si)
                     self._compile(("argmax", s), argmax, lg)
+                    self._compile(("masked_argmax", s), masked_argmax, lg, si.mask)
             if self.cfg.pools and self.cfg.generates:
                 self._compile(("pool", t), self._pool_fn, self.state, h_spec, inp)
             self.compile_seconds[t] = dt = time.perf_counter() - t0
@@ -313,7 +317,8 @@ class ModelRunner:
         self.mask_width = -(-int(out[1].shape[1]) // 32)  # as warmup sets it
         si = self._abstract(self._sampling_inputs(s, [], all_flags=True))
         return [step, Variant(("sample", s), sample, (lg, si)),
-                Variant(("argmax", s), argmax, (lg,))]
+                Variant(("argmax", s), argmax, (lg,)),
+                Variant(("masked_argmax", s), masked_argmax, (lg, si.mask))]
 
     def _like(self, x: Any) -> jax.ShapeDtypeStruct:
         """``x`` (array or ShapeDtypeStruct) as a ShapeDtypeStruct keeping its sharding."""
@@ -422,8 +427,7 @@ class ModelRunner:
         if any(r.sampling is not None for r in rows):
             sampling = self._sampling_inputs(s, rows)
             f = sampling.flags
-            greedy_only = not any(bool(x) for x in (f.sample, f.penalties, f.bias, f.logprobs,
-                                                    f.mask))
+            greedy_only = not any(bool(x) for x in (f.sample, f.penalties, f.bias, f.logprobs))
         next_ids = None
         if any(r.prompt_logprobs is not None for r in rows):
             next_ids = np.full(t, -1, np.int32)
@@ -466,7 +470,12 @@ class ModelRunner:
         sampled = plp = pooled = None
         if batch.sampling is not None:
             logits = outs[1]
-            if batch.greedy_only:
+            if batch.greedy_only and bool(batch.sampling.flags.mask):
+                mask = batch.sampling.mask
+                if self.sharder is not None:
+                    mask = self.sharder.put_inputs(mask)
+                sampled = self._exe[("masked_argmax", s)](logits, mask)
+            elif batch.greedy_only:
                 sampled = self._exe[("argmax", s)](logits)
             else:
                 si = batch.sampling

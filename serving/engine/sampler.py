@@ -111,15 +111,27 @@ def argmax(x: jax.Array) -> jax.Array:
     return jnp.minimum(idx, v - 1)  # a NaN row matches nothing
 
 
+def masked_argmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
+    """``argmax`` of ``logits`` [S, V] after the grammar ``mask`` [S, ceil(V/32)] (guided greedy
+    decoding): the same tokens as ``sample`` gives greedy rows with nothing else to adjust, at
+    argmax's cost. ``sample``'s chain of conditional stages costs XLA:CPU about 7 ms more at
+    [32, 49152] whichever branches run, as much as a native-kernel decode step's tenth."""
+    return argmax(_masked(logits, mask))
+
+
 # ---- logit adjustments ----------------------------------------------------------------------
+def _masked(logits: jax.Array, mask: jax.Array | np.ndarray) -> jax.Array:
+    s, v = logits.shape
+    bits = (mask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # [S, ceil(V/32), 32]
+    allowed = bits.reshape(s, -1)[:, :v] != 0
+    return jnp.where(allowed, logits, -jnp.inf)
+
+
 def _apply_mask(logits: jax.Array, si: SamplingInputs) -> jax.Array:
     """Disallowed tokens to -inf; allowed ones keep their exact value (a ``where``, no
     arithmetic). Runs inside its own ``lax.cond`` branch, so the unpacked mask is never fused
     into the argmax after it (on XLA:CPU that fusion costs 9-16 ms at [32, 49152])."""
-    s, v = logits.shape
-    bits = (si.mask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # [S, ceil(V/32), 32]
-    allowed = bits.reshape(s, -1)[:, :v] != 0
-    return jnp.where(allowed, logits, -jnp.inf)
+    return _masked(logits, si.mask)
 
 
 def _apply_penalties(logits: jax.Array, si: SamplingInputs) -> jax.Array:

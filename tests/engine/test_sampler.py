@@ -26,6 +26,7 @@ from serving.engine.sampler import (
     argmax,
     candidates,
     floors,
+    masked_argmax,
     sample,
 )
 
@@ -331,3 +332,21 @@ def test_masked_rows_draw_only_allowed_tokens_with_masked_logprobs(temp: float, 
     np.testing.assert_allclose(out.logprob, ref[np.arange(s), out.tokens], atol=1e-4)
     assert out.logprob[0] == 0.0  # the only allowed token has all the mass
     assert np.isneginf(out.top_logprobs[0, 1:]).all()
+
+
+def test_masked_argmax_is_what_sample_gives_greedy_masked_rows() -> None:
+    """The runner's guided-greedy executable: the same token as ``sample`` for greedy rows with a
+    mask and nothing else, masked and all-ones rows alike (a single allowed token in the partial
+    last word, and ties, included)."""
+    rng = np.random.default_rng(3)
+    s, v = 8, 1003
+    x = np.round(rng.standard_normal((s, v)) * 2, 1).astype(np.float32)  # rounded: ties
+    allowed = rng.random((s, v)) < 0.2
+    allowed[1] = True
+    allowed[0, :] = False
+    allowed[0, 1002] = True
+    si = with_mask(inputs(s, temperature=0.0), pack_mask(allowed))
+    full = jax.device_get(jax.jit(sample)(jnp.asarray(x), si))
+    fast = jax.device_get(jax.jit(masked_argmax)(jnp.asarray(x), jnp.asarray(si.mask)))
+    np.testing.assert_array_equal(fast, full.tokens)
+    np.testing.assert_array_equal(fast, np.argmax(np.where(allowed, x, -np.inf), axis=-1))
