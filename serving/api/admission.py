@@ -1,11 +1,12 @@
 """Admission control: how much work the server takes on, decided before any of it is done.
 
 Every request that makes the engine work (completions, chat, embeddings and the other pooling
-routes) passes ``admitted`` first, before its body is parsed, its chat template rendered or its
-prompt tokenized. It reserves one request slot and an estimate of its prompt tokens (the body's
-size in bytes: a byte-level tokenizer never makes more tokens than bytes, so the estimate is
-high, never low), and holds them until the response is finished, aborted or failed. A route
-replaces the estimate with the real count once it has tokenized (``Ticket.settle``).
+routes) passes ``admitted`` (``serving.api.routes.common``) first, before its body is parsed,
+its chat template rendered or its prompt tokenized. It reserves one request slot and an
+estimate of its prompt tokens (the body's size in bytes: a byte-level tokenizer never makes
+more tokens than bytes, so the estimate is high, never low), and holds them until the response
+is finished, aborted or failed. A route replaces the estimate with the real count once it has
+tokenized (``Ticket.settle``).
 
 Past either limit the request is refused with **503** (``type: "server_overloaded"``) and a
 ``Retry-After`` header; a refusal costs a dictionary lookup, so a burst far above capacity
@@ -23,15 +24,9 @@ The slot is also what the SIGTERM drain waits for (``ServerState.in_flight``).
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
-
-from sanic import Request
 
 from serving.api.errors import APIError
-from serving.api.state import ServerState
 
 RETRY_AFTER_S = 1
 QUEUED_PER_RUNNING_SLOT = 4  # the default --max-queued-requests, per --max-num-seqs
@@ -105,34 +100,3 @@ class Admission:
         self.requests += 1
         self.prompt_tokens += estimated_tokens
         return Ticket(self, estimated_tokens)
-
-
-Handler = Callable[..., Awaitable[Any]]
-
-
-def admitted(handler: Handler) -> Handler:
-    """Route decorator: 503 while the server cannot serve (loading, draining, engine dead), 503
-    ``server_overloaded`` past the limits, else the handler runs holding a ``Ticket``
-    (``request.ctx.admission``) until it returns, raises or is cancelled (disconnect)."""
-
-    @functools.wraps(handler)
-    async def run(request: Request, *args: Any, **kwargs: Any) -> Any:
-        state: ServerState = request.app.ctx.state
-        state.require_engine()
-        assert state.admission is not None and state.metrics is not None
-        try:
-            ticket = state.admission.admit(len(request.body or b""))
-        except Overloaded as e:
-            state.metrics.rejected(e.reason)
-            raise
-        request.ctx.admission = ticket
-        state.in_flight += 1
-        state.metrics.http_in_flight.inc()
-        try:
-            return await handler(request, *args, **kwargs)
-        finally:
-            ticket.release()
-            state.in_flight -= 1
-            state.metrics.http_in_flight.dec()
-
-    return run

@@ -12,17 +12,15 @@ import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import Any, TypeVar, cast
 
+from serving.api.admission import Admission
 from serving.api.args import ServerArgs
 from serving.api.engine_protocol import EngineClient, PoolingEngineClient, ServingEngine
 from serving.api.errors import BadRequest, NotFound, ServiceUnavailable
 from serving.api.metrics import ServerMetrics
 from serving.api.template_worker import TemplateWorkers
 from serving.api.tokens import TokenTexts
-
-if TYPE_CHECKING:  # admission imports this module
-    from serving.api.admission import Admission
 
 T = TypeVar("T")
 

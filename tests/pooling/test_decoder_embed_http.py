@@ -26,8 +26,10 @@ NAME = "smollm2-embed"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     tmp = tmp_path_factory.mktemp("decoder-embed")
-    # 128 tokens per step and per sequence: 4 packed buckets (16..128) x 2 output kinds.
+    # 128 tokens per step and per sequence: 4 packed buckets (16..128) x 2 output kinds. f32
+    # weights: the golden comparison is to 1e-5 (the CPU default, f16 weights, is ~4e-4 off).
     s = real_server(tmp, "--task", "embed", "--served-model-name", NAME, "--dtype", "float32",
+                    "--cpu-weight-dtype", "f32",
                     "--max-model-len", "128", "--max-num-seqs", "4",
                     "--max-num-batched-tokens", "128", name="decoder-embed").start(900)
     yield s

@@ -7,6 +7,7 @@ engine's prompt-token counter does not move), counted in ``requests_rejected_tot
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -37,6 +38,12 @@ def test_burst_past_capacity_is_refused_before_any_work(server: ServerProcess) -
     held = Streams(server, CAPACITY)
     try:
         wait_admitted(server, CAPACITY)
+        # admitted is not yet in the engine (tokenizing happens after admission): wait until
+        # all four are there, so that their prompt tokens are counted before the burst
+        deadline = time.monotonic() + 60
+        while m(server, "num_requests_running") + m(server, "num_requests_waiting") < CAPACITY:
+            assert time.monotonic() < deadline, "the held requests never reached the engine"
+            time.sleep(0.02)
         prompt_tokens = m(server, "prompt_tokens_total")
         rejected = m(server, "requests_rejected_total", reason="requests")
         chat = {"messages": [{"role": "user", "content": "Hello there " * 50}], "max_tokens": 5}

@@ -126,12 +126,19 @@ def test_hung_step_is_caught_by_the_watchdog(tmp_path: Path) -> None:
         frozen = m(server, "engine_steps_total")
         while True:  # steps frozen with work queued: /health must not stay 200
             assert time.monotonic() < deadline, "the watchdog never fired"
-            health = httpx.get(server.url("/health"), timeout=5)
+            try:
+                health = httpx.get(server.url("/health"), timeout=5)
+            except httpx.ConnectError:
+                # the watchdog fired and the server already exited (the policy) between two
+                # polls, which a loaded machine can stretch: its log says why
+                assert server.proc is not None and server.proc.poll() is not None
+                assert "the engine is hung" in server.log()
+                break
             if health.status_code == 503:
+                assert "hung" in health.json()["error"]["message"] or \
+                    "stopped" in health.json()["error"]["message"]
                 break
             time.sleep(0.2)
-        assert "hung" in health.json()["error"]["message"] or \
-            "stopped" in health.json()["error"]["message"]
         t.join(60)
         assert frozen == 5 and "--engine-step-timeout" in server.log()
         assert_dead_then_exits_1(server, result[0])

@@ -22,7 +22,6 @@ from typing import Any
 
 from sanic import Blueprint, HTTPResponse, Request
 
-from serving.api.admission import admitted
 from serving.api.body import parse_request
 from serving.api.chat_output import ChoiceStream, OutputPlan, choice_message
 from serving.api.chat_template import ChatTemplateError
@@ -56,6 +55,7 @@ from serving.api.protocol import (
 )
 from serving.api.routes.common import (
     ChoiceAccumulator,
+    admitted,
     json_response,
     request_id_for,
     state_of,

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic import BaseModel
 from sanic import HTTPResponse, Request
 
+from serving.api.admission import Overloaded
 from serving.api.state import ServerState
 from serving.engine.outputs import TokenLogprob
 
@@ -37,3 +41,34 @@ class ChoiceAccumulator:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+
+
+Handler = Callable[..., Awaitable[Any]]
+
+
+def admitted(handler: Handler) -> Handler:
+    """Route decorator: 503 while the server cannot serve (loading, draining, engine dead), 503
+    ``server_overloaded`` past the limits, else the handler runs holding a ``Ticket``
+    (``request.ctx.admission``) until it returns, raises or is cancelled (disconnect)."""
+
+    @functools.wraps(handler)
+    async def run(request: Request, *args: Any, **kwargs: Any) -> Any:
+        state: ServerState = request.app.ctx.state
+        state.require_engine()
+        assert state.admission is not None and state.metrics is not None
+        try:
+            ticket = state.admission.admit(len(request.body or b""))
+        except Overloaded as e:
+            state.metrics.rejected(e.reason)
+            raise
+        request.ctx.admission = ticket
+        state.in_flight += 1
+        state.metrics.http_in_flight.inc()
+        try:
+            return await handler(request, *args, **kwargs)
+        finally:
+            ticket.release()
+            state.in_flight -= 1
+            state.metrics.http_in_flight.dec()
+
+    return run

@@ -16,7 +16,6 @@ from dataclasses import dataclass, replace
 
 from sanic import Blueprint, HTTPResponse, Request
 
-from serving.api.admission import admitted
 from serving.api.body import parse_request
 from serving.api.errors import APIError, BadRequest
 from serving.api.generation import (
@@ -45,6 +44,7 @@ from serving.api.protocol import (
 )
 from serving.api.routes.common import (
     ChoiceAccumulator,
+    admitted,
     json_response,
     request_id_for,
     state_of,

@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 from sanic import Blueprint, HTTPResponse, Request
 
-from serving.api.admission import admitted
 from serving.api.body import parse_json_object, validate_model
 from serving.api.engine_protocol import PoolingEngineClient
 from serving.api.errors import BadRequest, ServiceUnavailable
@@ -61,7 +60,7 @@ from serving.api.pooling_protocol import (
 )
 from serving.api.protocol import UsageInfo
 from serving.api.routes.chat import check_template_trust, render_prompt
-from serving.api.routes.common import json_response, request_id_for, state_of
+from serving.api.routes.common import admitted, json_response, request_id_for, state_of
 from serving.api.state import ServerState
 from serving.engine.engine_client import EngineDeadError
 from serving.engine.pooling_params import PoolingInput, PoolingOutput, PoolingParams
