@@ -42,6 +42,10 @@ def hostile_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerP
         "--chat-template-render-timeout", str(lim["render_timeout"]),
         "--chat-template-workers", "2", name="hostile").start(900)
     yield server
+    # After every hostile, fuzzed and refused request of the session (§6 checks 22, 26, 27):
+    # the engine is idle with no leaked page, and nothing compiled after warm-up.
+    assert_idle_and_no_leaks(server)
+    assert m(server, "num_recompiles_total") == 0, server.log(4000)
     assert server.stop() == 0, server.log(4000)
 
 
