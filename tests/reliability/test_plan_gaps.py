@@ -1,7 +1,8 @@
 """The checks of the test plan (docs/RELIABILITY.md, "The test plan (§6) and where each check
 lives") that no other test made: each test names its check. Most run on the hostile server (the
 real model, an API key, small limits: ``HOSTILE_LIMITS``); the ones about the HTTP process
-itself (its bind address, its child processes, template trust) run on the fake engine."""
+itself (its bind address, its child processes, template trust) run on the fake engine, and the
+pooling render paths on the default model served with ``--task embed``."""
 
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.api.server_utils import ServerProcess, fake_server
+from tests.api.server_utils import ServerProcess, fake_server, real_server
 from tests.api.test_http_errors import check_error
 from tests.reliability.conftest import HOSTILE_KEY, HOSTILE_LIMITS, hostile_alive, m
+from tests.reliability.test_hostile_templates import ESCAPES
 
 C = "/v1/completions"
 CHAT = "/v1/chat/completions"
@@ -261,7 +263,39 @@ def test_10_context_length_boundary_before_admission(hostile_server: ServerProce
     assert (usage["prompt_tokens"], usage["completion_tokens"]) == (ctx - 1, 1)
 
 
-# -- 12, 13. Templates ------------------------------------------------------------------------
+# -- 11-13. Templates -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def embed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The default model served with --task embed, request templates trusted."""
+    server = real_server(tmp_path_factory.mktemp("plan-embed"), "--task", "embed",
+                         "--max-model-len", "128", "--max-num-seqs", "4",
+                         "--max-num-batched-tokens", "128", "--trust-request-chat-template",
+                         name="embed").start(900)
+    yield server
+    assert server.stop() == 0
+
+
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/pooling"])
+def test_11_escapes_on_the_pooling_render_paths(embed_server: ServerProcess, tmp_path: Path,
+                                               path: str) -> None:
+    """Check 11 on the render paths besides chat and /tokenize (test_hostile_templates has
+    those): embedding or pooling a conversation renders its template too."""
+    url = embed_server.url(path)
+    r = httpx.post(url, json={"messages": MSG, "chat_template": "{{ messages[0].content }}"},
+                   timeout=60)
+    assert r.status_code == 200, r.text  # the path renders request templates
+    marker = tmp_path / "pwned"
+    for payload in ESCAPES:
+        r = httpx.post(url, timeout=60, json={
+            "messages": MSG, "chat_template": payload.replace("MARKER", str(marker))})
+        assert r.status_code in (200, 400), (payload, r.text)
+        if r.status_code == 400:
+            assert "Traceback" not in check_error(r, 400)["message"]
+    assert not marker.exists()
+    r = httpx.post(url, json={"input": "still serving"}, timeout=60)
+    assert r.status_code == 200, r.text
 
 
 def test_12_huge_range_in_a_template_is_400(hostile_http: httpx.Client) -> None:
