@@ -163,4 +163,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     s = rel_server(tmp, "--max-num-seqs", "2", "--max-queued-requests", "2",
                    "--max-queued-prompt-tokens", "3000").start(900)
     yield s
+    assert_idle_and_no_leaks(s)
+    assert m(s, "num_recompiles_total") == 0, s.log(4000)  # §6 check 26
     assert s.stop() == 0

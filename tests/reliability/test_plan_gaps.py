@@ -23,7 +23,16 @@ import pytest
 
 from tests.api.server_utils import ServerProcess, fake_server, real_server
 from tests.api.test_http_errors import check_error
-from tests.reliability.conftest import HOSTILE_KEY, HOSTILE_LIMITS, hostile_alive, m
+from tests.reliability.conftest import (
+    HOSTILE_KEY,
+    HOSTILE_LIMITS,
+    Streams,
+    assert_idle_and_no_leaks,
+    completion,
+    hostile_alive,
+    m,
+    wait_admitted,
+)
 from tests.reliability.test_hostile_templates import ESCAPES
 
 C = "/v1/completions"
@@ -242,6 +251,18 @@ def test_7_8_served_as_vllm_serves_them(hostile_http: httpx.Client) -> None:
         assert r.json()["usage"]["completion_tokens"] >= 1
 
 
+def test_9_models_on_the_real_server(hostile_http: httpx.Client) -> None:
+    """Check 9 on the real engine and both routes: an unknown model is 404 before any work,
+    no ``model`` is served by the default one."""
+    for path, base in ((C, OK_C), (CHAT, OK_CHAT)):
+        err = check_error(hostile_http.post(path, json={**base, "model": "does-not-exist"}), 404,
+                          "The model `does-not-exist` does not exist.", "model")
+        assert err["type"] == "NotFoundError"
+        r = hostile_http.post(path, json=base)
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == hostile_http.get("/v1/models").json()["data"][0]["id"]
+
+
 def test_10_context_length_boundary_before_admission(hostile_server: ServerProcess,
                                                      hostile_http: httpx.Client) -> None:
     """Check 10 at the exact boundary: a prompt of max_model_len + 1 tokens and a prompt that
@@ -443,3 +464,23 @@ def test_31_sigterm_leaves_no_child_process(tmp_path: Path) -> None:
             time.sleep(0.05)
     finally:
         server.stop()
+
+
+# -- 23. Admitted requests complete while the excess is refused --------------------------------
+
+
+def test_23_admitted_requests_complete_beside_the_refusals(server: ServerProcess) -> None:
+    """Check 23's other half (test_admission cuts its held streams): the requests admitted
+    before a burst run to their end, with ``[DONE]``, while the burst gets 503s."""
+    capacity = 4  # the session server: --max-num-seqs 2 + --max-queued-requests 2
+    held = Streams(server, capacity, max_tokens=48)
+    wait_admitted(server, capacity)
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: completion(server, max_tokens=4), range(20)))
+    assert [r.status_code for r in answers] == [503] * 20
+    held.join()
+    assert held.status == [200] * capacity
+    for lines in held.lines:
+        assert lines[-1] == "data: [DONE]"
+        assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
+    assert_idle_and_no_leaks(server)
