@@ -47,6 +47,8 @@ def hostile_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerP
     assert_idle_and_no_leaks(server)
     assert m(server, "num_recompiles_total") == 0, server.log(4000)
     assert server.stop() == 0, server.log(4000)
+    # §6 check 19 over the whole session (auth tricks put the key in paths and headers)
+    assert HOSTILE_KEY not in server.log()
 
 
 @pytest.fixture

@@ -231,7 +231,9 @@ def test_7_8_bounds_as_listed(hostile_server: ServerProcess, hostile_http: httpx
     before = engine_work(hostile_server)
     for path, change, param in BOUNDS:
         base = OK_C if path == C else OK_CHAT
-        check_error(hostile_http.post(path, json={**base, **change}), 400, param=param)
+        for stream in (False, True):  # a stream is refused before it starts: JSON, never SSE
+            r = hostile_http.post(path, json={**base, **change, "stream": stream})
+            check_error(r, 400, param=param)
     raw = b'{"prompt": "x", "max_tokens": 2, "temperature": NaN}'
     check_error(hostile_http.post(C, content=raw, headers=JSON_CT), 400, "NaN")
     assert engine_work(hostile_server) == before
