@@ -97,8 +97,25 @@ def validation_message(err: ValidationError) -> tuple[str, str | None]:
     more = len(errors) - MAX_REPORTED_ERRORS
     if more > 0:
         parts.append(f"and {more} more errors")
-    param = ".".join(str(x) for x in errors[0]["loc"]) if errors and errors[0]["loc"] else None
-    return "Invalid request: " + "; ".join(parts), param
+    return "Invalid request: " + "; ".join(parts), _param(errors)
+
+
+def _param(errors: list[Any]) -> str | None:
+    """The field the first error is about. A value that fits no member of a union gets one
+    error per member, each location ending in the member's name (``stop.str``,
+    ``stop.list[str]``); the field is what those locations share (``stop``)."""
+    if not errors or not errors[0]["loc"]:
+        return None
+    loc = list(errors[0]["loc"])
+    for e in errors[1:]:
+        other = list(e["loc"])
+        if other[:1] != loc[:1]:
+            continue  # another field's error
+        common = 0
+        while common < min(len(loc), len(other)) and loc[common] == other[common]:
+            common += 1
+        loc = loc[:common]
+    return ".".join(str(x) for x in loc)
 
 
 def validate_model(model: type[M], body: dict[str, Any]) -> M:

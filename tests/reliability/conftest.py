@@ -42,7 +42,16 @@ def hostile_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerP
         "--chat-template-render-timeout", str(lim["render_timeout"]),
         "--chat-template-workers", "2", name="hostile").start(900)
     yield server
-    assert server.stop() == 0, server.log(4000)
+    try:
+        # After every hostile, fuzzed and refused request of the session (§6 checks 22, 26,
+        # 27): the engine is idle with no leaked page, and nothing compiled after warm-up.
+        assert_idle_and_no_leaks(server)
+        assert m(server, "num_recompiles_total") == 0, server.log(4000)
+    finally:
+        code = server.stop()
+    assert code == 0, server.log(4000)
+    # §6 check 19 over the whole session (auth tricks put the key in paths and headers)
+    assert HOSTILE_KEY not in server.log()
 
 
 @pytest.fixture
@@ -159,4 +168,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     s = rel_server(tmp, "--max-num-seqs", "2", "--max-queued-requests", "2",
                    "--max-queued-prompt-tokens", "3000").start(900)
     yield s
-    assert s.stop() == 0
+    try:
+        assert_idle_and_no_leaks(s)
+        assert m(s, "num_recompiles_total") == 0, s.log(4000)  # §6 check 26
+    finally:
+        code = s.stop()
+    assert code == 0
