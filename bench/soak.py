@@ -98,7 +98,7 @@ async def _stream(client: httpx.AsyncClient, res: Result, path: str, body: dict[
             if r.status_code != 200:
                 await r.aread()
                 return
-            async for line in r.aiter_lines():
+            async for line in _sse_lines(r):
                 if not line.startswith("data: "):
                     continue
                 if line == "data: [DONE]":
@@ -120,6 +120,20 @@ async def _stream(client: httpx.AsyncClient, res: Result, path: str, body: dict[
                     return  # leaving the block closes the connection mid-stream
     except httpx.HTTPError as e:
         res.error = f"{type(e).__name__}: {e}"
+
+
+async def _sse_lines(r: httpx.Response) -> Any:
+    """An event stream's lines, split where SSE splits them (LF, after an optional CR) and
+    nowhere else: httpx's ``aiter_lines`` also splits at U+2028 and the like, which may sit
+    raw inside a JSON string."""
+    buf = b""
+    async for chunk in r.aiter_bytes():
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r").decode("utf-8")
+    if buf:
+        yield buf.rstrip(b"\r").decode("utf-8")
 
 
 async def _malformed(client: httpx.AsyncClient, res: Result, path: str, raw: bytes) -> None:
