@@ -395,7 +395,8 @@ def serve_app(server_args: ServerArgs, engine_factory: Any, *, model_root: str =
     app = create_app(server_args, engine_factory, model_root=model_root)
     logger.info("Starting xlaserve on http://%s:%d", server_args.host, server_args.port)
     app.run(host=server_args.host, port=server_args.port, single_process=True,
-            access_log=False, motd=False, protocol=DeadlineHttpProtocol)
+            backlog=server_args.backlog, access_log=False, motd=False,
+            protocol=DeadlineHttpProtocol)
     code: int = app.ctx.state.exit_code
     return code
 

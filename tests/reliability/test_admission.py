@@ -7,8 +7,10 @@ engine's prompt-token counter does not move), counted in ``requests_rejected_tot
 
 from __future__ import annotations
 
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import openai
@@ -97,3 +99,15 @@ def test_prompt_token_budget(server: ServerProcess) -> None:
     r = completion(server, big)
     assert r.status_code == 400 and "context length" in r.json()["error"]["message"].lower()
     assert_idle_and_no_leaks(server)
+
+
+def test_listen_backlog_holds_a_burst(server: ServerProcess) -> None:
+    """The listening socket queues ``--backlog`` (2048, capped by the kernel's somaxconn)
+    connections: with Sanic's 100, a burst of 1,600 left 416 connections without any answer
+    while the event loop was busy refusing the others (bench/soak.py --burst)."""
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    out = subprocess.run(["ss", "-ltnH", f"sport = :{server.port}"], capture_output=True,
+                         text=True, check=True).stdout.split()
+    # ss columns of a listening socket: State Recv-Q Send-Q(=the backlog) Local Peer
+    assert out and out[0] == "LISTEN", out
+    assert int(out[2]) == min(2048, somaxconn), out
