@@ -148,6 +148,40 @@ def main() -> None:
             log.close()
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=1))
+    print(summary(results))
+
+
+def summary(results: dict[str, Any]) -> str:
+    """A markdown table: per server, sampling and concurrency, the median over rounds of output
+    tok/s, TTFT p50 and ITL p50, and xlaserve's tok/s as a ratio of each peer's."""
+    cells: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for key, res in results.items():
+        name = key.rsplit(" round ", 1)[0]
+        for lv in res["levels"]:
+            for stat in lv["levels"]:
+                cells.setdefault((name, lv["sampling"], stat["concurrency"]), []).append(stat)
+
+    def med(name: str, mode: str, c: int, field: str) -> float:
+        vals = sorted(st[field] for st in cells[(name, mode, c)])
+        return float(vals[len(vals) // 2]) if len(vals) % 2 else \
+            (vals[len(vals) // 2 - 1] + vals[len(vals) // 2]) / 2
+
+    names = list(dict.fromkeys(k[0] for k in cells))
+    peers = [n for n in names if n != "xlaserve"]
+    head = "| server | sampling | streams | tok/s | TTFT p50 ms | ITL p50 ms |" + "".join(
+        f" xlaserve / {p} |" for p in peers)
+    lines = [head, "|" + "---|" * (6 + len(peers))]
+    for name, mode, c in sorted(cells, key=lambda k: (k[1], k[2], names.index(k[0]))):
+        tok_s, ttft, itl = (med(name, mode, c, f) for f in (
+            "output_tokens_per_s", "ttft_ms_p50", "itl_ms_p50"))
+        row = f"| {name} | {mode} | {c} | {tok_s:.1f} | {ttft:.0f} | {itl:.1f} |"
+        for p in peers:
+            ok = name == "xlaserve" and (p, mode, c) in cells
+            ratio = med(name, mode, c, "output_tokens_per_s") / \
+                med(p, mode, c, "output_tokens_per_s") if ok else None
+            row += f" {ratio:.2f}x |" if ratio is not None else " |"
+        lines.append(row)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
