@@ -12,9 +12,15 @@ step executable's top-level computation is classed by what the compiled HLO says
   fusions tagged with the attention op in their HLO metadata;
 - KV write: the scatters;
 - other device work: norms, rope, residual adds, copies;
-- sampler: the greedy argmax over ``[S, V]`` logits, timed on its own;
+- sampler: every other executable the steps ran (argmax, or the sampler with ``--sampling
+  top-p``: temperature 0.8, top-p 0.95), each run's whole time from the trace;
 - host: the engine step's wall time minus the device time above (scheduling, input padding,
   dispatch, detokenization).
+
+Each part also gets its floor on this machine (``--no-roofline`` skips it): the time it would
+take at the measured memory bandwidth or f32 GEMM peak (``machine_limits``), whichever is
+longer, for the bytes it must read (weights at their stored width, the KV cache it attends
+over, the logits) and the flops it must do; "of floor" is floor / measured.
 
 A benchmark, not a test: it prints a table and asserts nothing. Take numbers on an idle machine.
 """
@@ -71,6 +77,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--cpu-weight-dtype", default="f16")
+    ap.add_argument("--sampling", choices=("greedy", "top-p"), default="greedy")
+    ap.add_argument("--no-roofline", action="store_true")
     args = ap.parse_args()
 
     from serving.engine.llm import LLM
@@ -84,7 +92,10 @@ def main() -> None:
     for i in range(args.seqs):
         eng.add_request(llm.processor.sampling_request(
             f"p{i}", [1 + (i * 7 + j) % 1000 for j in range(args.prompt_len)],
-            SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)))
+            SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+            if args.sampling == "greedy" else
+            SamplingParams(temperature=0.8, top_p=0.95, seed=i, max_tokens=200,
+                           ignore_eos=True)))
     while eng.scheduler.waiting or any(s.num_computed < s.prompt_len
                                        for s in eng.scheduler.running):
         eng.step()
@@ -105,32 +116,90 @@ def main() -> None:
         with gzip.open(path) as f:
             events: list[dict[str, Any]] = json.load(f)["traceEvents"]
 
+    step_module = re.search(r"HloModule (\S+?),", runner.step_hlo(t_bucket))
+    module_of_run = {e["args"]["run_id"]: e["args"]["hlo_module"] for e in events
+                     if e.get("ph") == "X" and "hlo_module" in e.get("args", {})}
     parts: collections.defaultdict[str, float] = collections.defaultdict(float)
     for e in events:
         if e.get("ph") != "X":
             continue
-        name = e["name"]
-        if name in ops:
+        name, eargs = e["name"], e.get("args", {})
+        module = module_of_run.get(eargs.get("run_id"))
+        if name in ops and module == (step_module and step_module.group(1)):
             parts[classify(name, ops[name], vocab)] += e["dur"] / 1e3 / args.steps
-    rows = runner.cfg.num_seq_rows(t_bucket)
-    argmax = runner._exe[("argmax", rows)]
-    logits = jax.numpy.zeros((rows, vocab), jax.numpy.float32)
-    jax.block_until_ready(argmax(logits))
-    times = []
-    for _ in range(10):
-        t = time.perf_counter()
-        jax.block_until_ready(argmax(logits))
-        times.append((time.perf_counter() - t) * 1e3)
-    parts["sampler (greedy argmax)"] = sorted(times)[len(times) // 2]
+        elif name.startswith("ThunkExecutor::Execute") and module is not None and \
+                module != (step_module and step_module.group(1)):
+            parts["sampler"] += e["dur"] / 1e3 / args.steps
     device = sum(parts.values())
     parts["host (schedule, pad inputs, dispatch, update)"] = max(0.0, wall - device)
-    print(f"\nengine decode step, {args.seqs} sequences, context ~{args.prompt_len + 5}-"
-          f"{args.prompt_len + 5 + args.steps}, T bucket {t_bucket} "
-          f"(jax {jax.__version__}, {jax.devices()[0].platform}): {wall:.1f} ms")
-    print("| part | ms | share |\n|---|---|---|")
+    context = args.prompt_len + 5 + args.steps // 2
+    print(f"\nengine decode step, {args.seqs} sequences, {args.sampling}, context "
+          f"~{args.prompt_len + 5}-{args.prompt_len + 5 + args.steps}, T bucket {t_bucket}, "
+          f"{args.attention_backend} backend, "
+          f"{args.cpu_weight_dtype} weights (jax {jax.__version__}, "
+          f"{jax.devices()[0].platform}): {wall:.1f} ms")
+    floors = {} if args.no_roofline else roofline_floors(
+        eng.model_config, args.seqs, context, args.cpu_weight_dtype, args.attention_backend)
+    print("| part | ms | share | floor ms | of floor |\n|---|---|---|---|---|")
     for k, v in sorted(parts.items(), key=lambda kv: -kv[1]):
-        print(f"| {k} | {v:.1f} | {v / wall:.0%} |")
+        floor = floors.get(k.split(" (")[0])
+        extra = f"{floor:.1f} | {floor / v:.0%}" if floor is not None and v > 0 else "- | -"
+        print(f"| {k} | {v:.1f} | {v / wall:.0%} | {extra} |")
+    if floors:
+        total = sum(floors.values())
+        print(f"| whole step | {wall:.1f} | 100% | {total:.1f} | {total / wall:.0%} |")
 
+
+def machine_limits() -> tuple[float, float]:
+    """(bytes/s, flop/s) this machine reaches, each the best of 5: bandwidth from a jitted f32
+    sum over 512 MiB or the native GEMM at M=1 over 192 MiB of f16 weights (a pure stream),
+    whichever reads faster; flops from a 2048-cube f32 product by XLA's dot or the native
+    GEMM (when built), whichever is faster."""
+    import jax.numpy as jnp
+
+    def best(fn: Any, *xs: Any) -> float:
+        jax.block_until_ready(fn(*xs))
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            jax.block_until_ready(fn(*xs))
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    big = jnp.ones((128, 1 << 20), jnp.float32)
+    bandwidth = big.nbytes / best(jax.jit(lambda a: jnp.sum(a, axis=1)), big)
+    del big
+    n = 2048
+    a = jnp.ones((n, n), jnp.float32)
+    flops = 2 * n**3 / best(jax.jit(jnp.dot), a, a)
+    from ops import native
+    kernels = native.kernels()
+    if kernels is not None:
+        packed = native.pack_linear(a, jnp.float32)
+        flops = max(flops, 2 * n**3 / best(jax.jit(kernels.linear), a, packed))
+        stream = native.pack_linear(jnp.ones((2048, 49152), jnp.float32), jnp.float16)
+        x = jnp.ones((1, 2048), jnp.float32)
+        bandwidth = max(bandwidth, stream.nbytes / best(jax.jit(kernels.linear), x, stream))
+    return bandwidth, flops
+
+
+def roofline_floors(cfg: Any, seqs: int, context: int, weight_dtype: str, backend: str
+                    ) -> dict[str, float]:
+    """Milliseconds each part needs at least on this machine (see the module docstring)."""
+    bandwidth, flops = machine_limits()
+    print(f"machine: {bandwidth / 1e9:.1f} GB/s (f32 sum), {flops / 1e9:.0f} GFLOP/s (f32 GEMM)")
+    d, f, v, layers = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers
+    qkv_o = d * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + \
+        cfg.num_heads * cfg.head_dim * d
+    proj_weights = layers * (qkv_o + 3 * d * f)
+    width = 2 if weight_dtype == "f16" and backend != "reference" else 4
+
+    def floor(weights: int) -> float:
+        return max(weights * width / bandwidth, 2 * seqs * weights / flops) * 1e3
+
+    kv_bytes = 2 * layers * cfg.num_kv_heads * cfg.head_dim * context * seqs * 4
+    return {"projections": floor(proj_weights), "LM head": floor(d * v),
+            "attention": kv_bytes / bandwidth * 1e3, "sampler": seqs * v * 4 / bandwidth * 1e3}
 
 if __name__ == "__main__":
     main()
