@@ -56,7 +56,9 @@ def q4_1_path() -> str:
 
 def server_cmd(name: str, port: int, args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
     """Command and extra request body for each known server."""
-    if name == "xlaserve":
+    if name in ("xlaserve", "xlaserve-avx2"):
+        # xlaserve-avx2: the native kernels' AVX2 build forced (XLASERVE_CPU_ISA, set by main),
+        # what an AVX2-only host such as the AMD EPYC runs, on this CPU.
         return ([str(REPO / ".venv/bin/serve"), "--port", str(port), "--max-num-seqs", "32",
                  "--max-model-len", "1024", "--dtype", "float32", "--disable-log-requests"], {})
     if name.startswith("llama-server-"):
@@ -101,7 +103,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--peer", action="append", default=[],
-                    help="llama-server-{f32,f16,q4_1} or llama-cpp-python-{f32,q4_1}")
+                    help="llama-server-{f32,f16,q4_1}, llama-cpp-python-{f32,q4_1}, or "
+                         "xlaserve-avx2 (xlaserve with its AVX2 kernels forced)")
     ap.add_argument("--no-xlaserve", action="store_true")
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -117,8 +120,9 @@ def main() -> None:
         port = free_port()
         cmd, extra = server_cmd(name, port, args)
         log = open(f"/tmp/compare_{name}.log", "w")  # noqa: SIM115 (lives as long as proc)
+        env = {**os.environ, **({"XLASERVE_CPU_ISA": "avx2"} if name == "xlaserve-avx2" else {})}
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                                start_new_session=True)
+                                start_new_session=True, env=env)
         base = f"http://127.0.0.1:{port}"
         try:
             startup = wait_ready(base, proc)
@@ -153,7 +157,8 @@ def main() -> None:
 
 def summary(results: dict[str, Any]) -> str:
     """A markdown table: per server, sampling and concurrency, the median over rounds of output
-    tok/s, TTFT p50 and ITL p50, and xlaserve's tok/s as a ratio of each peer's."""
+    tok/s, TTFT p50 and ITL p50, and xlaserve's (and xlaserve-avx2's) tok/s as a ratio of each
+    peer's."""
     cells: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     for key, res in results.items():
         name = key.rsplit(" round ", 1)[0]
@@ -167,7 +172,8 @@ def summary(results: dict[str, Any]) -> str:
             (vals[len(vals) // 2 - 1] + vals[len(vals) // 2]) / 2
 
     names = list(dict.fromkeys(k[0] for k in cells))
-    peers = [n for n in names if n != "xlaserve"]
+    ours = [n for n in names if n.startswith("xlaserve")]
+    peers = [n for n in names if n not in ours]
     head = "| server | sampling | streams | tok/s | TTFT p50 ms | ITL p50 ms |" + "".join(
         f" xlaserve / {p} |" for p in peers)
     lines = [head, "|" + "---|" * (6 + len(peers))]
@@ -176,7 +182,7 @@ def summary(results: dict[str, Any]) -> str:
             "output_tokens_per_s", "ttft_ms_p50", "itl_ms_p50"))
         row = f"| {name} | {mode} | {c} | {tok_s:.1f} | {ttft:.0f} | {itl:.1f} |"
         for p in peers:
-            ok = name == "xlaserve" and (p, mode, c) in cells
+            ok = name in ours and (p, mode, c) in cells
             ratio = med(name, mode, c, "output_tokens_per_s") / \
                 med(p, mode, c, "output_tokens_per_s") if ok else None
             row += f" {ratio:.2f}x |" if ratio is not None else " |"
