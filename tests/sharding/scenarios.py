@@ -313,9 +313,15 @@ def check_orbax_round_trip() -> dict[str, Any]:
 
 
 # ---- multi-host reference ------------------------------------------------------------------------
+def multihost_answer(eng: LLMEngine) -> list[list[int]]:
+    """What the multi-host run compares: greedy, then penalised greedy (the followers replay the
+    penalty history's writes too), each of ``PROMPTS`` in flight together."""
+    return greedy(eng, PROMPTS) + [t for t, _ in run(eng, [(pr, PENALISED) for pr in PROMPTS])]
+
+
 def greedy_tp8() -> list[list[int]]:
     """The single-process tp=8 answer the 2 x 4-device run must reproduce."""
-    return greedy(engine(8), PROMPTS)
+    return multihost_answer(engine(8))
 
 
 # ---- SmolLM2-135M: 9 query heads over 3 kv heads -----------------------------------------------
