@@ -2,8 +2,8 @@
 
 Each process sees 4 simulated CPU devices; together the N processes form one tp = 4 * N mesh over
 gloo collectives. Every process builds the same seeded tiny model. Process 0 is the lockstep
-leader: it runs greedy and penalised generation through its engine and writes the tokens as JSON to OUT. The
-others go through ``maybe_run_follower`` exactly as ``serve`` would run them.
+leader: it runs greedy and penalised generation through its engine and writes the tokens as
+JSON to OUT. The others go through ``maybe_run_follower`` exactly as ``serve`` would run them.
 """
 
 from __future__ import annotations
