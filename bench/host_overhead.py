@@ -8,7 +8,9 @@ the runner's input packing (``ModelRunner._batch``: the padded step inputs and s
 its result unpacking (``_results``: device-to-host copy and the per-row records), and the output
 processor (detokenization, stop checks). ``_run`` (dispatch and the tiny model's device time) is
 timed too and reported apart. Every sequence is decoding (prompts prefilled first), greedy, so
-the step runs the argmax; ``--sampled`` gives every row temperature/top-p instead.
+the step runs the argmax; ``--sampled`` gives every row temperature/top-p instead, and
+``--penalties`` adds presence/frequency/repetition penalties (with ``--sampled``: on top of it).
+``--max-model-len`` widens the page tables and the penalty history (default: just enough).
 Prints one JSON line: the median milliseconds of each phase over ``--steps`` steps.
 """
 
@@ -39,6 +41,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--sampled", action="store_true")
+    ap.add_argument("--penalties", action="store_true")
+    ap.add_argument("--max-model-len", type=int, default=0)
     args = ap.parse_args(argv)
 
     import jax
@@ -48,15 +52,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from serving.engine.sampling_params import SamplingParams
 
     n = args.seqs
-    total = args.prompt_len + args.steps + 8
+    total = max(args.prompt_len + args.steps + 8, args.max_model_len)
     llm = LLM(loaded=random_loaded("tiny-llama", "float32", "reference"), max_num_seqs=n,
               max_num_batched_tokens=n * (args.prompt_len + 1), max_model_len=total, block_size=16,
               compilation_cache=False)
     eng, runner, sch = llm.engine, llm.engine.runner, llm.engine.scheduler
     gen = total - args.prompt_len
+    pen = {"presence_penalty": 0.5, "frequency_penalty": 0.3, "repetition_penalty": 1.1} \
+        if args.penalties else {}
     params = SamplingParams(temperature=0.8, top_p=0.9, seed=1, max_tokens=gen,
-                            ignore_eos=True) if args.sampled else \
-        SamplingParams(temperature=0.0, max_tokens=gen, ignore_eos=True)
+                            ignore_eos=True, **pen) if args.sampled else \
+        SamplingParams(temperature=0.0, max_tokens=gen, ignore_eos=True, **pen)
     for i in range(n):
         spec = llm.processor.sampling_request(f"r{i}", [(7 * i + j) % 250 for j in
                                                         range(args.prompt_len)], params)
@@ -71,8 +77,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runner._results = _timed(times["results"], runner._results)  # type: ignore
     run = runner._run
 
-    def run_sync(batch: Any) -> Any:
-        out = run(batch)
+    def run_sync(batch: Any, fill: Any = None) -> Any:
+        out = run(batch, fill)
         jax.block_until_ready(out)
         return out
 
@@ -85,6 +91,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     med = {p: 1e3 * statistics.median(v) for p, v in times.items()}
     host = sum(v for p, v in med.items() if p != "run")
     row = {"seqs": n, "running_min": min(rows), "steps": args.steps, "sampled": args.sampled,
+           "penalties": args.penalties, "max_model_len": total,
            **{f"{p}_ms": round(v, 3) for p, v in med.items()}, "host_ms": round(host, 3),
            "device": jax.devices()[0].device_kind}
     print(json.dumps(row), flush=True)

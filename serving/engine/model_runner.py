@@ -23,6 +23,20 @@ Variants (axis letters: T tokens, S sequences, W page-table width, V vocab, D mo
 Separate executables rather than one: the model step varies with T only, the sampler with S only,
 so compile time grows with the sum of the bucket counts instead of their product.
 
+Penalty history (presence / frequency / repetition penalties): the sampler reads each penalised
+row's tokens as ``i32[S, max_model_len]`` (``Sampling.history``). That array is never built on the
+host: the runner keeps ``history``, ``i32[max_num_seqs, max_model_len]`` on the device
+(replicated on a mesh), one row per history slot (``ScheduledRow.history_slot``, which the
+scheduler gives a penalised sequence while it runs). Contract: row ``r`` holds, at position
+``p``, the token at position ``p`` of the sequence holding slot ``r``, for every position that
+sequence computed since it took the slot (each step writes its own token ids at their positions,
+``hist_write[T]``, donated) or received as ``ScheduledRow.history_prefix`` (prefix-cache hits,
+once per admission, ``hist_fill``). Positions at or past the sequence's length may hold a
+previous holder's tokens; they are never read: ``hist_rows[S]`` gathers the step's penalised
+rows and sets every position at or past the row's ``kv_len`` to -1 (the sampler's padding). A
+decode step uploads ``i32[T]`` slots and ``i32[S]`` row slots instead of ``i32[S,
+max_model_len]``. Preemption gives the slot back; recompute rewrites the row from position 0.
+
 Grammar masks (structured outputs): a row whose ``SamplingRow.constrained`` is set needs its mask
 row, which only the scheduler can compute (it owns the matchers). ``execute`` takes a fill
 callback and calls it after dispatching the model step and before the sampler, so that the host
@@ -158,7 +172,8 @@ MaskFill = Callable[[SchedulerOutput, np.ndarray], None]
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["inputs", "sampling", "prompt_next_ids"],
+                   data_fields=["inputs", "sampling", "prompt_next_ids", "history_slots",
+                                "history_fills", "history_rows"],
                    meta_fields=["greedy_only", "pool"])
 @dataclass(frozen=True)
 class DeviceBatch:
@@ -172,6 +187,13 @@ class DeviceBatch:
     greedy_only: bool
     prompt_next_ids: np.ndarray | None  # i32[T]: next prompt token per position (-1: none)
     pool: bool
+    # Penalty history (see the module docstring): each token's history slot (i32[T], -1: not
+    # recorded; None: no row has a slot), the rows to fill first (each i32[1 + max_model_len]:
+    # the slot, then the prefix padded with -1), and each sampling row's slot for the sampler
+    # (i32[S], -1: none; None: no row is penalised).
+    history_slots: np.ndarray | None = None
+    history_fills: tuple[np.ndarray, ...] = ()
+    history_rows: np.ndarray | None = None
 
 
 class ModelRunner:
@@ -211,6 +233,12 @@ class ModelRunner:
         self.num_steps = 0
         self.num_padded_tokens = 0  # the T bucket of every step, summed
         self.mask_width = 0  # ceil(V / 32), the words of a grammar mask row; set by warmup
+        # The penalty history (module docstring), i32[max_num_seqs, max_model_len].
+        self.history: Any = None
+        if cfg.generates:
+            hshape = (cfg.max_num_seqs, cfg.max_model_len)
+            self.history = self._spec(hshape, jnp.int32) if abstract else \
+                self._put(np.full(hshape, -1, np.int32))
 
     @property
     def num_recompiles(self) -> int:
@@ -294,6 +322,14 @@ class ModelRunner:
                     self._compile(("sample", s), sample, lg, si)
                     self._compile(("argmax", s), argmax, lg)
                     self._compile(("masked_argmax", s), masked_argmax, lg, si.mask)
+                    self._compile(("hist_rows", s), _history_rows, self._like(self.history),
+                                  self._spec((s,), jnp.int32), self._spec((s,), jnp.int32))
+                self._compile(("hist_write", t), _history_write, self._like(self.history),
+                              ids, ids, ids, donate=(0,))
+                if ("hist_fill", 0) not in self._exe:
+                    self._compile(("hist_fill", 0), _history_fill, self._like(self.history),
+                                  self._spec((1 + self.cfg.max_model_len,), jnp.int32),
+                                  donate=(0,))
             if self.cfg.pools and self.cfg.generates:
                 self._compile(("pool", t), self._pool_fn, self.state, h_spec, inp)
             self.compile_seconds[t] = dt = time.perf_counter() - t0
@@ -392,16 +428,9 @@ class ModelRunner:
         else:
             b_ids = self._const("bias_ids", s, lambda: np.full((s, BIAS_WIDTH), -1, np.int32))
             b_vals = self._const("bias_vals", s, lambda: np.zeros((s, BIAS_WIDTH), np.float32))
+        # Penalised steps replace this with the device history's rows (``_run``).
         hw = self.cfg.max_model_len
-        if any_pen and rows:
-            hist = np.full((s, hw), -1, np.int32)
-            for i, row in enumerate(rows):
-                if row.sampling is not None and row.sampling.history is not None:
-                    h = row.sampling.history
-                    hist[i, :len(h)] = h
-            history = self._put(hist)
-        else:
-            history = self._const("history", s, lambda: np.full((s, hw), -1, np.int32))
+        history = self._const("history", s, lambda: np.full((s, hw), -1, np.int32))
         # All ones; a step with a constrained row gets its filled mask later (``_with_mask``).
         mask = self._const("mask", s, lambda: np.full((s, self.mask_width), -1, np.int32))
         flags = SamplingFlags(*(np.asarray(f, np.bool_) for f in (
@@ -435,7 +464,42 @@ class ModelRunner:
                 if r.prompt_logprobs is not None:
                     next_ids[off:off + r.num_tokens] = r.prompt_logprobs.next_ids
         pool = any(r.pooling is not None for r in rows)
-        return DeviceBatch(inp, sampling, greedy_only, next_ids, pool), offsets
+        hist_slots, fills, hist_rows = self._history_inputs(rows, offsets, t, s, sampling)
+        return DeviceBatch(inp, sampling, greedy_only, next_ids, pool, hist_slots, fills,
+                           hist_rows), offsets
+
+    def _history_inputs(self, rows: list[ScheduledRow], offsets: np.ndarray, t: int, s: int,
+                        sampling: HostSamplingInputs | None
+                        ) -> tuple[np.ndarray | None, tuple[np.ndarray, ...], np.ndarray | None]:
+        """The penalty-history fields of a step's ``DeviceBatch`` (see ``DeviceBatch``)."""
+        if not any(r.history_slot >= 0 for r in rows):
+            return None, (), None
+        slots = np.full(t, -1, np.int32)
+        fills = []
+        for r, off in zip(rows, offsets, strict=True):
+            slots[off:off + r.num_tokens] = r.history_slot
+            if r.history_prefix is not None and r.history_slot >= 0:
+                fill = np.full(1 + self.cfg.max_model_len, -1, np.int32)
+                fill[0] = r.history_slot
+                fill[1:1 + len(r.history_prefix)] = r.history_prefix
+                fills.append(fill)
+        row_slots = None
+        if sampling is not None and bool(sampling.flags.penalties):
+            row_slots = np.full(s, -1, np.int32)
+            for i, r in enumerate(rows):
+                if r.sampling is not None and r.sampling.params.uses_penalties:
+                    row_slots[i] = r.history_slot
+        return slots, tuple(fills), row_slots
+
+    def _record_history(self, batch: DeviceBatch, inp: Any) -> None:
+        """Write the step's prefixes, then its own tokens, into the device history."""
+        put = (lambda x: x) if self.sharder is None else self.sharder.put_inputs
+        for fill in batch.history_fills:
+            self.history = self._exe[("hist_fill", 0)](self.history, put(fill))
+        if batch.history_slots is not None:
+            t = int(batch.history_slots.shape[0])
+            self.history = self._exe[("hist_write", t)](
+                self.history, inp.token_ids, inp.positions, put(batch.history_slots))
 
     def _with_mask(self, batch: DeviceBatch, fill: Callable[[np.ndarray], None] | None
                    ) -> DeviceBatch:
@@ -467,6 +531,7 @@ class ModelRunner:
         outs = self._exe[("step", t)](self.state, self.kv, inp)
         self.kv, h = outs[0], outs[-1]
         batch = self._with_mask(batch, fill)  # dispatched: the host fill overlaps the step
+        self._record_history(batch, inp)
         sampled = plp = pooled = None
         if batch.sampling is not None:
             logits = outs[1]
@@ -481,6 +546,11 @@ class ModelRunner:
                 si = batch.sampling
                 if self.sharder is not None:
                     si = self.sharder.put_inputs(si)
+                if batch.history_rows is not None:
+                    rows = batch.history_rows if self.sharder is None else \
+                        self.sharder.put_inputs(batch.history_rows)
+                    si = dataclasses.replace(si, history=self._exe[("hist_rows", s)](
+                        self.history, rows, inp.kv_lens))
                 sampled = self._exe[("sample", s)](logits, si)
         if batch.prompt_next_ids is not None:
             ids = batch.prompt_next_ids
@@ -575,6 +645,29 @@ class ModelRunner:
         assert self.sharder is not None
         for batch in self.sharder.follow_steps():
             self._run(batch)
+
+
+# ---- penalty history (module docstring; compiled by ``warmup``) --------------------------------
+def _history_write(history: jax.Array, token_ids: jax.Array, positions: jax.Array,
+                   slots: jax.Array) -> jax.Array:
+    """Each token at its position of its slot's row; tokens of slot -1 (padding, rows without
+    penalties) are dropped."""
+    rows = jnp.where(slots >= 0, slots, history.shape[0])  # out of range: dropped
+    return history.at[rows, positions].set(token_ids, mode="drop")
+
+
+def _history_fill(history: jax.Array, fill: jax.Array) -> jax.Array:
+    """Row ``fill[0]`` set to ``fill[1:]`` (a prefix padded with -1)."""
+    return jax.lax.dynamic_update_slice(history, fill[None, 1:], (fill[0], jnp.int32(0)))
+
+
+def _history_rows(history: jax.Array, slots: jax.Array, lens: jax.Array) -> jax.Array:
+    """``Sampling.history`` for the step: row i is slot ``slots[i]``'s first ``lens[i]`` tokens,
+    -1 after them and for rows of slot -1 (whatever the slot holds there: a previous holder's
+    tail is never read)."""
+    rows = history[jnp.maximum(slots, 0)]
+    keep = (jnp.arange(history.shape[1])[None, :] < lens[:, None]) & (slots[:, None] >= 0)
+    return jnp.where(keep, rows, -1)
 
 
 def _frozen(x: np.ndarray) -> np.ndarray:

@@ -25,7 +25,6 @@ class SamplingRow:
     seed: int  # u32: the request's seed mixed with the choice index
     num_output: int  # output tokens so far: the PRNG counter of the token drawn now
     prompt_len: int
-    history: tuple[int, ...] | None  # prompt + output ids, only when penalties are on
     banned: tuple[int, ...]  # eos / stop ids banned while below min_tokens (-inf bias)
     # A grammar constrains the token drawn now: the scheduler fills this row's mask (the row
     # itself carries no grammar state; the matcher stays with the sequence).
@@ -53,6 +52,12 @@ class ScheduledRow:
     prompt_logprobs: PromptLogprobRow | None = None
     pooling: PoolingKind | None = None  # set on every prompt chunk of a pooling request
     token_type_ids: tuple[int, ...] | None = None  # BERT segment ids of this chunk
+    # Penalties: the sequence's row of the runner's device-resident token history
+    # (``ModelRunner`` "Penalty history"); -1: the sequence uses no penalties.
+    history_slot: int = -1
+    # The tokens [0, start) the history row does not hold yet: set on the first row after the
+    # sequence took its slot when that row starts past 0 (prefix-cache hit); None otherwise.
+    history_prefix: tuple[int, ...] | None = None
 
     @property
     def num_tokens(self) -> int:

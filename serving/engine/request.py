@@ -117,6 +117,7 @@ class Sequence:
     # The grammar state after the output tokens so far (kept through preemption: the tokens
     # are kept too); None: unconstrained.
     matcher: GrammarMatcher | None = None
+    history_slot: int = -1  # its penalty-history row while running (penalties only)
 
     @property
     def spec(self) -> EngineRequest:

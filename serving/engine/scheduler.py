@@ -17,6 +17,13 @@ sequence through ``finish_sequence``. Pooling requests are prompts with no outpu
 finish, with their pooled result, in the update of the step that computes their last prompt token.
 Pages never leak (see ``KVCacheManager.check``).
 
+Penalty history: a running sequence whose sampling uses penalties holds one of ``max_num_seqs``
+history slots, taken at admission and given back when it leaves ``running`` (finish, abort,
+preemption); rows name it (``ScheduledRow.history_slot``) and the runner keeps that slot's
+tokens on the device, written from each step's own tokens. A row after admission that starts
+past 0 (prefix-cache hit) carries the tokens before it once (``history_prefix``); nothing
+proportional to the sequence's length crosses to the runner per step.
+
 Structured outputs: each sequence of a constrained request owns a grammar matcher (``n > 1``: one
 copy each), advanced here by every appended token (a matcher gated on the end of a reasoning
 model's thinking only watches for it). Rows only say that they are constrained;
@@ -78,6 +85,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_aborted = 0  # requests aborted with unfinished choices (disconnects, shutdown)
         self.num_generated = 0  # output tokens appended, over all sequences
+        self._free_history_slots = list(range(cfg.max_num_seqs - 1, -1, -1))
 
     # ---- admission and release ---------------------------------------------------------------
     def add(self, spec: EngineRequest) -> None:
@@ -142,6 +150,7 @@ class Scheduler:
             return
         if seq.status == SeqStatus.RUNNING:
             self.running.remove(seq)
+            self._release_history_slot(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.kv.free_seq(seq)
@@ -192,12 +201,23 @@ class Scheduler:
                 break
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            rows.append(self._row(seq, n))
+            prefix = None
+            if seq.spec.sampling is not None and seq.spec.sampling.uses_penalties:
+                seq.history_slot = self._free_history_slots.pop()
+                if seq.num_computed:
+                    prefix = tuple(seq.tokens[:seq.num_computed])
+            rows.append(self._row(seq, n, prefix))
             budget -= n
         self.waiting.extendleft(reversed(skipped))
         return SchedulerOutput(tuple(rows), ())
 
-    def _row(self, seq: Sequence, n: int) -> ScheduledRow:
+    def _release_history_slot(self, seq: Sequence) -> None:
+        if seq.history_slot >= 0:
+            self._free_history_slots.append(seq.history_slot)
+            seq.history_slot = -1
+
+    def _row(self, seq: Sequence, n: int, history_prefix: tuple[int, ...] | None = None
+             ) -> ScheduledRow:
         spec, start = seq.spec, seq.num_computed
         end = start + n
         sampling = None
@@ -211,10 +231,8 @@ class Scheduler:
                 banned = tuple(sorted(bans))
             sampling = SamplingRow(
                 params=p, seed=(spec.seed + 1_000_003 * seq.index) & 0xFFFFFFFF,
-                num_output=seq.num_output, prompt_len=seq.prompt_len,
-                history=tuple(seq.tokens[:self.cfg.max_model_len]) if p.uses_penalties
-                else None,
-                banned=banned, constrained=seq.matcher is not None and seq.matcher.active)
+                num_output=seq.num_output, prompt_len=seq.prompt_len, banned=banned,
+                constrained=seq.matcher is not None and seq.matcher.active)
         plp = None
         if p is not None and p.prompt_logprobs is not None and seq.index == 0 and \
                 start < seq.prompt_len - 1:
@@ -224,7 +242,8 @@ class Scheduler:
         types = spec.token_type_ids[start:end] if spec.token_type_ids is not None else None
         return ScheduledRow(seq.seq_id, tuple(seq.tokens[start:end]), start, tuple(seq.pages),
                             sampling=sampling, prompt_logprobs=plp, pooling=spec.pooling_kind,
-                            token_type_ids=types)
+                            token_type_ids=types, history_slot=seq.history_slot,
+                            history_prefix=history_prefix)
 
     def fill_masks(self, sched: SchedulerOutput, out: np.ndarray) -> None:
         """Write the grammar mask of each constrained row of ``sched`` into row i of ``out``
@@ -238,6 +257,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.kv.free_seq(seq)
+        self._release_history_slot(seq)
         if seq.pool is not None:  # its prompt is computed again from the start
             seq.pool = PoolAccumulator()
         seq.status = SeqStatus.WAITING

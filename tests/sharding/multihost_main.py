@@ -2,8 +2,8 @@
 
 Each process sees 4 simulated CPU devices; together the N processes form one tp = 4 * N mesh over
 gloo collectives. Every process builds the same seeded tiny model. Process 0 is the lockstep
-leader: it runs greedy generation through its engine and writes the tokens as JSON to OUT. The
-others go through ``maybe_run_follower`` exactly as ``serve`` would run them.
+leader: it runs greedy and penalised generation through its engine and writes the tokens as
+JSON to OUT. The others go through ``maybe_run_follower`` exactly as ``serve`` would run them.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def main() -> None:
     if maybe_run_follower(args, load=scenarios.tiny):
         return
     engine = LLMEngine(args, loaded=scenarios.tiny())
-    tokens = scenarios.greedy(engine, scenarios.PROMPTS)
+    tokens = scenarios.multihost_answer(engine)
     assert engine.sharder is not None and engine.sharder.lockstep is not None
     engine.sharder.lockstep.stop()
     with open(out, "w") as f:

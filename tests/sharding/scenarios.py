@@ -48,6 +48,9 @@ MAX_TOKENS = 12
 LOGIT_ATOL = 1e-4  # f32: tp changes only the order of the all-reduced partial sums
 SAMPLED = SamplingParams(temperature=1.0, top_p=0.9, top_k=40, seed=7, max_tokens=8,
                          ignore_eos=True, logprobs=3)
+# Penalties read the runner's device-resident token history (replicated on the mesh).
+PENALISED = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True,
+                           frequency_penalty=1.5, presence_penalty=0.5, repetition_penalty=1.3)
 
 _cache: dict[Any, Any] = {}
 
@@ -124,6 +127,7 @@ def _reference(family: str) -> dict[str, Any]:
         _cache[family] = {
             "greedy": greedy(eng, PROMPTS),
             "sampled": run(eng, [(PROMPTS[1], SAMPLED)])[0],
+            "penalised": run(eng, [(pr, PENALISED) for pr in PROMPTS]),
             "logits": prefill_logits(loaded, None, PROMPTS[3]),
         }
     ref: dict[str, Any] = _cache[family]
@@ -131,7 +135,8 @@ def _reference(family: str) -> dict[str, Any]:
 
 
 def check_tp(tp: int, family: str = "llama") -> dict[str, Any]:
-    """Greedy tokens identical to tp=1, seeded sampling identical, logits within tolerance."""
+    """Greedy tokens identical to tp=1, seeded sampling identical, penalised greedy identical,
+    logits within tolerance."""
     ref = _reference(family)
     eng = engine(tp, tiny(model_type=family))
     assert eng.sharder is not None and eng.sharder.tp == tp
@@ -139,6 +144,7 @@ def check_tp(tp: int, family: str = "llama") -> dict[str, Any]:
     toks, lps = run(eng, [(PROMPTS[1], SAMPLED)])[0]
     assert toks == ref["sampled"][0]
     np.testing.assert_allclose(lps, ref["sampled"][1], atol=LOGIT_ATOL)
+    assert run(eng, [(pr, PENALISED) for pr in PROMPTS]) == ref["penalised"]
     logits = prefill_logits(eng.loaded, eng.sharder, PROMPTS[3])
     np.testing.assert_allclose(logits, ref["logits"], atol=LOGIT_ATOL, rtol=0)
     assert eng.runner.num_recompiles == 0
@@ -307,9 +313,15 @@ def check_orbax_round_trip() -> dict[str, Any]:
 
 
 # ---- multi-host reference ------------------------------------------------------------------------
+def multihost_answer(eng: LLMEngine) -> list[list[int]]:
+    """What the multi-host run compares: greedy, then penalised greedy (the followers replay the
+    penalty history's writes too), each of ``PROMPTS`` in flight together."""
+    return greedy(eng, PROMPTS) + [t for t, _ in run(eng, [(pr, PENALISED) for pr in PROMPTS])]
+
+
 def greedy_tp8() -> list[list[int]]:
     """The single-process tp=8 answer the 2 x 4-device run must reproduce."""
-    return greedy(engine(8), PROMPTS)
+    return multihost_answer(engine(8))
 
 
 # ---- SmolLM2-135M: 9 query heads over 3 kv heads -----------------------------------------------

@@ -78,7 +78,7 @@ def _free_port() -> int:
 def test_two_processes_of_4_devices_match_one_process_of_8(mesh_worker: MeshWorker,
                                                            tmp_path: Path) -> None:
     """2 processes x 4 CPU devices (gloo), tp=8: process 0 leads, process 1 follows in lockstep;
-    greedy output identical to one process with 8 devices."""
+    greedy and penalised output identical to one process with 8 devices."""
     want = mesh_worker.call(scenarios.greedy_tp8)
     port, out = _free_port(), tmp_path / "tokens.json"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
