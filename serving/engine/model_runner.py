@@ -14,9 +14,12 @@ Variants (axis letters: T tokens, S sequences, W page-table width, V vocab, D mo
   ``max_num_batched_tokens`` (from 1: on XLA:CPU an 8-row step costs about twice a 1-row one);
   W is fixed by max_model_len (0 without a KV cache). Context length is not a compiled dimension:
   the attention loops over as many KV blocks as the longest sequence needs.
-- ``sample[S]`` / ``argmax[S]`` / ``masked_argmax[S]``: the on-device sampler; a plain argmax
-  for all-greedy steps with nothing to adjust; the argmax after the grammar mask when such a
-  step has a constrained row (guided greedy decoding at argmax's cost).
+- ``sample[S]`` / ``draw[S]`` / ``argmax[S]`` / ``masked_argmax[S]``: the on-device sampler;
+  ``draw``, its tokens without the conditional stages, for steps that draw with temperature,
+  top-k, top-p and min-p only (the common sampled step; ``sampler.draw``, with the native
+  top-k kernel when the backend has it); a plain argmax for all-greedy steps with nothing to
+  adjust; the argmax after the grammar mask when such a step has a constrained row (guided
+  greedy decoding at argmax's cost).
 - ``prompt_lp[T]``: prompt logprobs from the hidden states (rare; built when generating).
 - ``pool[T]``: per-row first / last / summed hidden states and the classifier head's scores, for
   pooling requests (built when the engine serves pooling).
@@ -66,7 +69,10 @@ from serving.engine.sampler import (
     SamplerOutput,
     Sampling,
     SamplingFlags,
+    SamplingInputs,
+    TopK,
     argmax,
+    draw,
     masked_argmax,
     prompt_logprobs,
     sample,
@@ -117,6 +123,7 @@ class RunnerConfig:
     min_token_bucket: int = 1
     buckets: tuple[int, ...] | None = None  # explicit token buckets (max_num_batched_tokens
     # is added); None: powers of two from min_token_bucket
+    sampler_top_k: TopK | None = None  # the ``draw`` executable's top-k; None: lax.top_k
 
     def __post_init__(self) -> None:
         if not (self.generates or self.pools):
@@ -238,6 +245,9 @@ class ModelRunner:
             logits = self.sharder.gather_logits(logits)
         return kv, logits, h
 
+    def _draw_fn(self, logits: jax.Array, si: SamplingInputs) -> jax.Array:
+        return draw(logits, si, self.cfg.sampler_top_k or jax.lax.top_k)
+
     def _prompt_lp_fn(self, state: dict[str, Any], h: jax.Array, next_ids: jax.Array
                       ) -> tuple[jax.Array, ...]:
         return prompt_logprobs(self._model(state).logits(h), next_ids)
@@ -292,6 +302,7 @@ class ModelRunner:
                 if ("sample", s) not in self._exe:
                     si = self._abstract(self._sampling_inputs(s, [], all_flags=True))
                     self._compile(("sample", s), sample, lg, si)
+                    self._compile(("draw", s), self._draw_fn, lg, si)
                     self._compile(("argmax", s), argmax, lg)
                     self._compile(("masked_argmax", s), masked_argmax, lg, si.mask)
             if self.cfg.pools and self.cfg.generates:
@@ -317,6 +328,7 @@ class ModelRunner:
         self.mask_width = -(-int(out[1].shape[1]) // 32)  # as warmup sets it
         si = self._abstract(self._sampling_inputs(s, [], all_flags=True))
         return [step, Variant(("sample", s), sample, (lg, si)),
+                Variant(("draw", s), self._draw_fn, (lg, si)),
                 Variant(("argmax", s), argmax, (lg,)),
                 Variant(("masked_argmax", s), masked_argmax, (lg, si.mask))]
 
@@ -479,9 +491,11 @@ class ModelRunner:
                 sampled = self._exe[("argmax", s)](logits)
             else:
                 si = batch.sampling
+                f = si.flags
+                plain = not any(bool(x) for x in (f.penalties, f.bias, f.logprobs, f.mask))
                 if self.sharder is not None:
                     si = self.sharder.put_inputs(si)
-                sampled = self._exe[("sample", s)](logits, si)
+                sampled = self._exe[("draw" if plain else "sample", s)](logits, si)
         if batch.prompt_next_ids is not None:
             ids = batch.prompt_next_ids
             if self.sharder is not None:
