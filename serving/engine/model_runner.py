@@ -14,12 +14,13 @@ Variants (axis letters: T tokens, S sequences, W page-table width, V vocab, D mo
   ``max_num_batched_tokens`` (from 1: on XLA:CPU an 8-row step costs about twice a 1-row one);
   W is fixed by max_model_len (0 without a KV cache). Context length is not a compiled dimension:
   the attention loops over as many KV blocks as the longest sequence needs.
-- ``sample[S]`` / ``draw[S]`` / ``argmax[S]`` / ``masked_argmax[S]``: the on-device sampler;
-  ``draw``, its tokens without the conditional stages, for steps that draw with temperature,
-  top-k, top-p and min-p only (the common sampled step; ``sampler.draw``, with the native
-  top-k kernel when the backend has it); a plain argmax for all-greedy steps with nothing to
-  adjust; the argmax after the grammar mask when such a step has a constrained row (guided
-  greedy decoding at argmax's cost).
+- ``sample[S]`` / ``draw[S]`` / ``draw_unfiltered[S]`` / ``argmax[S]`` / ``masked_argmax[S]``:
+  the on-device sampler; ``draw`` / ``draw_unfiltered``, its tokens without the conditional
+  stages, for steps that draw with temperature, top-k, top-p and min-p only (the common sampled
+  step; ``sampler.draw``, with the native top-k kernel when the backend has it; the second when
+  no row filters); a plain argmax for all-greedy steps with nothing to adjust; the argmax after
+  the grammar mask when such a step has a constrained row (guided greedy decoding at argmax's
+  cost).
 - ``prompt_lp[T]``: prompt logprobs from the hidden states (rare; built when generating).
 - ``pool[T]``: per-row first / last / summed hidden states and the classifier head's scores, for
   pooling requests (built when the engine serves pooling).
@@ -248,6 +249,9 @@ class ModelRunner:
     def _draw_fn(self, logits: jax.Array, si: SamplingInputs) -> jax.Array:
         return draw(logits, si, self.cfg.sampler_top_k or jax.lax.top_k)
 
+    def _draw_unfiltered_fn(self, logits: jax.Array, si: SamplingInputs) -> jax.Array:
+        return draw(logits, si, filtered=False)
+
     def _prompt_lp_fn(self, state: dict[str, Any], h: jax.Array, next_ids: jax.Array
                       ) -> tuple[jax.Array, ...]:
         return prompt_logprobs(self._model(state).logits(h), next_ids)
@@ -303,6 +307,7 @@ class ModelRunner:
                     si = self._abstract(self._sampling_inputs(s, [], all_flags=True))
                     self._compile(("sample", s), sample, lg, si)
                     self._compile(("draw", s), self._draw_fn, lg, si)
+                    self._compile(("draw_unfiltered", s), self._draw_unfiltered_fn, lg, si)
                     self._compile(("argmax", s), argmax, lg)
                     self._compile(("masked_argmax", s), masked_argmax, lg, si.mask)
             if self.cfg.pools and self.cfg.generates:
@@ -328,7 +333,9 @@ class ModelRunner:
         self.mask_width = -(-int(out[1].shape[1]) // 32)  # as warmup sets it
         si = self._abstract(self._sampling_inputs(s, [], all_flags=True))
         return [step, Variant(("sample", s), sample, (lg, si)),
-                Variant(("draw", s), self._draw_fn, (lg, si)),
+                # lax.top_k: the native kernel is this host's, not the target platform's
+                Variant(("draw", s), draw, (lg, si)),
+                Variant(("draw_unfiltered", s), functools.partial(draw, filtered=False), (lg, si)),
                 Variant(("argmax", s), argmax, (lg,)),
                 Variant(("masked_argmax", s), masked_argmax, (lg, si.mask))]
 
@@ -495,7 +502,8 @@ class ModelRunner:
                 plain = not any(bool(x) for x in (f.penalties, f.bias, f.logprobs, f.mask))
                 if self.sharder is not None:
                     si = self.sharder.put_inputs(si)
-                sampled = self._exe[("draw" if plain else "sample", s)](logits, si)
+                name = ("draw" if bool(f.filter) else "draw_unfiltered") if plain else "sample"
+                sampled = self._exe[(name, s)](logits, si)
         if batch.prompt_next_ids is not None:
             ids = batch.prompt_next_ids
             if self.sharder is not None:

@@ -382,29 +382,34 @@ def _draw(y: jax.Array, si: SamplingInputs, keys: jax.Array, filtered: jax.Array
     """Gumbel-max over each row's kept set (greedy rows, temperature 0: no noise, the argmax).
     ``filtered`` (bool[], traced) says whether some row filters; without, every row draws over
     the whole vocabulary at once (the same tokens as ``_filtered_draw`` gives them)."""
-    noisy = si.temperature > 0
-    vocab = jnp.arange(y.shape[1], dtype=jnp.int32)
-
-    def unfiltered(y: jax.Array) -> jax.Array:
-        return argmax(y + jnp.where(noisy[:, None], _gumbel(keys, vocab), 0.0))
-
     def with_filters(y: jax.Array) -> jax.Array:
         return _filtered_draw(y, si, keys, jax.lax.top_k)
 
-    return jax.lax.cond(filtered, with_filters, unfiltered, y)
+    return jax.lax.cond(filtered, with_filters, lambda y: _vocabulary_draw(y, si, keys), y)
+
+
+def _vocabulary_draw(y: jax.Array, si: SamplingInputs, keys: jax.Array) -> jax.Array:
+    """Every row over the whole vocabulary at once, no filter (greedy rows: the argmax)."""
+    noise = _gumbel(keys, jnp.arange(y.shape[1], dtype=jnp.int32))
+    return argmax(y + jnp.where((si.temperature > 0)[:, None], noise, 0.0))
 
 
 def _scaled(logits: jax.Array, si: SamplingInputs) -> jax.Array:
     return logits / jnp.where(si.temperature > 0, si.temperature, 1.0)[:, None]
 
 
-def draw(logits: jax.Array, si: SamplingInputs, top_k: TopK = jax.lax.top_k) -> jax.Array:
-    """The common step's sampler, the runner's ``draw[S]`` executable: ``sample(logits,
-    si).tokens`` (i32[S]) for a step whose rows are greedy or draw with temperature, top-k, top-p
-    and min-p only (``si.flags``: no mask, penalties, bias or logprobs; those are not read), in
-    one graph without conditional stages. ``top_k``: ``lax.top_k`` or a kernel with its exact
-    results (``ops.native``), so the tokens are the same either way."""
-    return _filtered_draw(_scaled(logits, si), si, _row_keys(si.seeds, si.counters), top_k)
+def draw(logits: jax.Array, si: SamplingInputs, top_k: TopK = jax.lax.top_k,
+         filtered: bool = True) -> jax.Array:
+    """The common step's sampler, the runner's ``draw[S]`` (``filtered``) and
+    ``draw_unfiltered[S]`` executables: ``sample(logits, si).tokens`` (i32[S]) for a step whose
+    rows are greedy or draw with temperature, top-k, top-p and min-p only (``si.flags``: no mask,
+    penalties, bias or logprobs; those are not read), in one graph without conditional stages.
+    ``filtered`` (static) must be ``si.flags.filter``: without filters every row draws over the
+    vocabulary at once, since a row whose candidates' tail is not ``GUMBEL_REACH`` down would
+    take the one-row-at-a-time path. ``top_k``: ``lax.top_k`` or a kernel with its exact results
+    (``ops.native``), so the tokens are the same either way."""
+    y, keys = _scaled(logits, si), _row_keys(si.seeds, si.counters)
+    return _filtered_draw(y, si, keys, top_k) if filtered else _vocabulary_draw(y, si, keys)
 
 
 # ---- the sampler ----------------------------------------------------------------------------

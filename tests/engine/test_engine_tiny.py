@@ -121,7 +121,7 @@ def test_plain_sampled_steps_run_draw_and_draw_samples_tokens(llm: LLM) -> None:
     ``draw[S]`` executable (with the native top-k kernel where the backend has it); the same
     requests with logprobs run ``sample[S]`` and draw the same tokens for the same seeds."""
     runner = llm.engine.runner
-    calls: dict[str, int] = {"draw": 0, "sample": 0}
+    calls: dict[str, int] = {"draw": 0, "draw_unfiltered": 0, "sample": 0}
     saved = dict(runner._exe)
 
     def counted(name: str, exe: Any) -> Any:
@@ -140,13 +140,20 @@ def test_plain_sampled_steps_run_draw_and_draw_samples_tokens(llm: LLM) -> None:
     runner._exe.update({k: counted(k[0], e) for k, e in saved.items()})
     try:
         plain = llm.generate(ps, params(None), use_tqdm=False)
-        drawn = calls["draw"]
-        assert drawn > 0 and calls["sample"] == 0, calls
+        drawn = calls["draw"] + calls["draw_unfiltered"]
+        assert calls["draw"] > 0 and calls["sample"] == 0, calls
+        # no row filters: the vocabulary-wide draw
+        tempered = llm.generate(ps[:2], SamplingParams(temperature=0.9, seed=3, max_tokens=4),
+                                use_tqdm=False)
+        assert calls["draw_unfiltered"] > 0 and calls["sample"] == 0, calls
+        drawn = calls["draw"] + calls["draw_unfiltered"]
         with_lp = llm.generate(ps, params(0), use_tqdm=False)
-        assert calls["sample"] > 0 and calls["draw"] == drawn, calls
+        tempered_lp = llm.generate(ps[:2], SamplingParams(temperature=0.9, seed=3, max_tokens=4,
+                                                          logprobs=0), use_tqdm=False)
+        assert calls["sample"] > 0 and calls["draw"] + calls["draw_unfiltered"] == drawn, calls
     finally:
         runner._exe.update(saved)
-    for a, b in zip(plain, with_lp, strict=True):
+    for a, b in zip(plain + tempered, with_lp + tempered_lp, strict=True):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
     assert runner.num_recompiles == 0
     kernels = native.kernels()

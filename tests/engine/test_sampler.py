@@ -315,7 +315,10 @@ def test_draw_gives_sample_tokens(top_k: str, v: int) -> None:
     assert not si.flags.filter
     xs = x[plain]
     si = jax.tree.map(jnp.asarray, si)
-    np.testing.assert_array_equal(np.asarray(fn(xs, si)), np.asarray(ref(xs, si).tokens))
+    want = np.asarray(ref(xs, si).tokens)
+    np.testing.assert_array_equal(np.asarray(fn(xs, si)), want)
+    unfiltered = jax.jit(lambda x, si: draw(x, si, filtered=False))
+    np.testing.assert_array_equal(np.asarray(unfiltered(xs, si)), want)
     assert narrow_by_reach > 0 and per_row > 0, (narrow_by_reach, per_row)
 
 
