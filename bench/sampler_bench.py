@@ -139,8 +139,9 @@ def run_synthetic(baseline: str | None, peaked: bool = False) -> list[dict[str, 
             si = jax.device_put(synthetic_inputs(mod, s, v, rng, **kw))
             fns[label] = (jax.jit(mod.sample), si)
             if label == "current" and not (kw.get("penalties") or kw.get("logprobs")):
-                fns["draw"] = (jax.jit(current.draw), si)
-                if kernels is not None:
+                filtered = bool(si.flags.filter)  # the runner's choice of executable
+                fns["draw"] = (jax.jit(functools.partial(current.draw, filtered=filtered)), si)
+                if kernels is not None and filtered:
                     fns["draw_native"] = (jax.jit(functools.partial(
                         current.draw, top_k=kernels.top_k)), si)
         times: dict[str, list[float]] = defaultdict(list)

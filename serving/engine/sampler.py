@@ -240,7 +240,7 @@ def candidates(y: jax.Array, si: SamplingInputs, top_k: TopK = jax.lax.top_k) ->
     # a slice: slicing ``vals`` again would be merged into it (and cost ~270 ms at [32, 49152]),
     # so it is only read through reductions, comparisons and gathers below.
     vals, ids = top_k(y, c)  # [S, C]
-    best = jnp.max(y, axis=-1)
+    best = jnp.max(vals, axis=-1)  # the largest of y, without another pass over it
     last = jnp.min(vals, axis=-1)  # the C-th largest value
     neg_inf = jnp.full((s,), -jnp.inf, jnp.float32)
     # min-p: p >= min_p * p_max  <=>  y >= max + log(min_p); no normalisation needed.
