@@ -213,8 +213,10 @@ def main() -> None:
                         decode[k] += v
             runner._exe.update(saved)
             step = 1e3 * float(np.median(decode["step"]))
-            # plain sampled steps run ``draw``, those with penalties or logprobs ``sample``
-            sampler_name = "argmax" if name == "greedy" else "draw" if decode["draw"] else "sample"
+            # plain sampled steps run ``draw`` (``draw_unfiltered`` without filters), those with
+            # penalties or logprobs ``sample``
+            sampler_name = "argmax" if name == "greedy" else next(
+                k for k in ("draw", "draw_unfiltered", "sample") if decode[k])
             samp = 1e3 * float(np.median(decode[sampler_name]))
             row = {"seqs": s, "setting": name, "sampler": sampler_name, "step_ms": round(step, 2),
                    "sampler_ms": round(samp, 2),
