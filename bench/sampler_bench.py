@@ -7,20 +7,27 @@
 
 For each number of sequences and each setting, the engine decodes ``--output-len`` tokens for that
 many chat prompts (ignore_eos). Each executable is timed to completion (``block_until_ready``)
-around its own call: the model step and the sampler (``sample``, or ``argmax`` for greedy). Reports
+around its own call: the model step and the sampler (``draw``, ``sample`` with penalties or
+logprobs, ``argmax`` for greedy). Reports
 medians over the steps in which every sequence decodes, and the sampler's share of step + sampler.
 It also replays the logits of those steps through the top-p filter in numpy to count how often a
 nucleus is wider than the sampler's ``CANDIDATES`` (the rows that take the exact bisection).
 
 ``--synthetic`` times the sampler alone instead, on [32, 49152] logits drawn from N(0, 2.5²)
-(far flatter than a model's: every top-p row is wider than the candidates), medians of 15 calls,
-beside another sampler module given by ``--baseline-sampler`` (a file with the same ``sample``,
-``Sampling`` and ``SamplingFlags``), alternating between the two.
+(far flatter than a model's: every top-p row is wider than the candidates), or with
+``--peaked`` from N(0, 1.5²) with 40 tokens a row raised by 6-14 (every top-p 0.95 nucleus inside
+the candidates, as most of a model's are), medians of 15 calls, beside another sampler module
+given by ``--baseline-sampler`` (a file with the same ``sample``, ``Sampling`` and
+``SamplingFlags``), alternating between the two. Settings the runner sends to ``draw`` (no
+penalties, no logprobs) also time ``draw``, with ``lax.top_k`` and with the native top-k kernel
+(where this host has it); each row also gives the minimum over the calls (a loaded machine's
+least disturbed call).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import sys
@@ -32,6 +39,7 @@ import jax
 import numpy as np
 
 from bench.offline_throughput import prompts
+from ops import native
 from serving.engine import sampler as current
 from serving.engine.llm import LLM
 from serving.engine.sampler import CANDIDATES
@@ -91,7 +99,8 @@ def synthetic_inputs(mod: Any, s: int, v: int, rng: np.random.Generator, *,
     def rows(x: float, dtype: Any) -> np.ndarray:
         return np.full(s, x, dtype)
     flags = mod.SamplingFlags(*(np.asarray(b) for b in (
-        temperature > 0, top_k > 0 or top_p < 1 or min_p > 0, penalties, False, logprobs)))
+        temperature > 0, top_k > 0 or top_p < 1 or min_p > 0, penalties, False, logprobs,
+        False)))
     return mod.Sampling(
         temperature=rows(temperature, np.float32), top_k=rows(top_k, np.int32),
         top_p=rows(top_p, np.float32), min_p=rows(min_p, np.float32),
@@ -101,13 +110,20 @@ def synthetic_inputs(mod: Any, s: int, v: int, rng: np.random.Generator, *,
         seeds=np.arange(s, dtype=np.uint32), counters=rows(3, np.int32),
         bias_ids=np.full((s, 8), -1, np.int32), bias_vals=np.zeros((s, 8), np.float32),
         history=rng.integers(0, v, (s, 1024)).astype(np.int32), prompt_lens=rows(100, np.int32),
-        flags=flags)
+        mask=np.full((s, -(-v // 32)), -1, np.int32), flags=flags)
 
 
-def run_synthetic(baseline: str | None) -> list[dict[str, Any]]:
+def run_synthetic(baseline: str | None, peaked: bool = False) -> list[dict[str, Any]]:
     s, v = 32, 49152
     rng = np.random.default_rng(0)
-    logits = jax.numpy.asarray((rng.standard_normal((s, v)) * 2.5).astype(np.float32))
+    if peaked:
+        x = (rng.standard_normal((s, v)) * 1.5).astype(np.float32)
+        for r in range(s):
+            x[r, rng.integers(0, v, 40)] += rng.uniform(6, 14, 40).astype(np.float32)
+    else:
+        x = (rng.standard_normal((s, v)) * 2.5).astype(np.float32)
+    logits = jax.numpy.asarray(x)
+    kernels = native.kernels()
     mods = {"current": current}
     if baseline:
         spec = importlib.util.spec_from_file_location("baseline_sampler", baseline)
@@ -115,21 +131,30 @@ def run_synthetic(baseline: str | None) -> list[dict[str, Any]]:
         mods["baseline"] = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mods["baseline"])
 
-    def median_ms(fn: Any, *args: Any) -> float:
-        jax.block_until_ready(fn(*args))
-        ts = []
-        for _ in range(15):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            ts.append(time.perf_counter() - t0)
-        return round(1e3 * float(np.median(ts)), 2)
-
     rows = []
     for name, kw in SYNTHETIC.items():
         row: dict[str, Any] = {"setting": name}
+        fns: dict[str, tuple[Any, Any]] = {}
         for label, mod in mods.items():
             si = jax.device_put(synthetic_inputs(mod, s, v, rng, **kw))
-            row[f"{label}_ms"] = median_ms(jax.jit(mod.sample), logits, si)
+            fns[label] = (jax.jit(mod.sample), si)
+            if label == "current" and not (kw.get("penalties") or kw.get("logprobs")):
+                filtered = bool(si.flags.filter)  # the runner's choice of executable
+                fns["draw"] = (jax.jit(functools.partial(current.draw, filtered=filtered)), si)
+                if kernels is not None and filtered:
+                    fns["draw_native"] = (jax.jit(functools.partial(
+                        current.draw, top_k=kernels.top_k)), si)
+        times: dict[str, list[float]] = defaultdict(list)
+        for fn, si in fns.values():
+            jax.block_until_ready(fn(logits, si))
+        for _ in range(15):  # interleaved: a load change hits every executable alike
+            for label, (fn, si) in fns.items():
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(logits, si))
+                times[label].append(time.perf_counter() - t0)
+        for label, ts in times.items():
+            row[f"{label}_ms"] = round(1e3 * float(np.median(ts)), 2)
+            row[f"{label}_min_ms"] = round(1e3 * min(ts), 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -144,10 +169,11 @@ def main() -> None:
     ap.add_argument("--settings", default=",".join(SETTINGS))
     ap.add_argument("--synthetic", action="store_true", help="the sampler alone (see above)")
     ap.add_argument("--baseline-sampler", default=None, help="with --synthetic: a sampler.py")
+    ap.add_argument("--peaked", action="store_true", help="with --synthetic: model-like logits")
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()
     if args.synthetic:
-        rows = run_synthetic(args.baseline_sampler)
+        rows = run_synthetic(args.baseline_sampler, args.peaked)
         if args.json_out:
             with open(args.json_out, "w") as f:
                 json.dump({"cpu": cpu_name(), "rows": rows}, f, indent=1)
@@ -187,9 +213,12 @@ def main() -> None:
                         decode[k] += v
             runner._exe.update(saved)
             step = 1e3 * float(np.median(decode["step"]))
-            sampler_name = "argmax" if name == "greedy" else "sample"
+            # plain sampled steps run ``draw`` (``draw_unfiltered`` without filters), those with
+            # penalties or logprobs ``sample``
+            sampler_name = "argmax" if name == "greedy" else next(
+                k for k in ("draw", "draw_unfiltered", "sample") if decode[k])
             samp = 1e3 * float(np.median(decode[sampler_name]))
-            row = {"seqs": s, "setting": name, "step_ms": round(step, 2),
+            row = {"seqs": s, "setting": name, "sampler": sampler_name, "step_ms": round(step, 2),
                    "sampler_ms": round(samp, 2),
                    "sampler_p90_ms": round(1e3 * float(np.percentile(decode[sampler_name], 90)), 2),
                    "share": round(samp / (step + samp), 4), "steps": len(decode["step"]),

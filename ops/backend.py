@@ -108,6 +108,17 @@ def get_linear_fn(backend: str = "auto", weight_dtype: str = "f16",
     return chosen
 
 
+def get_top_k_fn(backend: str = "auto", platform: str | None = None
+                  ) -> Callable[[jax.Array, int], tuple[jax.Array, jax.Array]] | None:
+    """The sampler's top-k for ``backend``: the native kernel (``ops.native``: ``lax.top_k``'s
+    exact results, faster) where ``backend`` resolves to ``native``, else None (``lax.top_k``).
+    Raises ValueError like ``get_attention_fn``."""
+    platform = platform or jax.default_backend()
+    if backend not in BACKENDS or _resolve(backend, platform) != "native":
+        return None
+    return _native_kernels(platform).top_k
+
+
 def get_attention_fn(backend: str = "auto", platform: str | None = None) -> AttentionBackend:
     """Pick (attention, write_kv, description) for ``backend`` on ``platform`` (default:
     ``jax.default_backend()``) and log the choice. Raises ValueError for an unknown backend or

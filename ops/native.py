@@ -21,6 +21,9 @@ Contracts of the kernels (axis letters as in ``ops.attention``; M rows, K inputs
   multiple of 16 (``packable``).
 - ``ragged_paged_attention``: ``ops.attention.ragged_paged_attention_reference`` with
   ``dim_major_keys=True`` (the CPU cache layout), f32 only.
+- ``top_k(x f32[S, V], k) -> (f32[S, k], i32[S, k])``: ``jax.lax.top_k(x, k)`` bit for bit
+  (values descending, ties by ascending index, -0.0 below 0.0, NaN ordered by its bits as XLA:CPU
+  orders them), rows split over XLA's pool; the sampler's candidates.
 """
 
 from __future__ import annotations
@@ -209,8 +212,20 @@ class NativeKernels:
             window=np.int32(sliding_window or 0), soft_cap=np.float32(soft_cap or 0.0))
 
 
+    def top_k(self, x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+        """``jax.lax.top_k(x, k)`` over the last axis of an f32 ``x [S, V]``, the same values
+        and indices in the same order; other dtypes or ranks take ``lax.top_k``."""
+        if x.dtype != jnp.float32 or x.ndim != 2 or not 1 <= k <= x.shape[1]:
+            return jax.lax.top_k(x, k)
+        s = x.shape[0]
+        vals, ids = jax.ffi.ffi_call(
+            self._target("top_k"), (jax.ShapeDtypeStruct((s, k), jnp.float32),
+                                    jax.ShapeDtypeStruct((s, k), jnp.int32)))(x)
+        return vals, ids
+
+
 _HANDLERS = {"linear_f32": "XlaserveLinearF32", "linear_f16": "XlaserveLinearF16",
-             "paged_attention": "XlaservePagedAttention"}
+             "paged_attention": "XlaservePagedAttention", "top_k": "XlaserveTopK"}
 
 
 @functools.cache

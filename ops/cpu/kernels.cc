@@ -10,6 +10,7 @@
 //   [N/16, K, 16] panels (16 output columns, K-major) of f32 or f16 (F16C conversion in the loop).
 // - xlaserve_paged_attention: the ragged paged attention of ops/attention.py over the CPU
 //   backend's cache layout (key pages dimension-major [H, B], value pages token-major [B, H]).
+// - xlaserve_top_k: lax.top_k's values and indices, bit for bit (the sampler's candidates).
 
 #include <immintrin.h>
 
@@ -491,6 +492,96 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 3> q,
   return ffi::Error::Success();
 }
 
+
+// ---- top-k selection (the sampler's candidates) ---------------------------------------------
+// lax.top_k's results on XLA:CPU, bit for bit: values descending in the total order of their
+// bits that XLA's TopK uses (-0.0 below 0.0; NaN above +inf, or below -inf with the sign bit
+// set), ties by ascending index. XLA runs one sort-based selection per row on one thread; this is
+// a threshold scan (a vector compare of 8 or 16 keys against the k-th best key so far skips
+// almost every value) over the rows split across the pool.
+
+inline int32_t TopKKey(float v) {
+  uint32_t x;
+  std::memcpy(&x, &v, sizeof x);
+  return static_cast<int32_t>(x) < 0 ? static_cast<int32_t>(0x7FFFFFFFu - x)
+                                     : static_cast<int32_t>(x);
+}
+
+// Whether any of the kVL values at p has a key above thresh.
+inline bool AnyKeyAbove(const float* p, int32_t thresh) {
+#if defined(__AVX512F__)
+  __m512i x = _mm512_loadu_si512(p);
+  __mmask16 neg = _mm512_cmplt_epi32_mask(x, _mm512_setzero_si512());
+  __m512i key = _mm512_mask_sub_epi32(x, neg, _mm512_set1_epi32(0x7FFFFFFF), x);
+  return _mm512_cmpgt_epi32_mask(key, _mm512_set1_epi32(thresh)) != 0;
+#else
+  __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  __m256i flipped = _mm256_sub_epi32(_mm256_set1_epi32(0x7FFFFFFF), x);
+  __m256i key = _mm256_blendv_epi8(x, flipped, _mm256_srai_epi32(x, 31));
+  return !_mm256_testz_si256(_mm256_cmpgt_epi32(key, _mm256_set1_epi32(thresh)),
+                             _mm256_set1_epi32(-1));
+#endif
+}
+
+struct KeyIndex {
+  int32_t key;
+  int32_t index;
+};
+
+inline bool Before(const KeyIndex& a, const KeyIndex& b) {
+  return a.key != b.key ? a.key > b.key : a.index < b.index;
+}
+
+// The k best of one row of n values (k <= n) into vals[k], ids[k]; buf holds 2k entries.
+void TopKRow(const float* x, int64_t n, int64_t k, float* vals, int32_t* ids, KeyIndex* buf) {
+  int64_t size = 0;
+  bool full = false;  // buf holds the k best so far; thresh is the k-th one's key
+  int32_t thresh = 0;
+  auto push = [&](int64_t i) {
+    buf[size++] = {TopKKey(x[i]), static_cast<int32_t>(i)};
+    if (size == 2 * k) {  // keep the k best: a later value enters only above the k-th key
+      std::nth_element(buf, buf + k - 1, buf + size, Before);
+      size = k;
+      thresh = buf[k - 1].key;
+      full = true;
+    }
+  };
+  int64_t i = 0;
+  for (; i < n && !full; ++i) push(i);
+  for (; i + kVL <= n; i += kVL) {
+    if (!AnyKeyAbove(x + i, thresh)) continue;
+    for (int64_t j = i; j < i + kVL; ++j) {
+      // a key equal to the k-th one has a larger index, so it ranks below all k
+      if (!full || TopKKey(x[j]) > thresh) push(j);
+    }
+  }
+  for (; i < n; ++i) {
+    if (!full || TopKKey(x[i]) > thresh) push(i);
+  }
+  std::sort(buf, buf + size, Before);
+  for (int64_t j = 0; j < k; ++j) {
+    ids[j] = buf[j].index;
+    vals[j] = x[buf[j].index];
+  }
+}
+
+ffi::Error TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 2> x,
+                ffi::ResultBuffer<ffi::F32, 2> vals, ffi::ResultBuffer<ffi::S32, 2> ids) {
+  const int64_t rows = x.dimensions()[0], n = x.dimensions()[1];
+  const int64_t k = vals->dimensions()[1];
+  if (k < 1 || k > n || ids->dimensions()[1] != k || n > INT32_MAX) {
+    return ffi::Error::InvalidArgument("top_k: need 1 <= k <= row length < 2**31");
+  }
+  const float* xp = x.typed_data();
+  float* vp = vals->typed_data();
+  int32_t* ip = ids->typed_data();
+  ParallelFor(pool, rows, PoolWorkers(pool), [&](int64_t r) {
+    std::vector<KeyIndex> buf(2 * k);
+    TopKRow(xp + r * n, n, k, vp + r * k, ip + r * k, buf.data());
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // Buffer types as aliases: a comma inside a template argument list would split the macro's
@@ -530,6 +621,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaservePagedAttention, PagedAttention,
                                   .Attr<float>("sm_scale")
                                   .Attr<int32_t>("window")
                                   .Attr<float>("soft_cap"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaserveTopK, TopK,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Matrix>()
+                                  .Ret<F32Matrix>()
+                                  .Ret<S32Matrix>());
 
 // The ISA this build was compiled for; ops/native.py checks it after loading.
 extern "C" const char* xlaserve_isa() {

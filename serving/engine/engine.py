@@ -42,7 +42,7 @@ from models.pooling import (
 )
 from models.registry import LoadedModel, ModelLoadError, resolve_dtype
 from models.weights import default_place
-from ops.backend import get_attention_fn, get_linear_fn
+from ops.backend import get_attention_fn, get_linear_fn, get_top_k_fn
 from serving.engine.compilation import enable_compilation_cache
 from serving.engine.config import EngineArgs
 from serving.engine.faults import fault_hook_from_env, is_out_of_memory
@@ -236,7 +236,10 @@ class LLMEngine:
                          generates=generates, pools=not generates,
                          # pooling prompts are rarely a handful of tokens: no tiny buckets
                          min_token_bucket=1 if generates else 16,
-                         buckets=args.token_buckets),
+                         buckets=args.token_buckets,
+                         # the native kernels are single-device, as in _load
+                         sampler_top_k=None if sharder is not None or not generates
+                         else get_top_k_fn(args.attention_backend)),
             kv_layout, sharder)
         self.kv = KVCacheManager(num_pages, args.block_size, args.enable_prefix_caching)
         # Structured outputs: one llguidance tokenizer per engine, built now (0.2-2.5 s), off

@@ -14,9 +14,13 @@ Variants (axis letters: T tokens, S sequences, W page-table width, V vocab, D mo
   ``max_num_batched_tokens`` (from 1: on XLA:CPU an 8-row step costs about twice a 1-row one);
   W is fixed by max_model_len (0 without a KV cache). Context length is not a compiled dimension:
   the attention loops over as many KV blocks as the longest sequence needs.
-- ``sample[S]`` / ``argmax[S]`` / ``masked_argmax[S]``: the on-device sampler; a plain argmax
-  for all-greedy steps with nothing to adjust; the argmax after the grammar mask when such a
-  step has a constrained row (guided greedy decoding at argmax's cost).
+- ``sample[S]`` / ``draw[S]`` / ``draw_unfiltered[S]`` / ``argmax[S]`` / ``masked_argmax[S]``:
+  the on-device sampler; ``draw`` / ``draw_unfiltered``, its tokens without the conditional
+  stages, for steps that draw with temperature, top-k, top-p and min-p only (the common sampled
+  step; ``sampler.draw``, with the native top-k kernel when the backend has it; the second when
+  no row filters); a plain argmax for all-greedy steps with nothing to adjust; the argmax after
+  the grammar mask when such a step has a constrained row (guided greedy decoding at argmax's
+  cost).
 - ``prompt_lp[T]``: prompt logprobs from the hidden states (rare; built when generating).
 - ``pool[T]``: per-row first / last / summed hidden states and the classifier head's scores, for
   pooling requests (built when the engine serves pooling).
@@ -80,7 +84,10 @@ from serving.engine.sampler import (
     SamplerOutput,
     Sampling,
     SamplingFlags,
+    SamplingInputs,
+    TopK,
     argmax,
+    draw,
     masked_argmax,
     prompt_logprobs,
     sample,
@@ -131,6 +138,7 @@ class RunnerConfig:
     min_token_bucket: int = 1
     buckets: tuple[int, ...] | None = None  # explicit token buckets (max_num_batched_tokens
     # is added); None: powers of two from min_token_bucket
+    sampler_top_k: TopK | None = None  # the ``draw`` executable's top-k; None: lax.top_k
 
     def __post_init__(self) -> None:
         if not (self.generates or self.pools):
@@ -266,6 +274,12 @@ class ModelRunner:
             logits = self.sharder.gather_logits(logits)
         return kv, logits, h
 
+    def _draw_fn(self, logits: jax.Array, si: SamplingInputs) -> jax.Array:
+        return draw(logits, si, self.cfg.sampler_top_k or jax.lax.top_k)
+
+    def _draw_unfiltered_fn(self, logits: jax.Array, si: SamplingInputs) -> jax.Array:
+        return draw(logits, si, filtered=False)
+
     def _prompt_lp_fn(self, state: dict[str, Any], h: jax.Array, next_ids: jax.Array
                       ) -> tuple[jax.Array, ...]:
         return prompt_logprobs(self._model(state).logits(h), next_ids)
@@ -320,6 +334,8 @@ class ModelRunner:
                 if ("sample", s) not in self._exe:
                     si = self._abstract(self._sampling_inputs(s, [], all_flags=True))
                     self._compile(("sample", s), sample, lg, si)
+                    self._compile(("draw", s), self._draw_fn, lg, si)
+                    self._compile(("draw_unfiltered", s), self._draw_unfiltered_fn, lg, si)
                     self._compile(("argmax", s), argmax, lg)
                     self._compile(("masked_argmax", s), masked_argmax, lg, si.mask)
                     self._compile(("hist_rows", s), _history_rows, self._like(self.history),
@@ -353,6 +369,9 @@ class ModelRunner:
         self.mask_width = -(-int(out[1].shape[1]) // 32)  # as warmup sets it
         si = self._abstract(self._sampling_inputs(s, [], all_flags=True))
         return [step, Variant(("sample", s), sample, (lg, si)),
+                # lax.top_k: the native kernel is this host's, not the target platform's
+                Variant(("draw", s), draw, (lg, si)),
+                Variant(("draw_unfiltered", s), functools.partial(draw, filtered=False), (lg, si)),
                 Variant(("argmax", s), argmax, (lg,)),
                 Variant(("masked_argmax", s), masked_argmax, (lg, si.mask))]
 
@@ -544,6 +563,8 @@ class ModelRunner:
                 sampled = self._exe[("argmax", s)](logits)
             else:
                 si = batch.sampling
+                f = si.flags
+                plain = not any(bool(x) for x in (f.penalties, f.bias, f.logprobs, f.mask))
                 if self.sharder is not None:
                     si = self.sharder.put_inputs(si)
                 if batch.history_rows is not None:
@@ -551,7 +572,8 @@ class ModelRunner:
                         self.sharder.put_inputs(batch.history_rows)
                     si = dataclasses.replace(si, history=self._exe[("hist_rows", s)](
                         self.history, rows, inp.kv_lens))
-                sampled = self._exe[("sample", s)](logits, si)
+                name = ("draw" if bool(f.filter) else "draw_unfiltered") if plain else "sample"
+                sampled = self._exe[(name, s)](logits, si)
         if batch.prompt_next_ids is not None:
             ids = batch.prompt_next_ids
             if self.sharder is not None:

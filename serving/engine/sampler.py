@@ -10,25 +10,32 @@ Contract (axis letters: S rows, V vocab, C candidates, E bias entries, X any):
   ``{y >= tau}`` for an exact per-row value ``tau`` (ties with ``tau`` are kept, as vLLM's
   value-based masks do), so top-k, top-p and min-p select the same token set as their definition.
 - The draw is Gumbel-max over the kept set: ``argmax(y + g(seed, counter, id))``, an exact sample
-  of ``softmax(y)`` restricted to the set, up to the 24-bit uniforms behind ``g`` (a token more
-  than 20.2 nats below the best one is never drawn: its probability is below 2e-9 of
-  the best one's).
+  of ``softmax(y)`` restricted to the set, up to the 23-bit uniforms behind ``g``: ``g`` lies in
+  [-2.81, 16.64], so a token more than 19.45 nats below the best one is never drawn (its
+  probability is below 4e-9 of the best one's), and none ``GUMBEL_REACH`` below it can win.
+  Ties of ``y + g`` go to the least token id, wherever the draw runs.
 
 Cost at S=32, V=49152 on XLA:CPU is what shaped this: a full sort of the logits costs ~270 ms and
 threefry Gumbel noise over the vocabulary ~15-60 ms, against ~150 ms for the whole model step. So:
-- Filters are settled from the ``CANDIDATES`` largest values (``lax.top_k``) whenever the kept
-  set ends inside them, and those rows draw among the candidates only. A row whose set does not
-  (no filter, top-k above ``CANDIDATES``, or a wider nucleus) draws over the vocabulary, with
-  noise from a few integer ops and two logs per entry instead of threefry; with filters, such
-  rows are done one at a time (its floor found exactly by bisection over the float order of its
-  values), so a step pays only for the rows that need it.
+- Filters are settled from the ``CANDIDATES`` largest values (``lax.top_k``, or a native
+  kernel's identical selection) whenever the kept set ends inside them, and those rows draw
+  among the candidates only; so does a row whose set goes on past them when the last candidate
+  is ``GUMBEL_REACH`` below the best value (no token past it can win). Any other row (top-k above
+  ``CANDIDATES``, a nucleus or an unfiltered row over a flat distribution) draws over the
+  vocabulary, with noise from a few integer ops and two logs per entry instead of threefry; such
+  rows are done one at a time (the floor found exactly by bisection over the float order of the
+  row's values), so a step pays only for the rows that need it.
 - Greedy rows and the all-greedy executable use "max, then the first index equal to it", which
   returns ``jnp.argmax``'s index at a third of its cost on XLA:CPU.
 The grammar mask is applied first, so the logprobs reported are those of the masked distribution
 (vLLM applies the bitmask to the logits before its sampler); a row without a grammar has an
 all-ones mask, which leaves its logits bit for bit as they are.
 Optional stages (mask, penalties, bias, sampling, logprobs) sit behind ``lax.cond`` on
-``SamplingFlags`` that the runner sets per step; XLA runs only the branch taken.
+``SamplingFlags`` that the runner sets per step; XLA runs only the branch taken. That chain costs
+XLA:CPU several ms at [32, 49152] whichever branches run (``bench/sampler_bench.py --synthetic``
+times ``sample`` beside ``draw``), so the common step, rows that are greedy or draw with
+temperature, top-k, top-p and min-p only, has its own executable, ``draw``: the same tokens as
+``sample`` in one graph without conditional stages.
 """
 
 from __future__ import annotations
@@ -49,6 +56,14 @@ from serving.engine.sampling_params import MAX_LOGPROBS
 # 0.95 has 15% / 7% / 2% of its nuclei wider than that, which take the exact per-row path
 # (~0.7 ms a row). 128 gave the lowest sampler time in bench/sampler_bench.py.
 CANDIDATES = 128
+# Gumbel noise lies in [-2.812, 16.636] (every 23-bit uniform, XLA:CPU's logs): a token more than
+# 19.45 below the best value can never win the draw. 20 leaves room for the f32 rounding of
+# ``y + g`` while |y| < 2**20 (``Candidates.narrow`` checks it).
+GUMBEL_REACH = 20.0
+
+# ``top_k(x f32[S, V], k) -> (values, i32 ids)``: ``lax.top_k``, or a kernel giving the same
+# values and ids in the same order (values descending, ties by ascending id).
+TopK = Callable[[jax.Array, int], tuple[jax.Array, jax.Array]]
 
 
 @jax.tree_util.register_dataclass
@@ -210,9 +225,13 @@ class Candidates:
     inside: jax.Array  # the kept set lies inside the candidates (the narrow draw suffices)
     exact: jax.Array  # top-k above C, or a nucleus that may go past C: see ``row_floor``
     floor: jax.Array  # min-p's floor, and top-k's when k <= C
+    # the draw among the candidates is exact: the set ends inside them, or every token past
+    # them is too far below the best to win (``GUMBEL_REACH``)
+    narrow: jax.Array
+    draw_tau: jax.Array  # the floor of the narrow draw, over the candidates
 
 
-def candidates(y: jax.Array, si: SamplingInputs) -> Candidates:
+def candidates(y: jax.Array, si: SamplingInputs, top_k: TopK = jax.lax.top_k) -> Candidates:
     """min-p, top-k and top-p from the ``CANDIDATES`` largest values of temperature-scaled
     logits ``y`` [S, V]: exact for every row but those flagged ``exact``."""
     s, v = y.shape
@@ -220,8 +239,8 @@ def candidates(y: jax.Array, si: SamplingInputs) -> Candidates:
     # XLA:CPU replaces lax.top_k's full sort with its TopK call only while the sort's one user is
     # a slice: slicing ``vals`` again would be merged into it (and cost ~270 ms at [32, 49152]),
     # so it is only read through reductions, comparisons and gathers below.
-    vals, ids = jax.lax.top_k(y, c)  # [S, C]
-    best = jnp.max(y, axis=-1)
+    vals, ids = top_k(y, c)  # [S, C]
+    best = jnp.max(vals, axis=-1)  # the largest of y, without another pass over it
     last = jnp.min(vals, axis=-1)  # the C-th largest value
     neg_inf = jnp.full((s,), -jnp.inf, jnp.float32)
     # min-p: p >= min_p * p_max  <=>  y >= max + log(min_p); no normalisation needed.
@@ -250,7 +269,15 @@ def candidates(y: jax.Array, si: SamplingInputs) -> Candidates:
     # every candidate kept: the nucleus may go on past them
     exact = (use_k & (k > c)) | (use_p & jnp.all(kept, axis=-1))
     inside = (last < tau) & ~exact  # the C-th candidate is out, so is everything below it
-    return Candidates(vals, ids, best, tau, inside, exact, floor)
+    # Past the candidates nothing can win the draw when the last one is GUMBEL_REACH below the
+    # best: then a row draws among them with its own floor, and so does a nucleus flagged exact
+    # that keeps every candidate (then the true floor is at most the last one's value, so over
+    # the candidates it keeps those above ``floor``); top-k above C does not know its floor.
+    reach = jnp.where(jnp.abs(best) < 2.0 ** 20, best - GUMBEL_REACH, -jnp.inf)
+    nucleus_past = exact & ~(use_k & (k > c))
+    narrow = jnp.where(exact, nucleus_past & (last < reach), last < jnp.maximum(tau, reach))
+    draw_tau = jnp.where(exact, floor, tau)
+    return Candidates(vals, ids, best, tau, inside, exact, floor, narrow, draw_tau)
 
 
 def row_floor(y: jax.Array, si: SamplingInputs, cand: Candidates, r: jax.Array) -> jax.Array:
@@ -308,44 +335,81 @@ def _row_keys(seeds: jax.Array, counters: jax.Array) -> jax.Array:
 
 def _gumbel(keys: jax.Array, ids: jax.Array) -> jax.Array:
     """Standard Gumbel noise f32[S, X] for token ``ids`` [S, X] (or [X]) of rows with ``keys``
-    [S]: a function of (key, id) only. Two hash rounds, then a 24-bit uniform in (0, 1)."""
+    [S]: a function of (key, id) only. Two hash rounds, then a 23-bit uniform in (0, 1): every
+    ``k + 0.5`` is exact in f32 below 2**23 (at 24 bits the top value rounds up to u = 1, whose
+    noise is +inf: a token drawn whatever its logit)."""
     h = _mix32(_mix32(ids.astype(jnp.uint32) + keys[:, None]) ^ (keys[:, None] >> 7))
-    u = ((h >> 8).astype(jnp.float32) + 0.5) * jnp.float32(2.0 ** -24)
+    u = ((h >> 9).astype(jnp.float32) + 0.5) * jnp.float32(2.0 ** -23)
     return -jnp.log(-jnp.log(u))
+
+
+def _narrow_draw(cand: Candidates, keys: jax.Array, noisy: jax.Array) -> jax.Array:
+    """Gumbel-max among the candidates above ``draw_tau`` (no noise on rows not ``noisy``); ties
+    of ``y + g`` go to the least token id, as ``argmax`` over the vocabulary gives them."""
+    v_out = jnp.iinfo(jnp.int32).max
+    z = cand.vals + jnp.where(noisy[:, None], _gumbel(keys, cand.ids), 0.0)
+    z = jnp.where(cand.vals >= cand.draw_tau[:, None], z, -jnp.inf)
+    best = jnp.max(z, axis=-1, keepdims=True)
+    return jnp.min(jnp.where(z == best, cand.ids, v_out), axis=-1)
+
+
+def _filtered_draw(y: jax.Array, si: SamplingInputs, keys: jax.Array, top_k: TopK
+                   ) -> jax.Array:
+    """Every row from its candidates where ``narrow``; the others (noisy ones only: a greedy
+    row's best value is always a candidate) one at a time: the exact floor, then noise over the
+    vocabulary for that row only. A row's own values decide which draw it takes, so its token
+    does not depend on its neighbours."""
+    s, v = y.shape
+    noisy = si.temperature > 0
+    vocab = jnp.arange(v, dtype=jnp.int32)
+    cand = candidates(y, si, top_k)
+    # a NaN row matches nothing: v - 1, as ``argmax`` gives it
+    tokens = jnp.minimum(_narrow_draw(cand, keys, noisy), v - 1)
+    wide = noisy & ~cand.narrow
+    todo = jnp.nonzero(wide, size=s, fill_value=0)[0]
+
+    def one(i: jax.Array, tokens: jax.Array) -> jax.Array:
+        r = todo[i]
+        zr = y[r] + _gumbel(keys[r][None], vocab)[0]
+        zr = jnp.where(y[r] >= row_floor(y, si, cand, r), zr, -jnp.inf)
+        return tokens.at[r].set(argmax(zr[None])[0])
+
+    return jax.lax.fori_loop(0, jnp.sum(wide), one, tokens)
 
 
 def _draw(y: jax.Array, si: SamplingInputs, keys: jax.Array, filtered: jax.Array
           ) -> jax.Array:
     """Gumbel-max over each row's kept set (greedy rows, temperature 0: no noise, the argmax).
     ``filtered`` (bool[], traced) says whether some row filters; without, every row draws over
-    the whole vocabulary at once."""
-    s, v = y.shape
-    noisy = si.temperature > 0
-    vocab = jnp.arange(v, dtype=jnp.int32)
-
-    def unfiltered(y: jax.Array) -> jax.Array:
-        return argmax(y + jnp.where(noisy[:, None], _gumbel(keys, vocab), 0.0))
-
+    the whole vocabulary at once (the same tokens as ``_filtered_draw`` gives them)."""
     def with_filters(y: jax.Array) -> jax.Array:
-        cand = candidates(y, si)
-        z = cand.vals + jnp.where(noisy[:, None], _gumbel(keys, cand.ids), 0.0)
-        z = jnp.where(cand.vals >= cand.tau[:, None], z, -jnp.inf)
-        tokens = jnp.take_along_axis(cand.ids, argmax(z)[:, None], axis=-1)[:, 0]
-        # The rows whose set is not inside their candidates, one at a time: the exact floor,
-        # then noise over the vocabulary for that row only. A row's own values decide which
-        # draw it takes, so its token does not depend on its neighbours.
-        wide = noisy & ~cand.inside
-        todo = jnp.nonzero(wide, size=s, fill_value=0)[0]
+        return _filtered_draw(y, si, keys, jax.lax.top_k)
 
-        def one(i: jax.Array, tokens: jax.Array) -> jax.Array:
-            r = todo[i]
-            zr = y[r] + _gumbel(keys[r][None], vocab)[0]
-            zr = jnp.where(y[r] >= row_floor(y, si, cand, r), zr, -jnp.inf)
-            return tokens.at[r].set(argmax(zr[None])[0])
+    return jax.lax.cond(filtered, with_filters, lambda y: _vocabulary_draw(y, si, keys), y)
 
-        return jax.lax.fori_loop(0, jnp.sum(wide), one, tokens)
 
-    return jax.lax.cond(filtered, with_filters, unfiltered, y)
+def _vocabulary_draw(y: jax.Array, si: SamplingInputs, keys: jax.Array) -> jax.Array:
+    """Every row over the whole vocabulary at once, no filter (greedy rows: the argmax)."""
+    noise = _gumbel(keys, jnp.arange(y.shape[1], dtype=jnp.int32))
+    return argmax(y + jnp.where((si.temperature > 0)[:, None], noise, 0.0))
+
+
+def _scaled(logits: jax.Array, si: SamplingInputs) -> jax.Array:
+    return logits / jnp.where(si.temperature > 0, si.temperature, 1.0)[:, None]
+
+
+def draw(logits: jax.Array, si: SamplingInputs, top_k: TopK = jax.lax.top_k,
+         filtered: bool = True) -> jax.Array:
+    """The common step's sampler, the runner's ``draw[S]`` (``filtered``) and
+    ``draw_unfiltered[S]`` executables: ``sample(logits, si).tokens`` (i32[S]) for a step whose
+    rows are greedy or draw with temperature, top-k, top-p and min-p only (``si.flags``: no mask,
+    penalties, bias or logprobs; those are not read), in one graph without conditional stages.
+    ``filtered`` (static) must be ``si.flags.filter``: without filters every row draws over the
+    vocabulary at once, since a row whose candidates' tail is not ``GUMBEL_REACH`` down would
+    take the one-row-at-a-time path. ``top_k``: ``lax.top_k`` or a kernel with its exact results
+    (``ops.native``), so the tokens are the same either way."""
+    y, keys = _scaled(logits, si), _row_keys(si.seeds, si.counters)
+    return _filtered_draw(y, si, keys, top_k) if filtered else _vocabulary_draw(y, si, keys)
 
 
 # ---- the sampler ----------------------------------------------------------------------------
@@ -359,8 +423,7 @@ def sample(logits: jax.Array, si: SamplingInputs) -> SamplerOutput:
     x = jax.lax.cond(flags.bias, _apply_bias, lambda lg, _: lg, x, si)
 
     def sampled(x: jax.Array) -> jax.Array:
-        t = jnp.where(si.temperature > 0, si.temperature, 1.0)[:, None]
-        return _draw(x / t, si, _row_keys(si.seeds, si.counters), flags.filter)
+        return _draw(_scaled(x, si), si, _row_keys(si.seeds, si.counters), flags.filter)
 
     tokens = jax.lax.cond(flags.sample, sampled, argmax, x)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import re
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -113,6 +114,52 @@ def test_seeded_sampling_is_batch_invariant(llm: LLM) -> None:
     different = llm.generate([ps[5]], SamplingParams(
         temperature=1.0, seed=99, max_tokens=20, ignore_eos=True), use_tqdm=False)
     assert different[0].outputs[0].token_ids != alone
+
+
+def test_plain_sampled_steps_run_draw_and_draw_samples_tokens(llm: LLM) -> None:
+    """Steps whose rows are greedy or draw with temperature, top-k, top-p and min-p only run the
+    ``draw[S]`` executable (with the native top-k kernel where the backend has it); the same
+    requests with logprobs run ``sample[S]`` and draw the same tokens for the same seeds."""
+    runner = llm.engine.runner
+    calls: dict[str, int] = {"draw": 0, "draw_unfiltered": 0, "sample": 0}
+    saved = dict(runner._exe)
+
+    def counted(name: str, exe: Any) -> Any:
+        def run(*args: Any) -> Any:
+            calls[name] = calls.get(name, 0) + 1
+            return exe(*args)
+        return run
+
+    def params(logprobs: int | None) -> list[SamplingParams]:
+        kinds = [dict(temperature=0.8, top_p=0.95), dict(temperature=0.0),
+                 dict(temperature=1.0, top_k=5, min_p=0.05), dict(temperature=0.7)]
+        return [SamplingParams(seed=i, max_tokens=12, ignore_eos=True, logprobs=logprobs,
+                               **kinds[i % 4]) for i in range(8)]  # type: ignore[arg-type]
+
+    ps = prompts(8, seed=4)
+    runner._exe.update({k: counted(k[0], e) for k, e in saved.items()})
+    try:
+        plain = llm.generate(ps, params(None), use_tqdm=False)
+        drawn = calls["draw"] + calls["draw_unfiltered"]
+        assert calls["draw"] > 0 and calls["sample"] == 0, calls
+        # no row filters: the vocabulary-wide draw
+        tempered = llm.generate(ps[:2], SamplingParams(temperature=0.9, seed=3, max_tokens=4),
+                                use_tqdm=False)
+        assert calls["draw_unfiltered"] > 0 and calls["sample"] == 0, calls
+        drawn = calls["draw"] + calls["draw_unfiltered"]
+        with_lp = llm.generate(ps, params(0), use_tqdm=False)
+        tempered_lp = llm.generate(ps[:2], SamplingParams(temperature=0.9, seed=3, max_tokens=4,
+                                                          logprobs=0), use_tqdm=False)
+        assert calls["sample"] > 0 and calls["draw"] + calls["draw_unfiltered"] == drawn, calls
+    finally:
+        runner._exe.update(saved)
+    for a, b in zip(plain + tempered, with_lp + tempered_lp, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    assert runner.num_recompiles == 0
+    kernels = native.kernels()
+    if kernels is not None:
+        s = runner.cfg.max_num_seqs
+        assert f"xlaserve_{kernels.isa}_top_k" in runner._exe[("draw", s)].as_text()
 
 
 def test_chunked_prefill_matches_unchunked() -> None:

@@ -7,6 +7,9 @@
   the renormalised kept set with filters on; no token outside the set is ever drawn.
 - The seed contract: a row draws the same tokens alone or among any neighbours, in any S bucket.
 - ``argmax`` returns ``jnp.argmax``'s index.
+- ``draw`` (the runner's common-step executable) gives ``sample``'s tokens, with ``lax.top_k`` and
+  with the native top-k kernel, on every path (narrow, narrow by ``GUMBEL_REACH``, per-row exact).
+- The Gumbel noise is finite and spans less than ``GUMBEL_REACH``.
 """
 
 from __future__ import annotations
@@ -19,16 +22,22 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from ops import native
 from serving.engine.sampler import (
     CANDIDATES,
+    GUMBEL_REACH,
     Sampling,
     SamplingFlags,
+    _gumbel,
+    _row_keys,
     argmax,
     candidates,
+    draw,
     floors,
     masked_argmax,
     sample,
 )
+from tests.ops.native_host import native_available
 
 BIAS_WIDTH = 4
 HISTORY = 8
@@ -240,6 +249,78 @@ def test_a_row_draws_the_same_tokens_whatever_its_neighbours() -> None:
             assert int(got[5]) == alone[c], (temp, k, p, mp, c)
 
 
+def test_gumbel_noise_is_finite_and_within_its_reach() -> None:
+    """25M noise values (at 24-bit uniforms, 1 in 2**24 was +inf: a token drawn whatever its
+    logit): all finite, and max - min below ``GUMBEL_REACH``, which the narrow draw relies on."""
+    keys = _row_keys(jnp.arange(512, dtype=jnp.uint32), jnp.zeros(512, jnp.int32))
+    g = jax.jit(_gumbel)(keys, jnp.arange(49152, dtype=jnp.int32))
+    lo, hi = float(jnp.min(g)), float(jnp.max(g))
+    assert np.isfinite(lo) and np.isfinite(hi), (lo, hi)
+    assert hi - lo < GUMBEL_REACH - 0.5, (lo, hi)
+
+
+def draw_cases(rng: np.random.Generator, v: int) -> dict[str, np.ndarray]:
+    """``logits_cases`` and rows for the narrow draw by reach: a few tokens far above the rest
+    (an unfiltered row draws among the candidates), a nucleus wider than the candidates whose
+    tail is far below (top-p flagged exact, still narrow), and ties among the far ones."""
+    cases = logits_cases(rng, v)
+    spiky = rng.standard_normal(v)
+    spiky[rng.integers(0, v, 20)] += 40.0
+    wide_far = rng.standard_normal(v)
+    wide_far[rng.choice(v, 300, replace=False)] = 40.0 + rng.standard_normal(300) * 0.1
+    tied_far = np.zeros(v)
+    tied_far[rng.choice(v, 50, replace=False)] = 30.0
+    nan_row = rng.standard_normal(v)
+    nan_row[7] = np.nan
+    return {**cases, "spiky": spiky, "wide_far": wide_far, "tied_far": tied_far,
+            "nan": nan_row}
+
+
+TOP_KS = {"lax": jax.lax.top_k, **{isa: native.load(isa).top_k for isa in
+                                     (native.runnable_isas() if native_available() else [])}}
+
+
+@pytest.mark.parametrize(("top_k", "v"), [("lax", 3000)] + [(k, 49152) for k in TOP_KS])
+def test_draw_gives_sample_tokens(top_k: str, v: int) -> None:
+    """The common step's executable draws ``sample``'s tokens for every seed, row and filter:
+    greedy and sampled rows, every filter set of ``FILTERS`` (top-k above the candidates, nuclei
+    wider than them), ties, -inf and NaN rows; unfiltered rows also against ``sample``'s
+    vocabulary-wide draw (no row filtering). Every path of the draw runs."""
+    rng = np.random.default_rng(v + 11)
+    rows = [(y, k, p, mp) for y in draw_cases(rng, v).values() for k, p, mp in FILTERS]
+    s = len(rows)
+    x = jnp.asarray(np.stack([r[0] for r in rows]).astype(np.float32))
+    fn = jax.jit(lambda x, si: draw(x, si, TOP_KS[top_k]))
+    ref = jax.jit(sample)
+    narrow_by_reach = per_row = 0
+    for c in range(3):
+        # greedy rows among sampled ones, as the runner sends them (all-greedy steps run argmax)
+        temp = rng.choice([0.0, 0.7, 1.0], s).astype(np.float32)
+        temp[0] = 0.7
+        si = inputs(s, temperature=temp, top_k=np.array([r[1] for r in rows]),
+                    top_p=np.array([r[2] for r in rows]), min_p=np.array([r[3] for r in rows]),
+                    seeds=rng.integers(0, 2**32, s), counters=np.full(s, c))
+        si = jax.tree.map(jnp.asarray, si)
+        np.testing.assert_array_equal(np.asarray(fn(x, si)), np.asarray(ref(x, si).tokens),
+                                      err_msg=f"c={c}")
+        cand = jax.jit(candidates)(x / jnp.where(si.temperature > 0, si.temperature, 1.0)[:, None],
+                                   si)
+        narrow_by_reach += int(jnp.sum(cand.narrow & ~cand.inside & (si.temperature > 0)))
+        per_row += int(jnp.sum(~cand.narrow & (si.temperature > 0)))
+    # unfiltered rows, 32 draws each: against the vocabulary-wide draw (no row filters)
+    plain = np.repeat([i for i, r in enumerate(rows) if r[1:] == (0, 1.0, 0.0)], 32)
+    si = inputs(len(plain), temperature=0.8, seeds=np.arange(len(plain)) * 7 + 1,
+                counters=np.arange(len(plain)))
+    assert not si.flags.filter
+    xs = x[plain]
+    si = jax.tree.map(jnp.asarray, si)
+    want = np.asarray(ref(xs, si).tokens)
+    np.testing.assert_array_equal(np.asarray(fn(xs, si)), want)
+    unfiltered = jax.jit(lambda x, si: draw(x, si, filtered=False))
+    np.testing.assert_array_equal(np.asarray(unfiltered(xs, si)), want)
+    assert narrow_by_reach > 0 and per_row > 0, (narrow_by_reach, per_row)
+
+
 def test_argmax_is_jnp_argmax() -> None:
     rng = np.random.default_rng(6)
     x = rng.standard_normal((16, 1000)).astype(np.float32)
@@ -249,14 +330,15 @@ def test_argmax_is_jnp_argmax() -> None:
     np.testing.assert_array_equal(np.asarray(jax.jit(argmax)(x)), np.argmax(x, axis=-1))
 
 
-def test_compiled_sampler_never_sorts_the_vocabulary() -> None:
+@pytest.mark.parametrize("fn", [sample, draw], ids=["sample", "draw"])
+def test_compiled_sampler_never_sorts_the_vocabulary(fn: object) -> None:
     """XLA:CPU keeps lax.top_k as its partial TopK only in some graph shapes; a full sort of the
     logits costs ~270 ms at [32, 49152] (about two model steps). The optimized HLO of the
-    sampler with every stage on must hold no sort."""
+    sampler with every stage on, and of ``draw``, must hold no sort."""
     s, v = 32, 49152
     si = dataclasses.replace(inputs(s, top_k=50, top_p=0.9, min_p=0.05),
                              flags=SamplingFlags(*(np.asarray(True) for _ in range(6))))
-    hlo = jax.jit(sample).lower(jax.ShapeDtypeStruct((s, v), jnp.float32), si).compile()
+    hlo = jax.jit(fn).lower(jax.ShapeDtypeStruct((s, v), jnp.float32), si).compile()
     text = hlo.as_text() or ""
     assert "TopK" in text
     assert " sort(" not in text

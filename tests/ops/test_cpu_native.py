@@ -111,6 +111,35 @@ def test_attention_outside_the_kernel_is_the_reference(dtype: object, group: int
     np.testing.assert_array_equal(np.asarray(fn(*args), np.float32), np.asarray(ref, np.float32))
 
 
+def top_k_rows(rng: np.random.Generator, v: int) -> np.ndarray:
+    """Rows that order adversarially: ties (runs of equal values), -0.0 against 0.0, -inf
+    (half a row, and a whole row), NaN of both signs beside +-inf, ascending and descending
+    values (the threshold scan's worst and best order)."""
+    x = rng.standard_normal((8, v)).astype(np.float32)
+    x[1] = np.round(x[1], 1)
+    x[2] = 0.0
+    x[2, ::3] = -0.0
+    x[3, rng.integers(0, v, v // 2)] = -np.inf
+    x[4] = -np.inf
+    x[5, :5] = [np.nan, -np.nan, np.inf, -np.inf, 0.0]
+    x[6] = np.arange(v, dtype=np.float32)
+    x[7] = -np.arange(v, dtype=np.float32)
+    return x
+
+
+@pytest.mark.parametrize("v", [128, 200, 257, 1003, 49152])
+def test_top_k_is_lax_top_k_bit_for_bit(kernels: native.NativeKernels, v: int) -> None:
+    """The sampler's candidates: the same values (as bits) and indices, in the same order, as
+    ``lax.top_k`` gives, for every k up to the row length."""
+    x = jnp.asarray(top_k_rows(np.random.default_rng(v), v))
+    for k in sorted({1, 5, min(128, v), v}):
+        want = jax.jit(lambda x, k=k: jax.lax.top_k(x, k))(x)
+        got = jax.jit(lambda x, k=k: kernels.top_k(x, k))(x)
+        np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]), err_msg=f"k={k}")
+        np.testing.assert_array_equal(np.asarray(got[0]).view(np.int32),
+                                      np.asarray(want[0]).view(np.int32), err_msg=f"k={k}")
+
+
 def test_auto_is_native_on_cpu_and_native_pairs_the_cpu_write() -> None:
     attn, write, desc = backend.get_attention_fn("auto")
     host = native.kernels()
