@@ -4,14 +4,15 @@ process (a shared machine: only the ratios mean something).
     .venv/bin/python -m bench.native_ab --seqs 1 32 --rounds 15
 
 One engine per variant on the real model (default SmolLM2-135M-Instruct, f32 activations):
-``reference`` (``--attention-backend reference``), ``native-f32`` and ``native-f16``
-(``--attention-backend native --cpu-weight-dtype f32|f16``; ``--isa avx2`` forces the AVX2
-build). For each batch size S, every engine gets S greedy requests (a ``--prompt-len`` prompt,
-prefilled first), then the rounds time one ``engine.step()`` (schedule, inputs, the model step,
-the argmax, results: one decode token for all S sequences) of each engine in turn, in a rotating
-order. Reported per S: each variant's median and minimum step in ms, and the reference's median
-over each variant's median (the speed-up; > 1 is faster), plus the same from process CPU time.
-Prints one JSON line per S.
+``reference`` (``--attention-backend reference``), ``native-f32``, ``native-f16`` and
+``native-q8_0`` (``--attention-backend native --cpu-weight-dtype f32|f16|q8_0``; ``--isa avx2``
+forces the AVX2 build). For each batch size S, every engine gets S greedy requests (a
+``--prompt-len`` prompt, prefilled first), then the rounds time one ``engine.step()``
+(schedule, inputs, the model step, the argmax, results: one decode token for all S sequences)
+of each engine in turn, in a rotating order. Reported per S: each variant's median and minimum
+step in ms, and the baseline's (``--baseline``, default the reference) median over each
+variant's median (the speed-up; > 1 is faster), the same from the minima and from process CPU
+time. Prints one JSON line per S.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import time
 from typing import Any
 
 VARIANTS = {"reference": ("reference", "f32"), "native-f32": ("native", "f32"),
-            "native-f16": ("native", "f16")}
+            "native-f16": ("native", "f16"), "native-q8_0": ("native", "q8_0")}
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--baseline", default="reference", choices=list(VARIANTS),
+                    help="the variant the speed-ups are against")
     ap.add_argument("--isa", default=None, help="force a native build (sets XLASERVE_CPU_ISA)")
     args = ap.parse_args(argv)
     if args.isa:
@@ -92,9 +95,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         for k in llms:
             row[f"{k}_median_ms"] = round(1e3 * med[k], 2)
             row[f"{k}_min_ms"] = round(1e3 * min(wall[k]), 2)
-            if "reference" in llms and k != "reference":
-                row[f"{k}_speedup"] = round(med["reference"] / med[k], 2)
-                row[f"{k}_speedup_cpu_time"] = round(cmed["reference"] / cmed[k], 2)
+            if args.baseline in llms and k != args.baseline:
+                row[f"{k}_speedup"] = round(med[args.baseline] / med[k], 2)
+                row[f"{k}_speedup_min"] = round(min(wall[args.baseline]) / min(wall[k]), 2)
+                row[f"{k}_speedup_cpu_time"] = round(cmed[args.baseline] / cmed[k], 2)
         host = native.kernels()
         row["isa"] = host.isa if host else None
         row["device"] = jax.devices()[0].device_kind
