@@ -8,6 +8,8 @@
 // thread taking part, so a busy pool cannot deadlock a call):
 // - xlaserve_linear_{f32,f16}: y[M, N] = x[M, K] @ W, f32 accumulate, W packed once at load as
 //   [N/16, K, 16] panels (16 output columns, K-major) of f32 or f16 (F16C conversion in the loop).
+// - xlaserve_linear_q8: the same product over Q8_0 panels (int8 weights, an f32 scale per 32 K
+//   rows and output column; see "Q8_0 GEMM" below).
 // - xlaserve_paged_attention: the ragged paged attention of ops/attention.py over the CPU
 //   backend's cache layout (key pages dimension-major [H, B], value pages token-major [B, H]).
 
