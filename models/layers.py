@@ -170,10 +170,12 @@ class Embedding(nnx.Module):
         self.linear: Callable[..., jax.Array] | None = None
         self.rows: Callable[..., jax.Array] | None = None
         self.dtype = dtype
+        self.dim = dim
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         if self.rows is not None:
-            return self.rows(self.weight[...], ids).astype(self.dtype)
+            # [:, :dim]: a Q8_0 packing's rows come zero-padded to whole 32-row blocks.
+            return self.rows(self.weight[...], ids)[:, : self.dim].astype(self.dtype)
         return jnp.take(self.weight[...], ids, axis=0)
 
     def attend(self, x: jax.Array) -> jax.Array:

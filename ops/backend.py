@@ -89,21 +89,26 @@ class LinearBackend(NamedTuple):
 def get_linear_fn(backend: str = "auto", weight_dtype: str = "f16",
                   platform: str | None = None) -> LinearBackend | None:
     """The packed-weight GEMM of ``backend`` (``native``, or ``auto`` where it resolves to it),
-    weights stored as ``weight_dtype`` (``f16`` or ``f32``; f32 accumulate either way); None for
+    weights stored as ``weight_dtype`` (``f16``, ``f32`` or ``q8_0``: int8 with a scale per 32
+    rows; f32 accumulate in every case); None for
     the other backends, whose models keep their einsums. Raises ValueError like
     ``get_attention_fn``."""
-    if weight_dtype not in native.WEIGHT_DTYPES:
-        raise ValueError(f"CPU weight dtype must be one of {tuple(native.WEIGHT_DTYPES)}, got "
+    if weight_dtype not in native.WEIGHT_FORMATS:
+        raise ValueError(f"CPU weight dtype must be one of {native.WEIGHT_FORMATS}, got "
                          f"{weight_dtype!r}")
     platform = platform or jax.default_backend()
     if backend not in BACKENDS or _resolve(backend, platform) != "native":
         return None
     kernels = _native_kernels(platform)
-    dtype = native.WEIGHT_DTYPES[weight_dtype]
-    chosen = LinearBackend(
-        kernels.linear, functools.partial(native.pack_linear, dtype=dtype),
-        functools.partial(native.pack_rows, dtype=dtype), native.packed_rows,
-        f"native CPU GEMM ({kernels.isa}, {weight_dtype} weights, f32 accumulate)")
+    description = f"native CPU GEMM ({kernels.isa}, {weight_dtype} weights, f32 accumulate)"
+    if weight_dtype == native.Q8_0:
+        chosen = LinearBackend(kernels.linear, native.pack_linear_q8, native.pack_rows_q8,
+                               native.packed_rows_q8, description)
+    else:
+        dtype = native.WEIGHT_DTYPES[weight_dtype]
+        chosen = LinearBackend(
+            kernels.linear, functools.partial(native.pack_linear, dtype=dtype),
+            functools.partial(native.pack_rows, dtype=dtype), native.packed_rows, description)
     log.info("linear backend: %s", chosen.description)
     return chosen
 

@@ -17,8 +17,10 @@ the detection, e.g. to run the AVX2 path on an AVX-512 machine, or to turn nativ
 
 Contracts of the kernels (axis letters as in ``ops.attention``; M rows, K inputs, N outputs):
 - ``linear(x f32[M, K], w) -> f32[M, N]``: ``x @ W`` with ``w = pack_linear(W)``, W ``[K, N]``
-  stored as ``[N/16, K, 16]`` panels of f32 or f16 (f32 accumulate either way). N must be a
-  multiple of 16 (``packable``).
+  stored as ``[N/16, K, 16]`` panels of f32 or f16 (f32 accumulate either way), or with
+  ``w = pack_linear_q8(W)``, Q8_0 panels ``int8 [N/16, ceil(K/32), 576]`` (int8 weights and an
+  f32 scale per 32 rows and column; computes ``x @ unpack_q8(w)``). N must be a multiple of 16
+  (``packable``).
 - ``ragged_paged_attention``: ``ops.attention.ragged_paged_attention_reference`` with
   ``dim_major_keys=True`` (the CPU cache layout), f32 only.
 - ``top_k(x f32[S, V], k) -> (f32[S, k], i32[S, k])``: ``jax.lax.top_k(x, k)`` bit for bit
@@ -66,6 +68,8 @@ _ISA_CPU_FLAGS = {
 }
 _CXX_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno"]
 WEIGHT_DTYPES = {"f32": jnp.float32, "f16": jnp.float16}
+Q8_0 = "q8_0"  # the weight-only int8 format (``pack_linear_q8``)
+WEIGHT_FORMATS = (*WEIGHT_DTYPES, Q8_0)  # --cpu-weight-dtype choices
 
 
 class NativeUnavailable(RuntimeError):
@@ -173,11 +177,14 @@ class NativeKernels:
         return f"xlaserve_{self.isa}_{name}"
 
     def linear(self, x: jax.Array, w: jax.Array) -> jax.Array:
-        """``x [M, K] @ W [K, N]`` with ``w = pack_linear(W)`` ``[N/16, K, 16]`` (f32 or f16);
-        returns ``[M, N]`` in x's dtype (computed in f32)."""
+        """``x [M, K] @ W [K, N]`` with ``w = pack_linear(W)`` ``[N/16, K, 16]`` (f32 or f16) or
+        ``w = pack_linear_q8(W)`` (int8); returns ``[M, N]`` in x's dtype (computed in f32)."""
         m = x.shape[0]
         n = w.shape[0] * PANEL
-        name = "linear_f16" if w.dtype == jnp.float16 else "linear_f32"
+        name = {jnp.dtype(jnp.float16): "linear_f16",
+                jnp.dtype(jnp.int8): "linear_q8"}.get(jnp.dtype(w.dtype), "linear_f32")
+        if name == "linear_q8":
+            n = w.shape[0] * PANEL
         y = jax.ffi.ffi_call(self._target(name), jax.ShapeDtypeStruct((m, n), jnp.float32))(
             x.astype(jnp.float32), w)
         return y.astype(x.dtype)
@@ -225,6 +232,7 @@ class NativeKernels:
 
 
 _HANDLERS = {"linear_f32": "XlaserveLinearF32", "linear_f16": "XlaserveLinearF16",
+             "linear_q8": "XlaserveLinearQ8",
              "paged_attention": "XlaservePagedAttention", "top_k": "XlaserveTopK"}
 
 
@@ -289,6 +297,59 @@ def packed_rows(w: jax.Array, ids: jax.Array) -> jax.Array:
     """Rows ``ids`` of the ``[N, K]`` table that ``pack_rows`` packed, as f32 ``[len(ids), K]``
     (the embedding lookup on a table packed for the LM head)."""
     return w[ids // PANEL, :, ids % PANEL].astype(jnp.float32)
+
+
+# ---- Q8_0 packing (weight-only int8; kernels.cc: LinearQ8) ---------------------------------
+
+Q8_ROWS = 32  # K rows per quantization block (kernels.cc: kQ8Rows)
+Q8_BLOCK = Q8_ROWS * PANEL + PANEL * 4  # bytes per block: int8 weights, then f32 scales
+
+
+def pack_linear_q8(w: jax.Array) -> jax.Array:
+    """``W [K, N]`` as Q8_0 panels ``int8 [N/16, ceil(K/32), 576]``: per panel of 16 columns and
+    block of 32 rows, the weights ``round(W / s)`` in [-127, 127] (``[32, 16]``, K-major; rows
+    past K are 0) then the 16 scales ``s = max|W| / 127`` as f32 bytes (0 for an all-zero
+    column block). ``unpack_q8`` inverts it up to the rounding (at most s/2 per weight)."""
+    k, n = w.shape
+    if n % PANEL:
+        raise ValueError(f"pack_linear_q8: N={n} is not a multiple of {PANEL}")
+    blocks = -(-k // Q8_ROWS)
+    w = jnp.pad(jnp.asarray(w, jnp.float32), ((0, blocks * Q8_ROWS - k), (0, 0)))
+    w = w.reshape(blocks, Q8_ROWS, n // PANEL, PANEL).transpose(2, 0, 1, 3)  # [P, B, 32, 16]
+    scale = jnp.max(jnp.abs(w), axis=2) / 127.0  # [P, B, 16]
+    safe = jnp.where(scale > 0, scale, 1.0)
+    q = jnp.clip(jnp.round(w / safe[:, :, None, :]), -127, 127).astype(jnp.int8)
+    scale_bytes = jax.lax.bitcast_convert_type(scale, jnp.int8)  # [P, B, 16, 4]
+    return jnp.concatenate([q.reshape(n // PANEL, blocks, Q8_ROWS * PANEL),
+                            scale_bytes.reshape(n // PANEL, blocks, PANEL * 4)], axis=2)
+
+
+def unpack_q8(packed: jax.Array, k: int) -> jax.Array:
+    """The f32 ``W [k, N]`` that ``pack_linear_q8`` panels encode (the kernel's exact weights)."""
+    p, blocks, _ = packed.shape
+    q = packed[:, :, : Q8_ROWS * PANEL].reshape(p, blocks, Q8_ROWS, PANEL).astype(jnp.float32)
+    scale = jax.lax.bitcast_convert_type(
+        packed[:, :, Q8_ROWS * PANEL:].reshape(p, blocks, PANEL, 4), jnp.float32)
+    w = (q * scale[:, :, None, :]).transpose(1, 2, 0, 3).reshape(blocks * Q8_ROWS, p * PANEL)
+    return w[:k]
+
+
+def pack_rows_q8(w: jax.Array) -> jax.Array:
+    """A ``[N, K]`` table used as ``x @ W.T`` (a tied embedding's LM head) as Q8_0 panels:
+    ``pack_linear_q8`` of ``W.T``."""
+    return pack_linear_q8(jnp.asarray(w).T)
+
+
+def packed_rows_q8(w: jax.Array, ids: jax.Array) -> jax.Array:
+    """Rows ``ids`` of the ``[N, K]`` table that ``pack_rows_q8`` packed, dequantized to f32
+    ``[len(ids), ceil(K/32) * 32]`` (zeros past K: the caller keeps its first K columns),
+    gathering only those rows' bytes (the embedding lookup on a table packed for the LM head)."""
+    panel, col = (ids // PANEL)[:, None, None], (ids % PANEL)[:, None, None]
+    blocks = jnp.arange(w.shape[1])[None, :, None]
+    q = w[panel, blocks, jnp.arange(Q8_ROWS)[None, None, :] * PANEL + col]  # [n, B, 32]
+    scale_bytes = w[panel, blocks, Q8_ROWS * PANEL + col * 4 + jnp.arange(4)[None, None, :]]
+    scale = jax.lax.bitcast_convert_type(scale_bytes, jnp.float32)  # [n, B]
+    return (q.astype(jnp.float32) * scale[:, :, None]).reshape(ids.shape[0], -1)
 
 
 def main() -> None:

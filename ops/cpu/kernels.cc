@@ -8,6 +8,8 @@
 // thread taking part, so a busy pool cannot deadlock a call):
 // - xlaserve_linear_{f32,f16}: y[M, N] = x[M, K] @ W, f32 accumulate, W packed once at load as
 //   [N/16, K, 16] panels (16 output columns, K-major) of f32 or f16 (F16C conversion in the loop).
+// - xlaserve_linear_q8: the same product over Q8_0 panels (int8 weights, an f32 scale per 32 K
+//   rows and output column; see "Q8_0 GEMM" below).
 // - xlaserve_paged_attention: the ragged paged attention of ops/attention.py over the CPU
 //   backend's cache layout (key pages dimension-major [H, B], value pages token-major [B, H]).
 // - xlaserve_top_k: lax.top_k's values and indices, bit for bit (the sampler's candidates).
@@ -242,6 +244,195 @@ ffi::Error LinearF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 2> x,
 ffi::Error LinearF16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 2> x,
                      ffi::Buffer<ffi::F16, 3> w, ffi::ResultBuffer<ffi::F32, 2> y) {
   return Linear<uint16_t>(pool, x, w.typed_data(), w.dimensions(), y);
+}
+
+// ---- Q8_0 GEMM (weight-only int8) ---------------------------------------------------------
+//
+// W packed as [N/16, ceil(K/32), kQ8Block] int8: per panel of 16 output columns, one block per 32
+// rows of K (the last block zero-padded), each block the 32 x 16 int8 weights (K-major) followed
+// by the 16 columns' f32 scales (Q8_0 semantics: W[k, n] ~= q[k, n] * scale[block, n]). The int8
+// values are widened to f32 in registers and multiplied by the block's scales, then FMA'd with
+// f32 activations (f32 accumulate). Same tiling and threading as the f16/f32 GEMM above.
+
+constexpr int64_t kQ8Rows = 32;                                  // K rows per block
+constexpr int64_t kQ8Block = kQ8Rows * kPanel + kPanel * 4;      // bytes: weights, then scales
+
+#if defined(__AVX512F__)
+inline Vec LoadQ8(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+#else
+inline Vec LoadQ8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+#endif
+
+// y[0:MR, cols of panels p..p+NP) = x[0:MR, :] @ W over Q8_0 panels, each weight read once:
+// per block, U independent accumulator sets of x . q (the int8 widened, unscaled), then one FMA
+// by the block's scales into the running sums. MR is 1 or 2 (registers: (U + 1) x MR x C).
+template <int MR, int NP, int U>
+inline void MicroTileQ8(const float* x, int64_t K, const int8_t* w, int64_t blocks, int64_t p,
+                        float* y, int64_t N) {
+  constexpr int C = NP * kPanelVecs;
+  Vec acc[MR][C];
+#pragma GCC unroll 64
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 64
+    for (int c = 0; c < C; ++c) acc[r][c] = Zero();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int8_t* blk[NP];
+#pragma GCC unroll 8
+    for (int j = 0; j < NP; ++j) blk[j] = w + ((p + j) * blocks + b) * kQ8Block;
+    Vec bacc[U][MR][C];
+#pragma GCC unroll 64
+    for (int u = 0; u < U; ++u)
+#pragma GCC unroll 64
+      for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 64
+        for (int c = 0; c < C; ++c) bacc[u][r][c] = Zero();
+    const int64_t kb = b * kQ8Rows, n = std::min(K - kb, kQ8Rows);
+    const float* xk = x + kb;
+    int64_t i = 0;
+    for (; i + U <= n; i += U) {
+#pragma GCC unroll 8
+      for (int u = 0; u < U; ++u) {
+        Vec wv[C];
+#pragma GCC unroll 8
+        for (int j = 0; j < NP; ++j)
+#pragma GCC unroll 8
+          for (int v = 0; v < kPanelVecs; ++v)
+            wv[j * kPanelVecs + v] = LoadQ8(blk[j] + (i + u) * kPanel + v * kVL);
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; ++r) {
+          Vec xb = Bcast(xk + r * K + i + u);
+#pragma GCC unroll 8
+          for (int c = 0; c < C; ++c) bacc[u][r][c] = Fma(xb, wv[c], bacc[u][r][c]);
+        }
+      }
+    }
+    for (; i < n; ++i) {
+      Vec wv[C];
+#pragma GCC unroll 8
+      for (int j = 0; j < NP; ++j)
+#pragma GCC unroll 8
+        for (int v = 0; v < kPanelVecs; ++v)
+          wv[j * kPanelVecs + v] = LoadQ8(blk[j] + i * kPanel + v * kVL);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        Vec xb = Bcast(xk + r * K + i);
+#pragma GCC unroll 8
+        for (int c = 0; c < C; ++c) bacc[0][r][c] = Fma(xb, wv[c], bacc[0][r][c]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < NP; ++j) {
+      const float* scale = reinterpret_cast<const float*>(blk[j] + kQ8Rows * kPanel);
+#pragma GCC unroll 8
+      for (int v = 0; v < kPanelVecs; ++v) {
+        const int c = j * kPanelVecs + v;
+        const Vec sv = Load(scale + v * kVL);
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; ++r) {
+          Vec t = bacc[0][r][c];
+#pragma GCC unroll 8
+          for (int u = 1; u < U; ++u) t = Add(t, bacc[u][r][c]);
+          acc[r][c] = Fma(t, sv, acc[r][c]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) Store(y + r * N + p * kPanel + c * kVL, acc[r][c]);
+}
+
+template <int NP>
+void RowsTileQ8(const float* x, int64_t m, int64_t K, const int8_t* w, int64_t blocks, int64_t p,
+                float* y, int64_t N) {
+  if (m == 1)
+    MicroTileQ8<1, NP, 4>(x, K, w, blocks, p, y, N);
+  else
+    MicroTileQ8<2, NP, 2>(x, K, w, blocks, p, y, N);
+}
+
+// Panels [p, p + np) rows [k0, k1) widened to f32 into buf, laid out as f32 panels of K rows
+// (panel j at buf + j * K * kPanel), so that the f32 micro-tiles read them as they are.
+void DequantizeQ8(const int8_t* w, int64_t blocks, int64_t p, int64_t np, int64_t K, int64_t k0,
+                  int64_t k1, float* buf) {
+  for (int64_t j = 0; j < np; ++j)
+    for (int64_t b = k0 / kQ8Rows; b * kQ8Rows < k1; ++b) {
+      const int8_t* blk = w + ((p + j) * blocks + b) * kQ8Block;
+      const float* scale = reinterpret_cast<const float*>(blk + kQ8Rows * kPanel);
+      const int64_t kb = b * kQ8Rows, n = std::min(k1 - kb, kQ8Rows);
+      for (int v = 0; v < kPanelVecs; ++v) {
+        const Vec sv = Load(scale + v * kVL);
+        for (int64_t i = 0; i < n; ++i)
+          Store(buf + (j * K + kb + i) * kPanel + v * kVL,
+                Mul(LoadQ8(blk + i * kPanel + v * kVL), sv));
+      }
+    }
+}
+
+// One or two rows (decode) use the fused micro-tiles, each weight read once from memory. More
+// rows widen each tile's K block once into an L1-resident f32 slab that all row blocks then
+// reuse through the f32 micro-tiles (widening in the inner loop would cost more than the FMAs).
+constexpr int64_t kQ8FusedRows = 2;
+
+void GemmPanelsQ8(const float* x, int64_t M, int64_t K, const int8_t* w, int64_t blocks,
+                  int64_t p0, int64_t p1, float* y, int64_t N) {
+  if (M <= kQ8FusedRows) {
+    for (int64_t p = p0; p < p1;) {
+      if (p + kTilePanels <= p1) {
+        RowsTileQ8<kTilePanels>(x, M, K, w, blocks, p, y, N);
+        p += kTilePanels;
+      } else {
+        RowsTileQ8<1>(x, M, K, w, blocks, p, y, N);
+        p += 1;
+      }
+    }
+    return;
+  }
+  thread_local std::vector<float> slab;
+  slab.resize(kTilePanels * K * kPanel);
+  for (int64_t p = p0; p < p1;) {
+    const bool full = p + kTilePanels <= p1;
+    for (int64_t k0 = 0; k0 < K; k0 += kKBlock) {  // kKBlock is a multiple of kQ8Rows
+      const int64_t k1 = std::min(K, k0 + kKBlock);
+      DequantizeQ8(w, blocks, p, full ? kTilePanels : 1, K, k0, k1, slab.data());
+      for (int64_t m = 0; m < M; m += kMR) {
+        const int64_t rows = std::min<int64_t>(kMR, M - m);
+        float* out = y + m * N + p * kPanel;
+        if (full)
+          RowsTile<kTilePanels, float>(x + m * K, rows, K, k0, k1, slab.data(), 0, out, N,
+                                       k0 > 0);
+        else
+          RowsTile<1, float>(x + m * K, rows, K, k0, k1, slab.data(), 0, out, N, k0 > 0);
+      }
+    }
+    p += full ? kTilePanels : 1;
+  }
+}
+
+ffi::Error LinearQ8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 2> x,
+                    ffi::Buffer<ffi::S8, 3> w, ffi::ResultBuffer<ffi::F32, 2> y) {
+  const int64_t M = x.dimensions()[0], K = x.dimensions()[1];
+  const int64_t panels = w.dimensions()[0], blocks = w.dimensions()[1];
+  const int64_t N = y->dimensions()[1];
+  if (blocks != (K + kQ8Rows - 1) / kQ8Rows || w.dimensions()[2] != kQ8Block ||
+      N != panels * kPanel || y->dimensions()[0] != M)
+    return ffi::Error::InvalidArgument("xlaserve_linear_q8: shapes do not match the packing");
+  const float* xp = x.typed_data();
+  const int8_t* wp = w.typed_data();
+  float* yp = y->typed_data();
+  const int64_t workers = M * K * N < kParallelMacs ? 1 : PoolWorkers(pool);
+  int64_t chunk = std::max<int64_t>(kTilePanels, panels / (4 * workers));
+  chunk = (chunk + kTilePanels - 1) / kTilePanels * kTilePanels;
+  const int64_t n = (panels + chunk - 1) / chunk;
+  ParallelFor(pool, n, workers, [&](int64_t i) {
+    GemmPanelsQ8(xp, M, K, wp, blocks, i * chunk, std::min(panels, (i + 1) * chunk), yp, N);
+  });
+  return ffi::Error::Success();
 }
 
 // ---- paged attention ----------------------------------------------------------------------
@@ -606,6 +797,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaserveLinearF16, LinearF16,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<F32Matrix>()
                                   .Arg<F16Panels>()
+                                  .Ret<F32Matrix>());
+
+using Q8Panels = ffi::Buffer<ffi::S8, 3>;
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaserveLinearQ8, LinearQ8,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Matrix>()
+                                  .Arg<Q8Panels>()
                                   .Ret<F32Matrix>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaservePagedAttention, PagedAttention,

@@ -96,8 +96,9 @@ class EngineArgs:
         "f16", "Storage of the projection and LM-head weights for the native CPU kernels "
                "(--attention-backend native, or auto on a CPU that has them): 'f16' halves the "
                "bytes read per step (f32 accumulate; greedy output may differ slightly from "
-               "f32), 'f32' keeps the loaded weights exactly.",
-        choices=("f16", "f32"))
+               "f32), 'f32' keeps the loaded weights exactly, 'q8_0' stores int8 with one "
+               "scale per 32 inputs and output (about half f16's bytes; quantized at load).",
+        choices=("f16", "f32", "q8_0"))
     # The same option as ServerArgs.max_logprobs (declared there, where requests are checked):
     # `serve --max-logprobs` sets both.
     max_logprobs: int = MAX_LOGPROBS

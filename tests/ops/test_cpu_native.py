@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import logging
 import random
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from models.layers import pack_linears
+from models.layers import Attention, Embedding, GatedMLP, pack_linears
+from models.registry import LoadedModel
 from models.testing import tiny_loaded
 from ops import attention, backend, native
 from serving.engine.llm import LLM
@@ -254,3 +257,97 @@ def test_smollm2_greedy_on_native_kernels_matches_reference(weight_dtype: str) -
             assert "linear_" + ("f16" if weight_dtype == "f16" else "f32") in \
                 llm.engine.runner.step_hlo(4)
     assert out["auto"] == out["reference"]
+
+
+# ---- Q8_0 weights (weight-only int8) ----------------------------------------------------------
+
+# (M, K, N) for the Q8_0 GEMM: M = 1 and 2 (the fused decode tiles), 3..6 and more (the
+# dequantized-slab path, every row remainder of the 6-row tile), K not a multiple of the 32-row
+# block nor of the k unroll, K over the 128/256-row K block, N of an odd number of panels.
+Q8_SHAPES = [(1, 37, 16), (1, 576, 960), (2, 64, 48), (2, 33, 80), (3, 129, 80), (4, 5, 32),
+             (5, 300, 16), (6, 576, 48), (7, 257, 112), (13, 600, 48), (32, 576, 576),
+             (33, 130, 208)]
+
+
+def _q8_reference(x: np.ndarray, packed: jax.Array, k: int) -> np.ndarray:
+    """The product with the weights the packing encodes, in f64."""
+    return x.astype(np.float64) @ np.asarray(native.unpack_q8(packed, k)).astype(np.float64)
+
+
+def test_linear_q8_matches_dequantized_weights(kernels: native.NativeKernels) -> None:
+    rng = np.random.default_rng(3)
+    fn = jax.jit(kernels.linear)
+    for m, k, n in Q8_SHAPES:
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        # Columns of very different magnitudes: each (block, column) needs its own scale.
+        w = (rng.standard_normal((k, n)) * rng.uniform(0.01, 10.0, (1, n))).astype(np.float32)
+        packed = native.pack_linear_q8(jnp.asarray(w))
+        assert packed.shape == (n // 16, -(-k // 32), native.Q8_BLOCK) and packed.dtype == jnp.int8
+        got = np.asarray(fn(jnp.asarray(x), packed))
+        want = _q8_reference(x, packed, k)
+        scale = np.abs(want).max()
+        np.testing.assert_allclose(got, want, atol=2e-6 * np.sqrt(k) * scale, rtol=1e-5,
+                                   err_msg=f"{kernels.isa} q8_0 M={m} K={k} N={n}")
+
+
+def test_q8_packing_bounds_and_rows() -> None:
+    """Each weight is within half its block's step of the original; an all-zero block stays
+    zero; ``packed_rows_q8`` reads the same values as ``unpack_q8`` for any ids."""
+    rng = np.random.default_rng(4)
+    k, n = 70, 48
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    w[32:64, 5] = 0.0  # one all-zero (block, column)
+    w[3, 7] = 1e4  # one outlier: its column's first block gets a coarse step, the others not
+    packed = native.pack_linear_q8(jnp.asarray(w))
+    deq = np.asarray(native.unpack_q8(packed, k))
+    for b in range(0, k, 32):
+        block = w[b:b + 32]
+        step = np.abs(block).max(axis=0) / 127.0
+        assert np.all(np.abs(deq[b:b + 32] - block) <= step / 2 * (1 + 1e-6) + 1e-12), b
+    assert np.all(deq[32:64, 5] == 0.0)
+    assert np.abs(deq[40:, 7] - w[40:, 7]).max() < 0.02
+    table = rng.standard_normal((n, k)).astype(np.float32)  # [N, K], a tied embedding
+    rows_packed = native.pack_rows_q8(jnp.asarray(table))
+    ids = jnp.asarray([0, 47, 16, 5, 5, 31])
+    got = np.asarray(native.packed_rows_q8(rows_packed, ids))
+    assert got.shape == (6, 96) and np.all(got[:, k:] == 0.0)
+    np.testing.assert_array_equal(
+        got[:, :k], np.asarray(native.unpack_q8(rows_packed, k)).T[np.asarray(ids)])
+
+
+def _dequantized_like_q8(loaded: LoadedModel[Any]) -> None:
+    """Replace, in place, every weight ``pack_linears`` would pack by what its Q8_0 packing
+    encodes (the reference model for the native Q8_0 engine)."""
+    def round_trip(w: jax.Array) -> jax.Array:  # [K, N]
+        return native.unpack_q8(native.pack_linear_q8(w), w.shape[0])
+
+    for _, m in nnx.iter_graph(loaded.model):
+        if isinstance(m, Attention):
+            for p in (m.qkv, m.o):
+                w = p[...]
+                flat = w.reshape(w.shape[0], -1) if p is m.qkv else w.reshape(-1, w.shape[-1])
+                p.set_value(round_trip(flat).reshape(w.shape))
+        elif isinstance(m, GatedMLP):
+            gu = m.gate_up[...]
+            m.gate_up.set_value(round_trip(gu.reshape(gu.shape[0], -1)).reshape(gu.shape))
+            m.down.set_value(round_trip(m.down[...]))
+        elif isinstance(m, Embedding) and native.packable(m.weight[...].T):
+            m.weight.set_value(round_trip(m.weight[...].T).T)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_engine_on_q8_weights_matches_dequantized_reference(family: str) -> None:
+    """The engine with ``q8_0`` weights: the same greedy tokens as the reference backend on
+    the dequantized weights, no recompile, the Q8_0 GEMM in every compiled step. The tiny
+    llama's hidden size (48) is not a multiple of the 32-row block (the padded last block, and
+    the embedding rows read back out of it)."""
+    attn, write, _ = backend.get_attention_fn("reference")
+    ref = tiny_loaded(family, attn_fn=attn, write_fn=write, **TINY[family])
+    _dequantized_like_q8(ref)
+    want = _greedy(LLM(loaded=ref, **ENGINE))
+    llm = _native_llm(family, "q8_0")
+    assert _greedy(llm) == want
+    runner = llm.engine.runner
+    assert runner.num_recompiles == 0
+    for t in runner.cfg.token_buckets:
+        assert f"xlaserve_{native.kernels().isa}_linear_q8" in runner.step_hlo(t), t  # type: ignore[union-attr]
