@@ -5,7 +5,8 @@ fallback when they cannot be had.
 Kernels: the packed GEMM against numpy over every row remainder of the micro-tile, odd panel and
 K counts, f32 and f16 weights; the paged attention over the adversarial cases of
 ``tests.ops.paged_cases`` (NaN outside the sequences' slots, shuffled and out-of-range page
-tables, NaN padding queries), with sliding window and soft cap. Engine: greedy tokens of the
+tables, NaN padding queries), with sliding window and soft cap, over f32 and f16 caches (the
+reference reading the same f16 cache). Engine: greedy tokens of the
 tiny models on the native backend (every token bucket, chunked prefill mixed with decode) equal
 the reference backend's; the real SmolLM2 is in the slow suite.
 """
@@ -82,24 +83,30 @@ def test_packing_round_trips() -> None:
 @pytest.mark.parametrize("window, soft_cap", [(None, None), (40, None), (None, 30.0)])
 @pytest.mark.parametrize("oob_table", [False, True])
 @pytest.mark.parametrize("group, head", [(3, 64), (1, 16)])
+@pytest.mark.parametrize("kv_dtype", [jnp.float32, jnp.float16], ids=["kv_f32", "kv_f16"])
 def test_attention_matches_reference(kernels: native.NativeKernels, window: int | None,
                                      soft_cap: float | None, oob_table: bool, group: int,
-                                     head: int) -> None:
+                                     head: int, kv_dtype: object) -> None:
+    """f32 q over an f32 or f16 cache (NaN-filled unused slots stay NaN in f16); the reference
+    reads the same cache values, so the f32 tolerance holds for both."""
     geo = Geometry.fitting(SCENARIOS, num_kv=2, group=group, head=head, page=16,
                            dtype=jnp.float32)
     kw = dict(sm_scale=head ** -0.5, sliding_window=window, soft_cap=soft_cap)
     fn = jax.jit(lambda *a: kernels.ragged_paged_attention(*a, **kw))
     for name, seqs in SCENARIOS.items():  # one compiled shape for all: lengths are data
         case = build_case(geo, seqs, seed=len(name), oob_table=oob_table)
-        args = (case.q, attention.keys_dim_major(case.k_cache), *case.args[2:])
+        k_cache = attention.keys_dim_major(case.k_cache).astype(kv_dtype)
+        args = (case.q, k_cache, case.v_cache.astype(kv_dtype), *case.args[3:])
         ref = attention.ragged_paged_attention_reference(*args, **kw, dim_major_keys=True)
+        assert "custom_call" in fn.lower(*args).as_text()  # the kernel, not the fallback
         assert_matches_reference(fn(*args), ref, case, f"{kernels.isa} {name}")
 
 
 @pytest.mark.parametrize("dtype, group", [(jnp.bfloat16, 2), (jnp.float32, native.MAX_GROUP + 1)])
 def test_attention_outside_the_kernel_is_the_reference(dtype: object, group: int) -> None:
-    """The kernel is f32 with at most MAX_GROUP query heads per kv head; bf16 caches or a larger
-    group take the reference path, bit for bit (no custom call in the program)."""
+    """The kernel reads f32 or f16 caches with at most MAX_GROUP query heads per kv head;
+    bf16 caches or a larger group take the reference path, bit for bit (no custom call in the
+    program)."""
     geo = Geometry.fitting(SCENARIOS, num_kv=1, group=group, head=32, page=16, dtype=dtype)
     case = build_case(geo, SCENARIOS["mixed"], seed=2)
     args = (case.q, attention.keys_dim_major(case.k_cache), *case.args[2:])
