@@ -6,7 +6,10 @@ process (a shared machine: only the ratios mean something).
 One engine per variant on the real model (default SmolLM2-135M-Instruct, f32 activations):
 ``reference`` (``--attention-backend reference``), ``native-f32`` and ``native-f16``
 (``--attention-backend native --cpu-weight-dtype f32|f16``; ``--isa avx2`` forces the AVX2
-build). For each batch size S, every engine gets S greedy requests (a ``--prompt-len`` prompt,
+build). ``--kv-cache-dtypes auto float16`` runs each variant with each KV-cache dtype
+(``--kv-cache-dtype``): a non-auto one is named ``VARIANT+kv-DTYPE`` and also reports
+``kv_speedup``, the same variant's auto (model-dtype) cache median over its own. For each batch
+size S, every engine gets S greedy requests (a ``--prompt-len`` prompt,
 prefilled first), then the rounds time one ``engine.step()`` (schedule, inputs, the model step,
 the argmax, results: one decode token for all S sequences) of each engine in turn, in a rotating
 order. Reported per S: each variant's median and minimum step in ms, and the reference's median
@@ -35,6 +38,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--isa", default=None, help="force a native build (sets XLASERVE_CPU_ISA)")
+    ap.add_argument("--kv-cache-dtypes", nargs="+", default=["auto"],
+                    choices=("auto", "float16", "bfloat16", "float32"),
+                    help="run each variant with each of these KV-cache dtypes")
     args = ap.parse_args(argv)
     if args.isa:
         os.environ["XLASERVE_CPU_ISA"] = args.isa
@@ -52,9 +58,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     gen = args.rounds + 8 + max_seqs * args.prompt_len // 256
     total = args.prompt_len + gen + 8
     llms = {}
-    for name in args.variants:
+    kv_base: dict[str, str] = {}  # a non-auto cache variant -> the same variant, auto cache
+    for name, kv_dtype in ((n, kv) for n in args.variants for kv in args.kv_cache_dtypes):
         backend, wdt = VARIANTS[name]
+        if kv_dtype != "auto":
+            kv_base[f"{name}+kv-{kv_dtype}"] = name
+            name = f"{name}+kv-{kv_dtype}"
         llms[name] = LLM(args.model, attention_backend=backend, cpu_weight_dtype=wdt,
+                         kv_cache_dtype=kv_dtype,
                          max_num_seqs=max_seqs, max_model_len=total,
                          num_kv_pages=max_seqs * (-(-total // 16)) + 2,
                          max_num_batched_tokens=max(256, max_seqs),
@@ -95,6 +106,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             if "reference" in llms and k != "reference":
                 row[f"{k}_speedup"] = round(med["reference"] / med[k], 2)
                 row[f"{k}_speedup_cpu_time"] = round(cmed["reference"] / cmed[k], 2)
+            if kv_base.get(k) in llms:
+                row[f"{k}_kv_speedup"] = round(med[kv_base[k]] / med[k], 2)
+                row[f"{k}_kv_speedup_cpu_time"] = round(cmed[kv_base[k]] / cmed[k], 2)
         host = native.kernels()
         row["isa"] = host.isa if host else None
         row["device"] = jax.devices()[0].device_kind
