@@ -6,13 +6,15 @@ process (a shared machine: only the ratios mean something).
 One engine per variant on the real model (default SmolLM2-135M-Instruct, f32 activations):
 ``reference`` (``--attention-backend reference``), ``native-f32``, ``native-f16`` and
 ``native-q8_0`` (``--attention-backend native --cpu-weight-dtype f32|f16|q8_0``; ``--isa avx2``
-forces the AVX2 build). For each batch size S, every engine gets S greedy requests (a
-``--prompt-len`` prompt, prefilled first), then the rounds time one ``engine.step()``
-(schedule, inputs, the model step, the argmax, results: one decode token for all S sequences)
-of each engine in turn, in a rotating order. Reported per S: each variant's median and minimum
-step in ms, and the baseline's (``--baseline``, default the reference) median over each
-variant's median (the speed-up; > 1 is faster), the same from the minima and from process CPU
-time. Prints one JSON line per S.
+forces the AVX2 build). ``--kv-cache-dtypes auto float16`` runs each variant with each KV-cache
+dtype (``--kv-cache-dtype``): a non-auto one is named ``VARIANT+kv-DTYPE`` and also reports
+``kv_speedup``, the same variant's auto (model-dtype) cache median over its own. For each batch
+size S, every engine gets S greedy requests (a ``--prompt-len`` prompt, prefilled first), then
+the rounds time one ``engine.step()`` (schedule, inputs, the model step, the argmax, results: one
+decode token for all S sequences) of each engine in turn, in a rotating order. Reported per S:
+each variant's median and minimum step in ms, and the baseline's (``--baseline``, default the
+reference) median over each variant's median (the speed-up; > 1 is faster), the same from the
+minima and from process CPU time. Prints one JSON line per S.
 
 ``--gemm-only`` times instead the packed GEMMs of one decode step alone (no attention, no
 host): SmolLM2's 30 layers of qkv [576, 960], o [576, 576], gate_up [576, 3072] and down
@@ -109,6 +111,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--isa", default=None, help="force a native build (sets XLASERVE_CPU_ISA)")
     ap.add_argument("--gemm-only", action="store_true",
                     help="time a decode step's GEMMs alone (SmolLM2 shapes), not the engine")
+    ap.add_argument("--kv-cache-dtypes", nargs="+", default=["auto"],
+                    choices=("auto", "float16", "bfloat16", "float32"),
+                    help="run each variant with each of these KV-cache dtypes")
     args = ap.parse_args(argv)
     if args.isa:
         os.environ["XLASERVE_CPU_ISA"] = args.isa
@@ -128,9 +133,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     gen = args.rounds + 8 + max_seqs * args.prompt_len // 256
     total = args.prompt_len + gen + 8
     llms = {}
-    for name in args.variants:
+    kv_base: dict[str, str] = {}  # a non-auto cache variant -> the same variant, auto cache
+    for name, kv_dtype in ((n, kv) for n in args.variants for kv in args.kv_cache_dtypes):
         backend, wdt = VARIANTS[name]
+        if kv_dtype != "auto":
+            kv_base[f"{name}+kv-{kv_dtype}"] = name
+            name = f"{name}+kv-{kv_dtype}"
         llms[name] = LLM(args.model, attention_backend=backend, cpu_weight_dtype=wdt,
+                         kv_cache_dtype=kv_dtype,
                          max_num_seqs=max_seqs, max_model_len=total,
                          num_kv_pages=max_seqs * (-(-total // 16)) + 2,
                          max_num_batched_tokens=max(256, max_seqs),
@@ -172,6 +182,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 row[f"{k}_speedup"] = round(med[args.baseline] / med[k], 2)
                 row[f"{k}_speedup_min"] = round(min(wall[args.baseline]) / min(wall[k]), 2)
                 row[f"{k}_speedup_cpu_time"] = round(cmed[args.baseline] / cmed[k], 2)
+            if kv_base.get(k) in llms:
+                row[f"{k}_kv_speedup"] = round(med[kv_base[k]] / med[k], 2)
+                row[f"{k}_kv_speedup_cpu_time"] = round(cmed[kv_base[k]] / cmed[k], 2)
         host = native.kernels()
         row["isa"] = host.isa if host else None
         row["device"] = jax.devices()[0].device_kind

@@ -79,13 +79,16 @@ def main() -> None:
     ap.add_argument("--cpu-weight-dtype", default="f16")
     ap.add_argument("--sampling", choices=("greedy", "top-p"), default="greedy")
     ap.add_argument("--no-roofline", action="store_true")
+    ap.add_argument("--kv-cache-dtype", default="auto",
+                    choices=("auto", "float16", "bfloat16", "float32"))
     args = ap.parse_args()
 
     from serving.engine.llm import LLM
     from serving.engine.sampling_params import SamplingParams
 
     llm = LLM(args.model, dtype="float32", max_model_len=1024, max_num_seqs=args.seqs,
-              attention_backend=args.attention_backend, cpu_weight_dtype=args.cpu_weight_dtype)
+              attention_backend=args.attention_backend, cpu_weight_dtype=args.cpu_weight_dtype,
+              kv_cache_dtype=args.kv_cache_dtype)
     eng = llm.engine
     runner = eng.runner
     vocab = eng.model_config.vocab_size
@@ -136,10 +139,12 @@ def main() -> None:
     print(f"\nengine decode step, {args.seqs} sequences, {args.sampling}, context "
           f"~{args.prompt_len + 5}-{args.prompt_len + 5 + args.steps}, T bucket {t_bucket}, "
           f"{args.attention_backend} backend, "
-          f"{args.cpu_weight_dtype} weights (jax {jax.__version__}, "
+          f"{args.cpu_weight_dtype} weights, {runner.kv[0][0].dtype.name} KV cache "
+          f"(jax {jax.__version__}, "
           f"{jax.devices()[0].platform}): {wall:.1f} ms")
     floors = {} if args.no_roofline else roofline_floors(
-        eng.model_config, args.seqs, context, args.cpu_weight_dtype, args.attention_backend)
+        eng.model_config, args.seqs, context, args.cpu_weight_dtype, args.attention_backend,
+        runner.kv[0][0].dtype.itemsize)
     print("| part | ms | share | floor ms | of floor |\n|---|---|---|---|---|")
     for k, v in sorted(parts.items(), key=lambda kv: -kv[1]):
         floor = floors.get(k.split(" (")[0])
@@ -183,9 +188,10 @@ def machine_limits() -> tuple[float, float]:
     return bandwidth, flops
 
 
-def roofline_floors(cfg: Any, seqs: int, context: int, weight_dtype: str, backend: str
-                    ) -> dict[str, float]:
-    """Milliseconds each part needs at least on this machine (see the module docstring)."""
+def roofline_floors(cfg: Any, seqs: int, context: int, weight_dtype: str, backend: str,
+                    kv_itemsize: int = 4) -> dict[str, float]:
+    """Milliseconds each part needs at least on this machine (see the module docstring);
+    ``kv_itemsize``: bytes per cached value (2 with ``--kv-cache-dtype float16``)."""
     bandwidth, flops = machine_limits()
     print(f"machine: {bandwidth / 1e9:.1f} GB/s (f32 sum), {flops / 1e9:.0f} GFLOP/s (f32 GEMM)")
     d, f, v, layers = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers
@@ -197,7 +203,7 @@ def roofline_floors(cfg: Any, seqs: int, context: int, weight_dtype: str, backen
     def floor(weights: int) -> float:
         return max(weights * width / bandwidth, 2 * seqs * weights / flops) * 1e3
 
-    kv_bytes = 2 * layers * cfg.num_kv_heads * cfg.head_dim * context * seqs * 4
+    kv_bytes = 2 * layers * cfg.num_kv_heads * cfg.head_dim * context * seqs * kv_itemsize
     return {"projections": floor(proj_weights), "LM head": floor(d * v),
             "attention": kv_bytes / bandwidth * 1e3, "sampler": seqs * v * 4 / bandwidth * 1e3}
 

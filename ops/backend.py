@@ -18,6 +18,12 @@ Choices (``--attention-backend``):
 - ``pallas``: the platform's kernel, compiled; an error on a platform without one (CPU);
 - ``pallas-interpret``: the platform's kernel in interpret mode (on CPU: the GPU kernel, whose
   interpret mode is the faster one); slow, for tests and debugging.
+
+KV-cache dtype (``--kv-cache-dtype``): every backend writes through its ``write_kv``, which casts
+to the cache's dtype, and computes attention in f32. ``check_kv_cache_dtype`` says which
+explicitly requested cache dtypes each backend runs: the reference any; the native kernels f32
+and f16 (``ops.native.KV_CACHE_DTYPES``); the Pallas kernels only the model's own dtype (their
+dots take q and the cache in one dtype).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from ops import attention, native
 
@@ -72,6 +79,27 @@ def _native_kernels(platform: str) -> native.NativeKernels:
     except native.NativeUnavailable as e:
         raise ValueError(f"native CPU kernels unavailable: {e} (use --attention-backend "
                          "reference)") from None
+
+
+def check_kv_cache_dtype(backend: str, kv_dtype: Any, model_dtype: Any,
+                         platform: str | None = None) -> None:
+    """Raise ValueError, naming the way out, when ``backend`` (as ``get_attention_fn`` resolves
+    it on ``platform``) cannot run a KV cache of ``kv_dtype`` that the user asked for beside a
+    model of ``model_dtype``. For an explicit ``--kv-cache-dtype`` only: the default cache
+    follows the model, which every backend runs."""
+    platform = platform or jax.default_backend()
+    resolved = _resolve(backend, platform) if backend in BACKENDS else backend
+    kv, model = jnp.dtype(kv_dtype), jnp.dtype(model_dtype)
+    if resolved == "native" and kv not in native.KV_CACHE_DTYPES:
+        supported = ", ".join(sorted(d.name for d in native.KV_CACHE_DTYPES))
+        raise ValueError(
+            f"the native CPU attention kernel reads a {supported} KV cache, not {kv.name} "
+            f"(attention backend {backend!r}); use --kv-cache-dtype float16 or float32, or "
+            "--attention-backend reference")
+    if resolved in ("pallas", "pallas-interpret") and kv != model:
+        raise ValueError(
+            f"the Pallas attention kernels need the KV cache in the model's dtype ({model.name}), "
+            f"got --kv-cache-dtype {kv.name}; use --kv-cache-dtype auto, or --dtype {kv.name}")
 
 
 class LinearBackend(NamedTuple):

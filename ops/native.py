@@ -22,7 +22,9 @@ Contracts of the kernels (axis letters as in ``ops.attention``; M rows, K inputs
   f32 scale per 32 rows and column; computes ``x @ unpack_q8(w)``). N must be a multiple of 16
   (``packable``).
 - ``ragged_paged_attention``: ``ops.attention.ragged_paged_attention_reference`` with
-  ``dim_major_keys=True`` (the CPU cache layout), f32 only.
+  ``dim_major_keys=True`` (the CPU cache layout): q f32, the cache f32 or f16
+  (``KV_CACHE_DTYPES``; f16 is converted to f32 as it is loaded, F16C), scores, softmax and
+  output f32.
 - ``top_k(x f32[S, V], k) -> (f32[S, k], i32[S, k])``: ``jax.lax.top_k(x, k)`` bit for bit
   (values descending, ties by ascending index, -0.0 below 0.0, NaN ordered by its bits as XLA:CPU
   orders them), rows split over XLA's pool; the sampler's candidates.
@@ -70,6 +72,9 @@ _CXX_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno"]
 WEIGHT_DTYPES = {"f32": jnp.float32, "f16": jnp.float16}
 Q8_0 = "q8_0"  # the weight-only int8 format (``pack_linear_q8``)
 WEIGHT_FORMATS = (*WEIGHT_DTYPES, Q8_0)  # --cpu-weight-dtype choices
+# KV-cache dtypes the attention kernel reads, and its FFI target for each.
+KV_CACHE_DTYPES = {jnp.dtype(jnp.float32): "paged_attention",
+                   jnp.dtype(jnp.float16): "paged_attention_f16"}
 
 
 class NativeUnavailable(RuntimeError):
@@ -203,16 +208,18 @@ class NativeKernels:
         soft_cap: float | None = None,
     ) -> jax.Array:  # [T, N, H]
         """``ops.attention.ragged_paged_attention_reference(..., dim_major_keys=True)``, the same
-        contract (masking, zeros for padding, never a read outside the sequence's pages). Caches
-        of another dtype than f32, more than ``MAX_GROUP`` query heads per kv head or a head dim
-        over ``MAX_HEAD_DIM`` (the kernel's stack buffers) take the reference path."""
+        contract (masking, zeros for padding, never a read outside the sequence's pages). A
+        cache of a dtype not in ``KV_CACHE_DTYPES``, a q other than f32, more than
+        ``MAX_GROUP`` query heads per kv head or a head dim over ``MAX_HEAD_DIM`` (the kernel's
+        stack buffers) take the reference path."""
         group = q.shape[1] // k_cache.shape[0]
-        if k_cache.dtype != jnp.float32 or q.dtype != jnp.float32 or group > MAX_GROUP or \
-                q.shape[2] > MAX_HEAD_DIM:
+        target = KV_CACHE_DTYPES.get(jnp.dtype(k_cache.dtype))
+        if target is None or v_cache.dtype != k_cache.dtype or q.dtype != jnp.float32 or \
+                group > MAX_GROUP or q.shape[2] > MAX_HEAD_DIM:
             return attention.ragged_paged_attention_reference(
                 q, k_cache, v_cache, page_table, kv_lens, cu_q_lens, sm_scale=sm_scale,
                 sliding_window=sliding_window, soft_cap=soft_cap, dim_major_keys=True)
-        return jax.ffi.ffi_call(self._target("paged_attention"),
+        return jax.ffi.ffi_call(self._target(target),
                                 jax.ShapeDtypeStruct(q.shape, jnp.float32))(
             q, k_cache, v_cache, page_table.astype(jnp.int32), kv_lens.astype(jnp.int32),
             cu_q_lens.astype(jnp.int32), sm_scale=np.float32(sm_scale),
@@ -233,7 +240,8 @@ class NativeKernels:
 
 _HANDLERS = {"linear_f32": "XlaserveLinearF32", "linear_f16": "XlaserveLinearF16",
              "linear_q8": "XlaserveLinearQ8",
-             "paged_attention": "XlaservePagedAttention", "top_k": "XlaserveTopK"}
+             "paged_attention": "XlaservePagedAttention",
+             "paged_attention_f16": "XlaservePagedAttentionF16", "top_k": "XlaserveTopK"}
 
 
 @functools.cache

@@ -10,8 +10,10 @@
 //   [N/16, K, 16] panels (16 output columns, K-major) of f32 or f16 (F16C conversion in the loop).
 // - xlaserve_linear_q8: the same product over Q8_0 panels (int8 weights, an f32 scale per 32 K
 //   rows and output column; see "Q8_0 GEMM" below).
-// - xlaserve_paged_attention: the ragged paged attention of ops/attention.py over the CPU
-//   backend's cache layout (key pages dimension-major [H, B], value pages token-major [B, H]).
+// - xlaserve_paged_attention_{f32,f16}: the ragged paged attention of ops/attention.py over the
+//   CPU backend's cache layout (key pages dimension-major [H, B], value pages token-major [B, H]),
+//   the cache stored as f32 or f16 (--kv-cache-dtype; F16C conversion as keys and values are
+//   loaded), q, scores, softmax and accumulation in f32 either way.
 // - xlaserve_top_k: lax.top_k's values and indices, bit for bit (the sampler's candidates).
 
 #include <immintrin.h>
@@ -458,10 +460,15 @@ float ExpSub(float* s, int64_t n, float m) {
   return total;
 }
 
+// A cache element as f32: KT is the cache's storage type (float, or uint16_t holding f16).
+inline float ToF32(float x) { return x; }
+inline float ToF32(uint16_t x) { return _cvtsh_ss(x); }
+
+template <typename KT>
 struct AttnArgs {
   const float* q;   // [T, N, H]
-  const float* kc;  // [K, P, H, B] (each key page dimension-major)
-  const float* vc;  // [K, P, B, H]
+  const KT* kc;     // [K, P, H, B] (each key page dimension-major)
+  const KT* vc;     // [K, P, B, H]
   const int32_t* page_table;  // [S, W]
   float* out;       // [T, N, H]
   int64_t T, N, H, K, P, B, S, W, G;
@@ -476,8 +483,8 @@ constexpr int kGroupRows = 4;  // query heads handled together (accumulators in 
 // Scores of GN query rows (scaled, row stride H) against one whole dimension-major key page of
 // 16 keys: out[g * 16 + b]. Slots past the sequence's length are computed and then dropped by
 // the caller (they lie inside the page, so the read is in bounds; NaN there stays in its lane).
-template <int GN>
-inline void PageScores16(const float* qs, int64_t H, const float* kp, float* out) {
+template <int GN, typename KT>
+inline void PageScores16(const float* qs, int64_t H, const KT* kp, float* out) {
   Vec s[2][GN][kPanelVecs];
 #pragma GCC unroll 8
   for (int u = 0; u < 2; ++u)
@@ -506,14 +513,14 @@ inline void PageScores16(const float* qs, int64_t H, const float* kp, float* out
 }
 
 // out[g, hc:hc+2*kVL] = sum_j p[g, j] * V[j, hc:hc+2*kVL] over the keys [lo, hi) for GN rows.
-template <int GN>
-inline void ValueChunk(const float* p, int64_t len, const float* const* rows, int64_t hc,
+template <int GN, typename KT>
+inline void ValueChunk(const float* p, int64_t len, const KT* const* rows, int64_t hc,
                        const float* inv, float* out, int64_t H) {
   Vec acc[GN][2];
 #pragma GCC unroll 8
   for (int g = 0; g < GN; ++g) acc[g][0] = acc[g][1] = Zero();
   for (int64_t j = 0; j < len; ++j) {
-    const float* vr = rows[j];
+    const KT* vr = rows[j];
     if (vr == nullptr) continue;  // a key of an invalid page (its weight is 0)
     const Vec v0 = Load(vr + hc), v1 = Load(vr + hc + kVL);
 #pragma GCC unroll 8
@@ -544,8 +551,9 @@ inline void ForGroups(int64_t G, const F& f) {
 }
 
 // One (token, kv head): its G query heads over the keys [lo, hi) of its own sequence.
-void AttendOne(const AttnArgs& a, int64_t t, int64_t kh, int64_t seq, int64_t pos,
-               std::vector<float>& scores, std::vector<const float*>& rows) {
+template <typename KT>
+void AttendOne(const AttnArgs<KT>& a, int64_t t, int64_t kh, int64_t seq, int64_t pos,
+               std::vector<float>& scores, std::vector<const KT*>& rows) {
   const int64_t G = a.G, H = a.H, B = a.B;
   float* out = a.out + (t * a.N + kh * G) * H;
   int64_t hi = std::min<int64_t>(pos + 1, a.W * B);
@@ -575,11 +583,11 @@ void AttendOne(const AttnArgs& a, int64_t t, int64_t kh, int64_t seq, int64_t po
         for (int64_t b = 0; b < b1 - b0; ++b) sc[g * len + j0 + b] = -INFINITY;
       continue;
     }
-    const float* kp = a.kc + ((kh * a.P + page) * H) * B;
+    const KT* kp = a.kc + ((kh * a.P + page) * H) * B;
     if (vec) {
       float page_scores[16 * kPanel];
       ForGroups(G, [&](int64_t g0, auto gn) {
-        PageScores16<decltype(gn)::value>(qs + g0 * H, H, kp, page_scores + g0 * kPanel);
+        PageScores16<decltype(gn)::value, KT>(qs + g0 * H, H, kp, page_scores + g0 * kPanel);
       });
       for (int64_t g = 0; g < G; ++g)
         for (int64_t b = b0; b < b1; ++b) sc[g * len + j0 + b - b0] = page_scores[g * kPanel + b];
@@ -590,8 +598,8 @@ void AttendOne(const AttnArgs& a, int64_t t, int64_t kh, int64_t seq, int64_t po
         for (int64_t b = 0; b < b1 - b0; ++b) srow[b] = 0.0f;
         for (int64_t h = 0; h < H; ++h) {
           const float qv = qg[h];
-          const float* kr = kp + h * B + b0;
-          for (int64_t b = 0; b < b1 - b0; ++b) srow[b] += qv * kr[b];
+          const KT* kr = kp + h * B + b0;
+          for (int64_t b = 0; b < b1 - b0; ++b) srow[b] += qv * ToF32(kr[b]);
         }
       }
     }
@@ -614,32 +622,35 @@ void AttendOne(const AttnArgs& a, int64_t t, int64_t kh, int64_t seq, int64_t po
   if (vec) {
     for (int64_t hc = 0; hc < H; hc += 2 * kVL)
       ForGroups(G, [&](int64_t g0, auto gn) {
-        ValueChunk<decltype(gn)::value>(sc + g0 * len, len, rows.data(), hc, inv + g0,
-                                        out + g0 * H, H);
+        ValueChunk<decltype(gn)::value, KT>(sc + g0 * len, len, rows.data(), hc, inv + g0,
+                                            out + g0 * H, H);
       });
     return;
   }
   float acc[16 * 512];
   std::fill(acc, acc + G * H, 0.0f);
   for (int64_t j = 0; j < len; ++j) {
-    const float* vr = rows[j];
+    const KT* vr = rows[j];
     if (vr == nullptr) continue;
     for (int64_t g = 0; g < G; ++g) {
       const float p = sc[g * len + j];
       float* ag = acc + g * H;
-      for (int64_t h = 0; h < H; ++h) ag[h] += p * vr[h];
+      for (int64_t h = 0; h < H; ++h) ag[h] += p * ToF32(vr[h]);
     }
   }
   for (int64_t g = 0; g < G; ++g)
     for (int64_t h = 0; h < H; ++h) out[g * H + h] = acc[g * H + h] * inv[g];
 }
 
+// DT: the cache's dtype (F32 or F16); q and the output are f32 either way.
+template <ffi::DataType DT>
 ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 3> q,
-                          ffi::Buffer<ffi::F32, 4> k_cache, ffi::Buffer<ffi::F32, 4> v_cache,
+                          ffi::Buffer<DT, 4> k_cache, ffi::Buffer<DT, 4> v_cache,
                           ffi::Buffer<ffi::S32, 2> page_table, ffi::Buffer<ffi::S32, 1> kv_lens,
                           ffi::Buffer<ffi::S32, 1> cu_q_lens, ffi::ResultBuffer<ffi::F32, 3> out,
                           float sm_scale, int32_t window, float soft_cap) {
-  AttnArgs a;
+  using KT = ffi::NativeType<DT>;
+  AttnArgs<KT> a;
   a.T = q.dimensions()[0];
   a.N = q.dimensions()[1];
   a.H = q.dimensions()[2];
@@ -676,9 +687,9 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 3> q,
   const int64_t tasks = real * a.K;
   ParallelFor(pool, tasks, PoolWorkers(pool), [&](int64_t i) {
     thread_local std::vector<float> scores;
-    thread_local std::vector<const float*> rows;
+    thread_local std::vector<const KT*> rows;
     const int64_t t = i / a.K, kh = i % a.K;
-    AttendOne(a, t, kh, seq_of[t], pos_of[t], scores, rows);
+    AttendOne<KT>(a, t, kh, seq_of[t], pos_of[t], scores, rows);
   });
   return ffi::Error::Success();
 }
@@ -782,6 +793,7 @@ using F32Panels = ffi::Buffer<ffi::F32, 3>;
 using F16Panels = ffi::Buffer<ffi::F16, 3>;
 using F32Rank3 = ffi::Buffer<ffi::F32, 3>;
 using F32Rank4 = ffi::Buffer<ffi::F32, 4>;
+using F16Rank4 = ffi::Buffer<ffi::F16, 4>;
 using S32Matrix = ffi::Buffer<ffi::S32, 2>;
 using S32Vector = ffi::Buffer<ffi::S32, 1>;
 
@@ -808,7 +820,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaserveLinearQ8, LinearQ8,
                                   .Arg<Q8Panels>()
                                   .Ret<F32Matrix>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaservePagedAttention, PagedAttention,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaservePagedAttention, PagedAttention<ffi::F32>,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<F32Rank3>()
@@ -828,6 +840,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaserveTopK, TopK,
                                   .Arg<F32Matrix>()
                                   .Ret<F32Matrix>()
                                   .Ret<S32Matrix>());
+// The same kernel over an f16 cache (--kv-cache-dtype float16).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaservePagedAttentionF16, PagedAttention<ffi::F16>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32Rank3>()
+                                  .Arg<F16Rank4>()
+                                  .Arg<F16Rank4>()
+                                  .Arg<S32Matrix>()
+                                  .Arg<S32Vector>()
+                                  .Arg<S32Vector>()
+                                  .Ret<F32Rank3>()
+                                  .Attr<float>("sm_scale")
+                                  .Attr<int32_t>("window")
+                                  .Attr<float>("soft_cap"));
 
 // The ISA this build was compiled for; ops/native.py checks it after loading.
 extern "C" const char* xlaserve_isa() {

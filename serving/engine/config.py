@@ -72,6 +72,14 @@ class EngineArgs:
               "Default: powers of two from 1 (16 for pooling models).",
         parse=_buckets, metavar="T1,T2,...")
     block_size: int = option(16, "Tokens per KV-cache page.")
+    kv_cache_dtype: str = option(
+        "auto", "Storage dtype of the KV cache ('auto': the model's dtype, float32 on CPU). "
+                "Keys and values are cast to it when written and attention computes in float32; "
+                "float16 halves the cache's memory (twice the pages for --kv-cache-gb) and the "
+                "bytes attention reads. Backends refuse at start-up what they cannot run: "
+                "the native CPU kernels take float16 or float32, the Pallas kernels the model's "
+                "dtype.",
+        choices=("auto", "float16", "bfloat16", "float32"), parse=_dtype)
     num_kv_pages: int | None = option(
         None, "KV-cache pages in the pool. Default: sized from --kv-cache-gb or "
               "--kv-cache-memory-fraction.")

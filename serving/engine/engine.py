@@ -42,7 +42,7 @@ from models.pooling import (
 )
 from models.registry import LoadedModel, ModelLoadError, resolve_dtype
 from models.weights import default_place
-from ops.backend import get_attention_fn, get_linear_fn, get_top_k_fn
+from ops.backend import check_kv_cache_dtype, get_attention_fn, get_linear_fn, get_top_k_fn
 from serving.engine.compilation import enable_compilation_cache
 from serving.engine.config import EngineArgs
 from serving.engine.faults import fault_hook_from_env, is_out_of_memory
@@ -159,6 +159,12 @@ def _load(args: EngineArgs, place: Any, single_device: bool) -> LoadedModel:
                                  "'reference' with tensor or data parallelism")
         if backend == "auto":
             backend = "reference"  # the native kernels are single-device (no sharded layout)
+    if args.kv_cache_dtype != "auto":  # refused before any weight is read
+        try:
+            check_kv_cache_dtype(backend, resolve_dtype(args.kv_cache_dtype),
+                                 resolve_dtype(args.dtype))
+        except ValueError as e:
+            raise ModelLoadError(str(e)) from None
     attn_fn, write_fn, _ = get_attention_fn(backend)
     loaded = load_model(args.model, dtype=args.dtype, attn_fn=attn_fn, write_fn=write_fn,
                         cache_dir=args.cache_dir, tokenizer_path=args.tokenizer, place=place)
@@ -221,6 +227,8 @@ class LLMEngine:
         if not encoder:
             assert isinstance(cfg, ModelConfig)
             kv_dtype = resolve_dtype(args.dtype) if loaded.dtype is None else loaded.dtype
+            if args.kv_cache_dtype != "auto":
+                kv_dtype = resolve_dtype(args.kv_cache_dtype)
             kv_layout = KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
             num_pages = num_pages_for(
                 kv_layout, args.block_size, max_num_seqs=args.max_num_seqs,
@@ -251,8 +259,9 @@ class LLMEngine:
                 self.tokenizer, self._eos_ids(), cfg.vocab_size)
         self.scheduler = Scheduler(self.sched_cfg, self.kv, self.grammars)
         weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(self.runner.state))
-        log.info("KV cache: %d pages x %d tokens = %d tokens, %.1f MiB (weights %.1f MiB)",
+        log.info("KV cache: %d pages x %d tokens = %d tokens, %s, %.1f MiB (weights %.1f MiB)",
                  num_pages, args.block_size, self.kv.num_usable * args.block_size,
+                 "none" if kv_layout is None else jnp.dtype(kv_layout.dtype).name,
                  self.runner.kv_bytes / 2**20, weight_bytes / 2**20)
         if sharder is not None and kv_layout is not None:
             log_layout(sharder, loaded.model, self.runner.kv, num_pages, args.block_size)

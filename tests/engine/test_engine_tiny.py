@@ -352,25 +352,30 @@ def test_penalties_change_greedy_output(llm: LLM) -> None:
 
 
 def _cache_copies(hlo: str, cache_shape: tuple[int, ...]) -> list[str]:
-    """Instructions of a compiled step that materialise a whole layer's cache anew: a copy or
-    transpose of it, under any shape of the same size (XLA may bitcast the cache first)."""
+    """Instructions of a compiled step that materialise a whole layer's cache anew: a copy,
+    transpose or dtype conversion of it (a 16-bit cache converted whole instead of per block),
+    under any shape of the same size (XLA may bitcast the cache first)."""
     size = int(np.prod(cache_shape))
     out = []
     for line in hlo.splitlines():
-        m = re.match(r"\s*(?:ROOT )?%\S+ = \w+\[([\d,]+)\]\S* (copy|transpose)\(", line)
+        m = re.match(r"\s*(?:ROOT )?%\S+ = \w+\[([\d,]+)\]\S* (copy|transpose|convert)\(", line)
         if m and int(np.prod([int(d) for d in m.group(1).split(",")])) == size:
             out.append(line.strip()[:160])
     return out
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "float16"])
 @pytest.mark.parametrize("ops_pair", ["canonical", "cpu-backend", "native"])
-def test_no_compiled_step_copies_the_kv_cache(ops_pair: str) -> None:
+def test_no_compiled_step_copies_the_kv_cache(ops_pair: str, kv_cache_dtype: str) -> None:
     """The donated cache is updated in place in every bucket. A full-cache copy per layer per
     step is a silent ~20x slowdown with a big pool: XLA:CPU once made one for T=1 only, when
-    the write's scatter became a dynamic-update-slice."""
-    llm = LLM(loaded=tiny_loaded(**ops_pair_kwargs(ops_pair)),
+    the write's scatter became a dynamic-update-slice. With an f16 cache
+    (``--kv-cache-dtype float16``) no step converts a whole cache either."""
+    llm = LLM(loaded=tiny_loaded(**ops_pair_kwargs(ops_pair)), kv_cache_dtype=kv_cache_dtype,
               **engine_kwargs(num_kv_pages=4096, max_num_batched_tokens=64))
     runner = llm.engine.runner
     shape = runner.kv[0][0].shape
+    want = jnp.float16 if kv_cache_dtype == "float16" else jnp.float32
+    assert all(c.dtype == want for layer in runner.kv for c in layer)
     for t in runner.cfg.token_buckets:
         assert _cache_copies(runner.step_hlo(t), shape) == [], f"bucket T={t}"

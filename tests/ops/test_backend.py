@@ -9,7 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from models.registry import ModelLoadError
 from ops import attention, backend, pallas_gpu, pallas_tpu
+from serving.engine.config import EngineArgs
+from serving.engine.engine import LLMEngine
 from tests.ops.paged_cases import SCENARIOS, Geometry, assert_matches_reference, build_case
 
 
@@ -74,3 +77,34 @@ def test_forced_kernel_in_interpret_mode_matches_reference_on_cpu() -> None:
     np.testing.assert_array_equal(np.asarray(attention.keys_dim_major(kk), np.float32),
                                   np.asarray(rk, np.float32))
     assert_matches_reference(out, ref, case, "pallas-interpret via ops.backend")
+
+
+def test_kv_cache_dtype_each_backend_runs() -> None:
+    """``--kv-cache-dtype``: the reference reads any cache (cast on read); the native kernel f32
+    and f16; the Pallas kernels the model's dtype only. What a backend cannot run is a
+    ValueError naming the way out."""
+    f32, f16, bf16 = jnp.float32, jnp.float16, jnp.bfloat16
+    for kv in (f32, f16, bf16):
+        backend.check_kv_cache_dtype("reference", kv, f32)
+    backend.check_kv_cache_dtype("native", f16, f32)
+    backend.check_kv_cache_dtype("native", f32, f32)
+    with pytest.raises(ValueError, match=r"reads a float16, float32 KV cache, not bfloat16.*"
+                                         "--attention-backend reference"):
+        backend.check_kv_cache_dtype("native", bf16, f32)
+    backend.check_kv_cache_dtype("pallas", bf16, bf16, platform="gpu")
+    backend.check_kv_cache_dtype("auto", bf16, bf16, platform="tpu")
+    with pytest.raises(ValueError, match=r"model's dtype \(bfloat16\), got --kv-cache-dtype "
+                                         "float16"):
+        backend.check_kv_cache_dtype("auto", f16, bf16, platform="gpu")
+    with pytest.raises(ValueError, match="Pallas"):
+        backend.check_kv_cache_dtype("pallas-interpret", f16, f32)
+
+
+def test_engine_refuses_a_kv_cache_dtype_its_backend_cannot_run() -> None:
+    """Refused at start-up, before any weight is read (``warmup=False``: nothing compiles)."""
+    with pytest.raises(ModelLoadError, match=r"native CPU attention kernel.*not bfloat16"):
+        LLMEngine(EngineArgs(model="smollm2-135m-instruct", attention_backend="native",
+                             kv_cache_dtype="bfloat16", compilation_cache=False), warmup=False)
+    with pytest.raises(ModelLoadError, match="Pallas attention kernels need"):
+        LLMEngine(EngineArgs(model="smollm2-135m-instruct", attention_backend="pallas-interpret",
+                             kv_cache_dtype="float16", compilation_cache=False), warmup=False)

@@ -5,7 +5,8 @@ fallback when they cannot be had.
 Kernels: the packed GEMM against numpy over every row remainder of the micro-tile, odd panel and
 K counts, f32 and f16 weights; the paged attention over the adversarial cases of
 ``tests.ops.paged_cases`` (NaN outside the sequences' slots, shuffled and out-of-range page
-tables, NaN padding queries), with sliding window and soft cap. Engine: greedy tokens of the
+tables, NaN padding queries), with sliding window and soft cap, over f32 and f16 caches (the
+reference reading the same f16 cache). Engine: greedy tokens of the
 tiny models on the native backend (every token bucket, chunked prefill mixed with decode) equal
 the reference backend's; the real SmolLM2 is in the slow suite.
 """
@@ -28,6 +29,7 @@ from models.testing import tiny_loaded
 from ops import attention, backend, native
 from serving.engine.llm import LLM
 from serving.engine.sampling_params import SamplingParams
+from tests.models.test_golden import golden
 from tests.ops.native_host import native_available
 from tests.ops.paged_cases import SCENARIOS, Geometry, assert_matches_reference, build_case
 
@@ -85,24 +87,30 @@ def test_packing_round_trips() -> None:
 @pytest.mark.parametrize("window, soft_cap", [(None, None), (40, None), (None, 30.0)])
 @pytest.mark.parametrize("oob_table", [False, True])
 @pytest.mark.parametrize("group, head", [(3, 64), (1, 16)])
+@pytest.mark.parametrize("kv_dtype", [jnp.float32, jnp.float16], ids=["kv_f32", "kv_f16"])
 def test_attention_matches_reference(kernels: native.NativeKernels, window: int | None,
                                      soft_cap: float | None, oob_table: bool, group: int,
-                                     head: int) -> None:
+                                     head: int, kv_dtype: object) -> None:
+    """f32 q over an f32 or f16 cache (NaN-filled unused slots stay NaN in f16); the reference
+    reads the same cache values, so the f32 tolerance holds for both."""
     geo = Geometry.fitting(SCENARIOS, num_kv=2, group=group, head=head, page=16,
                            dtype=jnp.float32)
     kw = dict(sm_scale=head ** -0.5, sliding_window=window, soft_cap=soft_cap)
     fn = jax.jit(lambda *a: kernels.ragged_paged_attention(*a, **kw))
     for name, seqs in SCENARIOS.items():  # one compiled shape for all: lengths are data
         case = build_case(geo, seqs, seed=len(name), oob_table=oob_table)
-        args = (case.q, attention.keys_dim_major(case.k_cache), *case.args[2:])
+        k_cache = attention.keys_dim_major(case.k_cache).astype(kv_dtype)
+        args = (case.q, k_cache, case.v_cache.astype(kv_dtype), *case.args[3:])
         ref = attention.ragged_paged_attention_reference(*args, **kw, dim_major_keys=True)
+        assert "custom_call" in fn.lower(*args).as_text()  # the kernel, not the fallback
         assert_matches_reference(fn(*args), ref, case, f"{kernels.isa} {name}")
 
 
 @pytest.mark.parametrize("dtype, group", [(jnp.bfloat16, 2), (jnp.float32, native.MAX_GROUP + 1)])
 def test_attention_outside_the_kernel_is_the_reference(dtype: object, group: int) -> None:
-    """The kernel is f32 with at most MAX_GROUP query heads per kv head; bf16 caches or a larger
-    group take the reference path, bit for bit (no custom call in the program)."""
+    """The kernel reads f32 or f16 caches with at most MAX_GROUP query heads per kv head;
+    bf16 caches or a larger group take the reference path, bit for bit (no custom call in the
+    program)."""
     geo = Geometry.fitting(SCENARIOS, num_kv=1, group=group, head=32, page=16, dtype=dtype)
     case = build_case(geo, SCENARIOS["mixed"], seed=2)
     args = (case.q, attention.keys_dim_major(case.k_cache), *case.args[2:])
@@ -205,7 +213,7 @@ def _prompts() -> list[list[int]]:
     return [[rng.randrange(256) for _ in range(n)] for n in (3, 45, 17, 70, 9, 31)]
 
 
-def _native_llm(family: str, weight_dtype: str) -> LLM:
+def _native_llm(family: str, weight_dtype: str, **kw: object) -> LLM:
     attn, write, _ = backend.get_attention_fn("native")
     loaded = tiny_loaded(family, attn_fn=attn, write_fn=write, **TINY[family])
     linear = backend.get_linear_fn("native", weight_dtype)
@@ -213,7 +221,7 @@ def _native_llm(family: str, weight_dtype: str) -> LLM:
     packed = pack_linears(loaded.model, linear)
     # 3 layers x (attention + MLP), plus the tied embedding where the vocabulary packs.
     assert packed == (7 if family == "llama" else 6)
-    return LLM(loaded=loaded, **ENGINE)
+    return LLM(loaded=loaded, **ENGINE, **kw)
 
 
 def _greedy(llm: LLM) -> list[list[int]]:
@@ -234,6 +242,38 @@ def test_engine_on_native_kernels_matches_reference_path(family: str) -> None:
         hlo = runner.step_hlo(t)
         assert hlo.count(f"xlaserve_{native.kernels().isa}_paged_attention") == 3, t  # type: ignore[union-attr]
         assert f"xlaserve_{native.kernels().isa}_linear_f32" in hlo, t  # type: ignore[union-attr]
+
+
+def test_engine_with_f16_kv_cache_on_native_kernels() -> None:
+    """``--kv-cache-dtype float16`` on the native backend: the cache is f16, every compiled step
+    calls the kernel's f16 target, and the greedy tokens equal (1) the reference backend's on
+    the same f16 cache and (2) the native backend's with the f32 cache, the chosen tokens'
+    logprobs within 1e-2 of the f32 cache's (f16 rounds K and V to 11 significant bits; measured
+    on this model: the same tokens for every prompt)."""
+    logprobs = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=0)
+
+    def run(llm: LLM) -> tuple[list[list[int]], list[list[float]]]:
+        outs = [r.outputs[0] for r in llm.generate(_prompts(), logprobs, use_tqdm=False)]
+        return ([o.token_ids for o in outs],
+                [[lp.logprob for lp in o.logprobs or []] for o in outs])
+
+    attn, write, _ = backend.get_attention_fn("reference")
+    ref_f16 = run(LLM(loaded=tiny_loaded("llama", attn_fn=attn, write_fn=write,
+                                         **TINY["llama"]), kv_cache_dtype="float16", **ENGINE))
+    native_f32 = run(_native_llm("llama", "f32"))
+    llm = _native_llm("llama", "f32", kv_cache_dtype="float16")
+    native_f16 = run(llm)
+    assert native_f16[0] == ref_f16[0]
+    assert native_f16[0] == native_f32[0]
+    assert sum(map(len, native_f16[1])) == len(_prompts()) * 12
+    np.testing.assert_allclose(np.concatenate(native_f16[1]), np.concatenate(native_f32[1]),
+                               atol=1e-2)
+    runner = llm.engine.runner
+    assert all(c.dtype == jnp.float16 for layer in runner.kv for c in layer)
+    assert runner.num_recompiles == 0
+    isa = native.kernels().isa  # type: ignore[union-attr]
+    for t in runner.cfg.token_buckets:
+        assert runner.step_hlo(t).count(f"xlaserve_{isa}_paged_attention_f16") == 3, t
 
 
 @pytest.mark.slow
@@ -351,3 +391,25 @@ def test_engine_on_q8_weights_matches_dequantized_reference(family: str) -> None
     assert runner.num_recompiles == 0
     for t in runner.cfg.token_buckets:
         assert f"xlaserve_{native.kernels().isa}_linear_q8" in runner.step_hlo(t), t  # type: ignore[union-attr]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weight_dtype", ["f32", "f16"])
+def test_smollm2_greedy_with_f16_kv_cache_matches_golden(weight_dtype: str) -> None:
+    """``--kv-cache-dtype float16`` on the real model as ``serve`` loads it (``auto``: native
+    kernels): the 32 greedy tokens of every golden prompt equal transformers' f32 reference
+    (``tests/golden/smollm2.*``), as the f32 cache's do. Measured beside the f32 cache: the same
+    tokens, chosen-token logprobs within 0.0042 (f32 weights) and 0.0027 (f16 weights)."""
+    meta, arr = golden("smollm2")
+    prompts = [arr[f"p{i}_prompt_ids"].tolist() for i in range(len(meta["prompts"]))]
+    llm = LLM(kv_cache_dtype="float16", cpu_weight_dtype=weight_dtype, max_model_len=1024,
+              max_num_seqs=4, max_num_batched_tokens=256, token_buckets=(1, 4, 256),
+              compilation_cache=False)
+    greedy = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True,
+                            skip_special_tokens=False)
+    for i, res in enumerate(llm.generate(prompts, greedy, use_tqdm=False)):
+        assert res.outputs[0].token_ids == arr[f"p{i}_greedy_ids"].tolist(), f"prompt {i}"
+    runner = llm.engine.runner
+    assert runner.num_recompiles == 0
+    assert all(c.dtype == jnp.float16 for layer in runner.kv for c in layer)
+    assert "paged_attention_f16" in runner.step_hlo(4)
