@@ -25,6 +25,7 @@ Differences between the family members that matter here:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,9 @@ import numpy as np
 from flax import nnx
 
 from models.inputs import EncoderAttentionFn, KVCache, StepInputs
+from ops import native
 from ops.attention import ragged_encoder_attention_reference
+from ops.backend import LinearBackend
 
 # model_type -> family; "roberta" means RoBERTa-style positions and classification head.
 _FAMILIES = {
@@ -206,22 +209,32 @@ class BertLayer(nnx.Module):
         self.ln_mlp = LayerNorm(d, cfg.layer_norm_eps, dtype)
         self.act = _ACTIVATIONS[cfg.hidden_act]
         self.scale = 1.0 / float(np.sqrt(h))
+        self.heads, self.head_dim = n, h
         self.attn_fn = attn_fn
+        # Set by ``pack_encoder_linears``: the four weights are then packed for this matmul
+        # (``ops.backend.LinearBackend``) and no longer have their logical shapes.
+        self.linear: Callable[..., jax.Array] | None = None
+
+    def _matmul(self, x: jax.Array, w: nnx.Param) -> jax.Array:
+        """``x [T, in] @ w`` viewed as ``[in, out]``: the packed GEMM, or a plain matmul (the
+        weights' row-major layouts make the reshape free; as 3-D einsums XLA:CPU transposed
+        weights and activations on every step)."""
+        if self.linear is not None:
+            return self.linear(x, w[...])
+        return x @ w[...].reshape(x.shape[1], -1)
 
     def __call__(self, x: jax.Array, inp: StepInputs) -> jax.Array:
-        # x: [T, D], tokens packed by sequence (inp.cu_q_lens). Projections are plain
-        # [T, in] @ [in, out] matmuls (the weights' row-major layouts make the reshapes free):
-        # as 3-D einsums XLA:CPU transposed weights and activations on every step.
-        t, d = x.shape
-        n, h = self.w_o.shape[0], self.w_o.shape[1]
-        qkv = x @ self.w_qkv[...].reshape(d, -1) + self.b_qkv[...].reshape(-1)
+        # x: [T, D], tokens packed by sequence (inp.cu_q_lens).
+        t = x.shape[0]
+        n, h = self.heads, self.head_dim
+        qkv = self._matmul(x, self.w_qkv) + self.b_qkv[...].reshape(-1)
         qkv = qkv.reshape(t, 3, n, h)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [T, N, H] each
         ctx = self.attn_fn(q, k, v, inp.cu_q_lens, sm_scale=self.scale)  # [T, N, H]
-        attn = ctx.reshape(t, n * h) @ self.w_o[...].reshape(n * h, d) + self.b_o[...]
+        attn = self._matmul(ctx.reshape(t, n * h), self.w_o) + self.b_o[...]
         x = self.ln_attn(x + attn)
-        mlp = self.act(x @ self.w_in[...] + self.b_in[...]) @ self.w_out[...] + self.b_out[...]
-        return self.ln_mlp(x + mlp)
+        mlp = self.act(self._matmul(x, self.w_in) + self.b_in[...])
+        return self.ln_mlp(x + (self._matmul(mlp, self.w_out) + self.b_out[...]))
 
 
 class BertModel(nnx.Module):
@@ -295,14 +308,44 @@ class BertForSequenceClassification(nnx.Module):
         self.b_pool = _param(rngs, (d,), dtype, ("norm",), zeros=True)
         self.w_cls = _param(rngs, (d, n_labels), dtype, ("embed", None))
         self.b_cls = _param(rngs, (n_labels,), dtype, (None,), zeros=True)
+        # Set by ``pack_encoder_linears``: w_pool is then packed (the classifier's few labels
+        # are not a multiple of the panel width and keep their matmul).
+        self.linear: Callable[..., jax.Array] | None = None
 
     def __call__(self, kv_caches: KVCache, inp: StepInputs) -> tuple[jax.Array, KVCache]:
         return self.encoder(kv_caches, inp)
 
     def classify(self, first: jax.Array) -> jax.Array:
         """[S, D] hidden states of each sequence's first token -> f32[S, L] logits."""
-        pooled = jnp.tanh(first @ self.w_pool[...] + self.b_pool[...])
+        pool = first @ self.w_pool[...] if self.linear is None else \
+            self.linear(first, self.w_pool[...])
+        pooled = jnp.tanh(pool + self.b_pool[...])
         return (pooled @ self.w_cls[...] + self.b_cls[...]).astype(jnp.float32)
+
+
+def pack_encoder_linears(model: nnx.Module, backend: LinearBackend) -> int:
+    """Pack, once at load, every ``BertLayer``'s projections (QKV, attention output, MLP in and
+    out) and a classifier's pooler dense into ``backend``'s layout (``ops.backend``; the
+    decoders' ``models.layers.pack_linears`` for BERT), and make those modules call
+    ``backend.linear`` instead of their matmuls. A module whose widths the packing cannot take
+    (``ops.native.packable``) keeps its matmuls. Single device only (the packed layout has no
+    logical axes to shard). Returns the modules packed."""
+    packed = 0
+    for _, m in nnx.iter_graph(model):
+        if isinstance(m, BertLayer):
+            d = m.w_in.shape[0]
+            mats = [(m.w_qkv, m.w_qkv[...].reshape(d, -1)), (m.w_o, m.w_o[...].reshape(-1, d)),
+                    (m.w_in, m.w_in[...]), (m.w_out, m.w_out[...])]
+            if all(native.packable(w) for _, w in mats):
+                for var, w in mats:
+                    var.set_value(backend.pack(w))
+                m.linear = backend.linear
+                packed += 1
+        elif isinstance(m, BertForSequenceClassification) and native.packable(m.w_pool[...]):
+            m.w_pool.set_value(backend.pack(m.w_pool[...]))
+            m.linear = backend.linear
+            packed += 1
+    return packed
 
 
 # ----------------------------------------------------------------------------- loading

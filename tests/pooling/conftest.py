@@ -68,11 +68,11 @@ def assert_pooling_only_server(http: httpx.Client, model: str, max_model_len: in
 
 def make_engine(model: str | Path, *, max_model_len: int, max_num_seqs: int,
                 token_buckets: tuple[int, ...], max_num_batched_tokens: int, task: str = "auto",
-                **kw: Any) -> LLM:
+                attention_backend: str = "reference", **kw: Any) -> LLM:
     """A pooling engine on ``model`` with exactly these token buckets (plus the budget)."""
     return LLM(str(model), task=task, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                max_num_batched_tokens=max_num_batched_tokens, token_buckets=token_buckets,
-               dtype="float32", attention_backend="reference", **kw)
+               dtype="float32", attention_backend=attention_backend, **kw)
 
 
 def embed(llm: LLM, token_ids: list[list[int]], params: PoolingParams | None = None
