@@ -220,6 +220,9 @@ void PackRows(const float* x, int64_t M, int64_t K, float* out) {
   }
 }
 
+// Bytes of y per panel group (GemmPanels): kept in L2 across the K blocks.
+constexpr int64_t kYBlockBytes = 256 * 1024;
+
 // Columns of panels [p0, p1) for all M rows.
 template <typename WT>
 void GemmPanels(const float* x, int64_t M, int64_t K, const WT* w, int64_t p0, int64_t p1,
@@ -230,15 +233,19 @@ void GemmPanels(const float* x, int64_t M, int64_t K, const WT* w, int64_t p0, i
     packed.resize(M / kMR * kMR * K);
     PackRows(x, M, K, packed.data());
   }
-  // K blocks outermost: the weights' K block (all the chunk's panels) is read once per row
-  // block from L3 or L2 and each tile's slab stays in L1 across the micro-rows, while the
-  // row block's x (M x kb, packed) stays in L2 across the tiles.
+  // Panel groups, then K blocks: a group's y (M x group columns) stays in L2 across the K
+  // blocks, the weights are read once per row block and each tile's slab stays in L1 across
+  // the micro-rows, while the row block's x (M x kb, packed) stays in L2 across the tiles.
+  const int64_t group = std::max<int64_t>(
+      kTallPanels, kYBlockBytes / (M * kPanel * 4) / kTallPanels * kTallPanels);
+  for (int64_t g0 = p0; g0 < p1; g0 += group) {
+  const int64_t g1 = std::min(p1, g0 + group);
   for (int64_t k0 = 0; k0 < K; k0 += kb) {
     const int64_t k1 = std::min(K, k0 + kb);
-    for (int64_t p = p0; p < p1;) {
+    for (int64_t p = g0; p < g1;) {
       // Panels per tile: wider on a tall x (more FMAs per broadcast).
-      const int np = M >= kMR && p + kTallPanels <= p1 ? kTallPanels
-                     : p + kTilePanels <= p1           ? kTilePanels
+      const int np = M >= kMR && p + kTallPanels <= g1 ? kTallPanels
+                     : p + kTilePanels <= g1           ? kTilePanels
                                                        : 1;
       for (int64_t m = 0; m < M; m += kMR) {
         const int64_t rows = std::min<int64_t>(kMR, M - m);
@@ -255,6 +262,7 @@ void GemmPanels(const float* x, int64_t M, int64_t K, const WT* w, int64_t p0, i
       }
       p += np;
     }
+  }
   }
 }
 

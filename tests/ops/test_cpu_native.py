@@ -49,10 +49,12 @@ def kernels(request: pytest.FixtureRequest) -> native.NativeKernels:
 # (M, K, N): every row count of a 6-row micro-tile and its remainders, N of an odd number of
 # 16-column panels (the AVX-512 tile is two panels wide), K not a multiple of the k unroll, and
 # M > 6 with K > 128 (the K-blocked path); a tall x (prefill, encoders): several row blocks
-# with a ragged last one, the 4-panel AVX-512 tile with 2- and 1-panel tails (N = 7 panels).
+# with a ragged last one, the 4-panel AVX-512 tile with 2- and 1-panel tails (N = 7 panels),
+# several panel groups (N = 25 panels, 16 to a group of 256 rows; with 2 threads the 9 row blocks
+# take every panel each) with a ragged last one.
 SHAPES = [(1, 37, 16), (2, 64, 48), (3, 129, 80), (4, 5, 32), (5, 300, 16), (6, 576, 960),
           (7, 257, 112), (13, 600, 48), (32, 576, 576), (33, 130, 208), (520, 200, 112),
-          (1000, 40, 64)]
+          (1000, 40, 64), (2053, 140, 400)]
 
 
 @pytest.mark.parametrize("dtype", ["f32", "f16"])
