@@ -163,7 +163,7 @@ def build(isa: str, cache: str | os.PathLike[str] | None = None) -> Path:
     log.info("building native CPU kernels (%s): %s", isa, " ".join(cmd))
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)  # g++ removes its output when it fails
         last = (proc.stderr.strip().splitlines() or ["?"])[-1]
         raise NativeUnavailable(f"building {SOURCE.name} for {isa} failed: {last}")
     os.replace(tmp, path)
