@@ -105,7 +105,9 @@ class EngineArgs:
                "(--attention-backend native, or auto on a CPU that has them): 'f16' halves the "
                "bytes read per step (f32 accumulate; greedy output may differ slightly from "
                "f32), 'f32' keeps the loaded weights exactly, 'q8_0' stores int8 with one "
-               "scale per 32 inputs and output (about half f16's bytes; quantized at load).",
+               "scale per 32 inputs and output (about half f16's bytes; quantized at load). "
+               "BERT-family encoders always pack f32 (compute-bound; f16 moved their outputs "
+               "off transformers').",
         choices=("f16", "f32", "q8_0"))
     # The same option as ServerArgs.max_logprobs (declared there, where requests are checked):
     # `serve --max-logprobs` sets both.
