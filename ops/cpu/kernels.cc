@@ -187,10 +187,6 @@ inline void MicroTile(const float* x, int64_t K, int64_t k0, int64_t k1, const W
 template <int NP, typename WT>
 void RowsTile(const float* x, int64_t m, int64_t K, int64_t k0, int64_t k1, const WT* w,
               int64_t p, float* y, int64_t N, bool acc) {
-  if (m >= kMR) {  // a tall x's micro-row, packed (PackRows)
-    MicroTile<kMR, NP, 1, WT, true>(x, K, k0, k1, w, p, y, N, acc);
-    return;
-  }
   switch (m) {
     case 1: MicroTile<1, NP, (NP * kPanelVecs >= 2 ? 4 : 8), WT>(x, K, k0, k1, w, p, y, N, acc);
       break;
@@ -255,8 +251,12 @@ void GemmPanels(const float* x, int64_t M, int64_t K, const WT* w, int64_t p0, i
         else if (np == kTallPanels && kTallPanels != kTilePanels)  // the last rows: 2 tiles
           for (int h = 0; h < kTallPanels; h += kTilePanels)
             RowsTile<kTilePanels, WT>(xm, rows, K, k0, k1, w, p + h, y + m * N, N, k0 > 0);
+        else if (np >= kTilePanels && rows == kMR)  // packed (PackRows)
+          MicroTile<kMR, kTilePanels, 1, WT, true>(xm, K, k0, k1, w, p, y + m * N, N, k0 > 0);
         else if (np >= kTilePanels)
           RowsTile<kTilePanels, WT>(xm, rows, K, k0, k1, w, p, y + m * N, N, k0 > 0);
+        else if (rows == kMR)
+          MicroTile<kMR, 1, 1, WT, true>(xm, K, k0, k1, w, p, y + m * N, N, k0 > 0);
         else
           RowsTile<1, WT>(xm, rows, K, k0, k1, w, p, y + m * N, N, k0 > 0);
       }
