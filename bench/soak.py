@@ -56,7 +56,8 @@ MALFORMED: tuple[tuple[str, bytes], ...] = (
     ("/v1/completions", b'{"prompt": "hi", "max_tokens": "ten"}'),
     ("/v1/completions", b'{"prompt": "hi", "temperature": -1}'),
     ("/v1/chat/completions", b'{"messages": []}'),
-    ("/v1/chat/completions", b'{"messages": [{"role": "hacker", "content": "x"}]}'),
+    # (Not an unknown role: like vLLM, any role string reaches the chat template.)
+    ("/v1/chat/completions", b'{"messages": [{"role": "", "content": "x"}]}'),
     ("/v1/chat/completions", b'{"messages": "hi", "max_tokens": 5}'),
     ("/v1/completions", b'{"prompt": "\\ud800", "max_tokens": 3}'),
 )

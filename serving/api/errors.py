@@ -9,6 +9,7 @@ A 500 never carries a traceback or an exception class name; the traceback goes t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any
@@ -104,6 +105,13 @@ class OpenAIErrorHandler(ErrorHandler):
                 # Sanic writes for users, but log where it came from.
                 logger.warning("%s %s failed: %s", request.method, request.path, exception)
             return error_response(status, _sanic_message(exception, status), None, headers)
+        if isinstance(exception, asyncio.CancelledError):
+            # Sanic's RequestCancelled: the client hung up before a non-streaming answer (the
+            # handler's cancellation already aborted its engine request). Nobody reads this
+            # response; 499 (nginx's "client closed request") keeps it apart from server
+            # errors in the access log.
+            logger.info("%s %s: the client closed the connection", request.method, request.path)
+            return error_response(499, "Client closed the request.")
         logger.error("Unhandled error in %s %s", request.method, request.path,
                      exc_info=exception)
         return error_response(500, "Internal server error. The server logged the details.")

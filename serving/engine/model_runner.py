@@ -354,11 +354,11 @@ class ModelRunner:
 
     def variants(self, t: int) -> list[Variant]:
         """The executables ``warmup`` builds for token bucket ``t`` that a generating step runs
-        (``step``, then ``sample`` and ``argmax`` on its logits), each with the function, abstract
-        arguments (weights and KV cache included, with their shardings) and donated positions,
-        so that other tools can lower exactly what the engine compiles, for another platform,
-        without weights (``abstract=True``). The sampler's logits are replicated (the step
-        gathers them, ``Sharder.gather_logits``)."""
+        (``step``, then the samplers on its logits, and the penalty history's write, fill and
+        gather), each with the function, abstract arguments (weights and KV cache included, with
+        their shardings) and donated positions, so that other tools can lower exactly what the
+        engine compiles, for another platform, without weights (``abstract=True``). The
+        sampler's logits are replicated (the step gathers them, ``Sharder.gather_logits``)."""
         s = self.cfg.num_seq_rows(t)
         state = jax.tree_util.tree_map(self._like, self.state)
         kv = jax.tree_util.tree_map(self._like, self.kv)
@@ -373,7 +373,16 @@ class ModelRunner:
                 Variant(("draw", s), draw, (lg, si)),
                 Variant(("draw_unfiltered", s), functools.partial(draw, filtered=False), (lg, si)),
                 Variant(("argmax", s), argmax, (lg,)),
-                Variant(("masked_argmax", s), masked_argmax, (lg, si.mask))]
+                Variant(("masked_argmax", s), masked_argmax, (lg, si.mask)),
+                Variant(("hist_write", t), _history_write,
+                        (self._like(self.history), *[self._spec((t,), jnp.int32)] * 3),
+                        donate=(0,)),
+                Variant(("hist_fill", 0), _history_fill,
+                        (self._like(self.history),
+                         self._spec((1 + self.cfg.max_model_len,), jnp.int32)), donate=(0,)),
+                Variant(("hist_rows", s), _history_rows,
+                        (self._like(self.history), self._spec((s,), jnp.int32),
+                         self._spec((s,), jnp.int32)))]
 
     def _like(self, x: Any) -> jax.ShapeDtypeStruct:
         """``x`` (array or ShapeDtypeStruct) as a ShapeDtypeStruct keeping its sharding."""
