@@ -33,7 +33,8 @@ def golden(name: str) -> tuple[dict[str, Any], Any]:
     return json.loads((GOLDEN / f"{name}.json").read_text()), np.load(GOLDEN / f"{name}.npz")
 
 
-@pytest.fixture(scope="module", params=["smollm2", "gemma3"])
+# Gemma 3's goldens (~1 minute) run in the slow suite; SmolLM2's, the default model's, in every run.
+@pytest.fixture(scope="module", params=["smollm2", pytest.param("gemma3", marks=pytest.mark.slow)])
 def loaded(request: pytest.FixtureRequest) -> tuple[str, LoadedModel]:
     return request.param, load_model(ASSET[request.param], dtype="float32", progress=False)
 
