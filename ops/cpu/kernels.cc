@@ -911,6 +911,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaserveTopK, TopK,
                                   .Arg<F32Matrix>()
                                   .Ret<F32Matrix>()
                                   .Ret<S32Matrix>());
+
 // The same kernel over an f16 cache (--kv-cache-dtype float16).
 XLA_FFI_DEFINE_HANDLER_SYMBOL(XlaservePagedAttentionF16, PagedAttention<ffi::F16>,
                               ffi::Ffi::Bind()
